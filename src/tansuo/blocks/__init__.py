@@ -1,0 +1,23 @@
+"""Reusable Transformer building blocks. They take ready-made modules and sizes, never a model config."""
+
+from tansuo.blocks.attention import KVCache, MultiHeadAttention, attention_mask
+from tansuo.blocks.feed_forward import FeedForward, SwiGLU
+from tansuo.blocks.layers import TransformerLayer, TransformerStack
+from tansuo.blocks.norms import NORM_KINDS, RMSNorm, build_norm
+from tansuo.blocks.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions
+
+__all__ = [
+    "NORM_KINDS",
+    "FeedForward",
+    "KVCache",
+    "LearnedPositions",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SinusoidalPositions",
+    "SwiGLU",
+    "TransformerLayer",
+    "TransformerStack",
+    "attention_mask",
+    "build_norm",
+]

@@ -1,0 +1,181 @@
+"""Multi-head attention on ``torch.nn.functional.scaled_dot_product_attention``, with a KV cache.
+
+Vaswani et al. 2017, "Attention Is All You Need", section 3.2: ``softmax(Q K^T / sqrt(D)) V`` per head. The
+same module does self-attention (keys and values from ``x``) and cross-attention (from ``memory``, of width
+``kv_dim``). Incremental decoding keeps past keys and values in a preallocated :class:`KVCache`, as in
+nanoGPT's and torchtune's decoders.
+
+Shapes: B batch, T query length, S key length, C embedding width, H heads, D = C / H head width.
+Masks are boolean and True means "may be attended to", as in ``scaled_dot_product_attention``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tansuo.blocks.positions import RotaryEmbedding
+
+
+class KVCache:
+    """Preallocated keys and values ``(B, H, max_seq_len, D)`` of one attention layer, for decoding a chunk
+    at a time. ``length`` positions are filled. Keys and values are read back in the dtype they were written
+    in, so a float32 cache also serves bf16 autocast.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (batch_size, num_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, max_seq_len, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        """Forgets every position (the buffers are kept and overwritten later)."""
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes new keys and values ``(B, H, T, D)`` at ``[length, length + T)``; returns all of
+        ``[0, length + T)``, ``(B, H, length + T, D)``."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_seq_len or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+            raise ValueError(
+                f"keys of shape {tuple(k.shape)} do not fit a cache of shape {tuple(self.k.shape)} "
+                f"holding {start} positions (is it full? use a batch of the cache's size)"
+            )
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
+
+
+def attention_mask(
+    query_len: int,
+    key_len: int,
+    *,
+    causal: bool = False,
+    offset: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Builds the boolean mask for ``scaled_dot_product_attention`` (True = attend), or None for no mask.
+
+    Args:
+        query_len: T; query i sits at absolute position ``offset + i``.
+        key_len: S; key j sits at absolute position j.
+        causal: Whether query i may only see keys at positions ``<= offset + i``.
+        offset: Absolute position of the first query (the KV cache length before this chunk).
+        key_padding_mask: ``(B, S)``, True for real keys, False for padding.
+        device: Device of the mask.
+
+    Returns:
+        ``(T, S)``, ``(B, 1, T, S)`` or None. Query rows that see no key at all (only padding) are opened
+        to every key: their output is meaningless but finite, where some kernels give NaN.
+    """
+    mask = None
+    if causal and not (query_len == 1 and offset == key_len - 1):  # one query at the end sees every key
+        query_pos = torch.arange(offset, offset + query_len, device=device)
+        mask = torch.arange(key_len, device=device)[None, :] <= query_pos[:, None]  # (T, S)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[-1] != key_len:
+            raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} keys, not {key_len}")
+        padding = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+        mask = padding if mask is None else padding & mask  # (B, 1, T, S)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention.
+
+    Args:
+        embed_dim: C, width of queries and of the output.
+        num_heads: H; must divide ``embed_dim``.
+        kv_dim: Width of ``memory`` for cross-attention; defaults to ``embed_dim``.
+        bias: Whether the projections have biases.
+        dropout: Dropout on the attention probabilities (training only).
+        rotary: Rotary embedding applied to queries and keys of self-attention (never to cross-attention).
+            It may be shared by every layer of a model.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kv_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kv_dim = kv_dim or embed_dim
+        self.dropout = dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.kv_proj = nn.Linear(self.kv_dim, 2 * embed_dim, bias=bias)  # keys and values in one matmul
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.rotary = rotary
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attends from ``x`` to itself (self-attention) or to ``memory`` (cross-attention).
+
+        Args:
+            x: Queries' input, ``(B, T, C)``.
+            memory: Keys' and values' input ``(B, S, kv_dim)``; None for self-attention.
+            causal: Whether each position only sees itself and earlier positions (absolute positions, so a
+                chunk decoded with a cache sees the whole cache and the earlier part of the chunk).
+            key_padding_mask: ``(B, S)``, True for real tokens. With a cache, S = cache length + T.
+            cache: Self-attention only: past keys and values, updated in place.
+
+        Returns:
+            ``(B, T, C)``.
+        """
+        B, T, C = x.shape
+        if memory is None and self.kv_dim != C:
+            raise ValueError(f"this attention reads keys and values of width {self.kv_dim}; pass memory")
+        if memory is not None and cache is not None:
+            raise ValueError("a KV cache is for self-attention; cross-attention memory is not cached")
+        q = self._heads(self.q_proj(x))  # (B, H, T, D)
+        k, v = (self._heads(t) for t in self.kv_proj(x if memory is None else memory).chunk(2, dim=-1))
+        offset = 0 if cache is None else cache.length
+        if self.rotary is not None and memory is None:
+            q, k = self.rotary.rotate(q, offset), self.rotary.rotate(k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, H, S, D), S = offset + T
+        S = k.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if causal and key_padding_mask is None and offset == 0 and S == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # fused kernels
+        else:
+            mask = attention_mask(
+                T, S, causal=causal, offset=offset, key_padding_mask=key_padding_mask, device=x.device
+            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))

@@ -1,0 +1,131 @@
+"""Transformer layers and the stack that runs them.
+
+``TransformerLayer`` is the pre-norm residual layer of GPT-2 (Radford et al. 2019) and ViT (Dosovitskiy et
+al. 2021); Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture", explain why it
+trains without warm-up tricks. It takes ready-made modules (torchtune's ``TransformerSelfAttentionLayer``
+style): which attention, feed-forward and norm it uses is decided by whoever builds it. A post-norm layer
+(BERT) would be another module with the same ``forward`` signature, usable in the same
+``TransformerStack``.
+
+Shapes: B batch, T sequence length, S memory length, C embedding width.
+"""
+
+import torch
+from torch import nn
+
+from tansuo.blocks.attention import KVCache
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: self-attention, optional cross-attention, feed-forward, each added to the residual.
+
+    ``x = x + drop(attn(attn_norm(x)))``; with cross-attention
+    ``x = x + drop(cross_attn(cross_attn_norm(x), memory))``; then ``x = x + drop(mlp(mlp_norm(x)))``.
+
+    Args:
+        attn: Self-attention, called as ``attn(x, causal=..., key_padding_mask=..., cache=...)``.
+        mlp: Position-wise feed-forward network.
+        attn_norm: Norm before self-attention.
+        mlp_norm: Norm before the feed-forward network.
+        cross_attn: Cross-attention to an encoder's output (decoders of encoder-decoder models).
+        cross_attn_norm: Norm before cross-attention; required with ``cross_attn``.
+        dropout: Residual dropout on each branch's output.
+    """
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        mlp: nn.Module,
+        attn_norm: nn.Module,
+        mlp_norm: nn.Module,
+        *,
+        cross_attn: nn.Module | None = None,
+        cross_attn_norm: nn.Module | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (cross_attn is None) != (cross_attn_norm is None):
+            raise ValueError("cross_attn and cross_attn_norm come together: pass both or neither")
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.cross_attn_norm = cross_attn_norm
+        self.cross_attn = cross_attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        memory: torch.Tensor | None = None,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Runs the layer.
+
+        Args:
+            x: ``(B, T, C)``.
+            memory: Encoder output ``(B, S, C_memory)``; required exactly when the layer has cross-attention.
+            causal: Causal self-attention (decoders).
+            key_padding_mask: ``(B, T)`` (or ``(B, cache length + T)``), True for real tokens of ``x``.
+            memory_mask: ``(B, S)``, True for real tokens of ``memory``.
+            cache: KV cache of the self-attention.
+
+        Returns:
+            ``(B, T, C)``.
+        """
+        h = self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        x = x + self.dropout(h)
+        if self.cross_attn is not None:
+            if memory is None:
+                raise ValueError("this layer has cross-attention: pass memory (the encoder output)")
+            h = self.cross_attn(self.cross_attn_norm(x), memory, key_padding_mask=memory_mask)
+            x = x + self.dropout(h)
+        elif memory is not None:
+            raise ValueError("memory was passed to a layer without cross-attention")
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class TransformerStack(nn.Module):
+    """Layers run in order, then an optional final norm (pre-norm stacks need one).
+
+    The same stack is an encoder (``causal=False``) or a decoder (``causal=True``, layers with
+    cross-attention when there is an encoder).
+
+    Args:
+        layers: Modules with :meth:`TransformerLayer.forward`'s signature.
+        final_norm: Applied to the output of the last layer.
+    """
+
+    def __init__(self, layers: list[nn.Module], final_norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = final_norm
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        memory: torch.Tensor | None = None,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Maps ``(B, T, C)`` to ``(B, T, C)``; arguments as in :meth:`TransformerLayer.forward`, with one
+        cache per layer in ``caches``."""
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; pass one per layer")
+        for i, layer in enumerate(self.layers):
+            x = layer(
+                x,
+                memory=memory,
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                memory_mask=memory_mask,
+                cache=None if caches is None else caches[i],
+            )
+        return x if self.final_norm is None else self.final_norm(x)

@@ -1,0 +1,234 @@
+"""The ``tansuo`` command line: train, eval, generate, predict, models.
+
+The only module that prints. Every :class:`~tansuo.errors.TansuoError` becomes a one-paragraph message on
+stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tansuo.errors import TansuoError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="tansuo (探索): measure which Transformer to use, train it, and ship it.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_path=False, show_time=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("tansuo").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("split")
+    names = sorted({k for v in metrics.values() if isinstance(v, dict) for k in v})
+    for name in names:
+        table.add_column(name, justify="right")
+    for split, values in metrics.items():
+        if isinstance(values, dict):
+            table.add_row(split, *(f"{values[n]:.4f}" if n in values else "" for n in names))
+    return table
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/digits-vit.yaml")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a recipe field: --set train.lr=3e-4 (repeatable)"),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="run folder; same as --set train.out_dir=DIR")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (CUDA if present), cpu, cuda")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the run folder's last checkpoint")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a model as a recipe says; write checkpoints, a metrics log and the best bundle."""
+    _setup_logging(verbose)
+    from tansuo.recipe import apply_overrides, read_recipe_file, validate_recipe
+
+    sets = list(set_ or [])
+    if data is not None:
+        sets.append(f"data.path={json.dumps(data)}")
+    if out is not None:
+        sets.append(f"train.out_dir={json.dumps(out)}")
+    if device is not None:
+        sets.append(f"train.device={device}")
+    raw = apply_overrides(read_recipe_file(recipe), sets)
+    rec, data_cfg = validate_recipe(raw)
+
+    from tansuo.models import create_model
+    from tansuo.tasks import TASKS
+    from tansuo.train.device import seed_everything
+    from tansuo.train.trainer import Trainer
+
+    seed_everything(rec.seed)
+    out_dir = Path(rec.train.out_dir)
+    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, out_dir / "data")
+    overrides = {**task.model_overrides(), **rec.model.overrides}
+    try:
+        model = create_model(rec.model.name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise TansuoError(f"invalid recipe:\n  model: {e}") from None
+    console.print(
+        f"[bold]{rec.task}[/] · model [bold]{rec.model.name}[/] ({model.num_params():,} parameters) "
+        f"· run folder {out_dir}"
+    )
+    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=not quiet)
+    console.print(
+        f"device {trainer.device} · {trainer.plan.total_steps} steps"
+        f" · evaluate every {trainer.plan.eval_every}"
+    )
+    result = trainer.fit(resume=resume)
+    console.print(_metrics_table(f"best at step {result.get('step')}", result))
+    held = result.get(task.heldout_split, {})
+    headline = held.get(task.default_metric)
+    if headline is not None:
+        console.print(f"{task.heldout_split} {task.default_metric}: [bold]{headline:.4f}[/]")
+    console.print(f"bundle written to [bold]{result['bundle']}[/]")
+
+
+@app.command("eval")
+def eval_(
+    bundle: Annotated[Path, typer.Argument(help="bundle folder written by `tansuo train`")],
+    split: Annotated[str | None, typer.Option(help="split to evaluate; default: the held-back split")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="where the data lives now, if it moved")] = None,
+    batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON")] = False,
+) -> None:
+    """Evaluate a bundle on its held-back split (or another split)."""
+    _setup_logging(False)
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.train.device import autocast, resolve_device
+
+    dev = resolve_device(device)
+    b = load_bundle(bundle, device=dev, data_path=data)
+    split = split or b.task.heldout_split
+    with autocast(dev):
+        metrics = b.task.evaluate(b.model, split, batch_size, dev)
+    if as_json:
+        console.print_json(json.dumps({split: metrics}))
+    else:
+        console.print(_metrics_table(str(bundle), {split: metrics}))
+
+
+@app.command()
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="a language-model bundle")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to sample")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher = more random")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="sample only among the k likeliest tokens")] = 50,
+    num_samples: Annotated[int, typer.Option(min=1, help="independent samples")] = 1,
+    seed: Annotated[int | None, typer.Option(help="seed for reproducible samples")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Sample text from a language-model bundle, using a KV cache."""
+    _setup_logging(False)
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.train.device import resolve_device
+
+    dev = resolve_device(device)
+    b = load_bundle(bundle, device=dev)
+    if not hasattr(b.task, "generate"):
+        raise TansuoError(f"{bundle} is a {b.task.name!r} bundle; generate needs an lm bundle (use predict)")
+    for i in range(num_samples):
+        text = b.task.generate(
+            b.model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=None if seed is None else seed + i,
+            device=dev,
+        )
+        console.print(text, markup=False, highlight=False)
+        if i + 1 < num_samples:
+            console.print("---")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="inputs: image files (.png, .jpg, .npy, .npz, .csv) ...")
+    ],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per input")] = False,
+    top: Annotated[int, typer.Option(min=1, help="classes to show per input")] = 3,
+) -> None:
+    """Predict with a bundle: the label and class probabilities for each input."""
+    _setup_logging(False)
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.train.device import resolve_device
+
+    dev = resolve_device(device)
+    b = load_bundle(bundle, device=dev)
+    for row in b.task.predict(b.model, inputs, dev):
+        if as_json:
+            print(json.dumps(row))
+        elif "probabilities" in row:
+            probs = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:top]
+            shown = "  ".join(f"{k}: {v:.3f}" for k, v in probs)
+            console.print(f"{row['input']}  ->  [bold]{row['label']}[/]  ({shown})", highlight=False)
+        else:
+            console.print(row, highlight=False)
+
+
+@app.command()
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="filter, e.g. 'vit*'")] = None,
+) -> None:
+    """List the registered models with their family and size."""
+    from tansuo.models import list_models, model_info
+
+    table = Table(show_header=True)
+    for col in ("name", "family", "parameters"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for name in list_models(pattern):
+        info = model_info(name)
+        table.add_row(name, info["family"], f"{info['num_params']:,}")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into exit code 2."""
+    try:
+        app()
+    except TansuoError as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with the same command plus --resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""GPT: a decoder-only Transformer language model.
+
+Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2), in the shape of
+Karpathy's nanoGPT (``model.py``): token embedding (+ learned positions), pre-norm causal layers, final
+norm, a language-model head tied to the token embedding (Press & Wolf 2017, "Using the Output Embedding to
+Improve Language Models"). LLaMA's choices (Touvron et al. 2023) are options: RMSNorm, rotary positions
+(Su et al. 2021), SwiGLU feed-forward (Shazeer 2020).
+
+Shapes: B batch, T sequence length, C embedding width, H heads, V vocabulary size.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tansuo.blocks import (
+    FeedForward,
+    KVCache,
+    LearnedPositions,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SwiGLU,
+    TransformerLayer,
+    TransformerStack,
+    build_norm,
+)
+from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    vocab_size: int  # fixed by the tokenizer; a task overrides it from its data
+    num_layers: int
+    num_heads: int
+    embed_dim: int
+    max_seq_len: int = 256  # longest context; sizes the learned positions, rotary tables and KV caches
+    mlp_ratio: int = (
+        4  # feed-forward hidden width = mlp_ratio * embed_dim (x 2/3 for swiglu: same parameters)
+    )
+    dropout: float = 0.0  # 0 when data is plentiful; 0.1-0.2 against overfitting small data (nanoGPT: 0.2)
+    bias: bool = False  # biases in linears and LayerNorms; nanoGPT: without is a little better and faster
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA: cheaper, no mean, no bias)
+    positions: str = "learned"  # "learned" (GPT-2) or "rotary" (relative positions, no parameters)
+    mlp: str = "gelu"  # "gelu" (GPT-2 MLP) or "swiglu" (LLaMA gated MLP)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_positive(
+            self, ["vocab_size", "num_layers", "num_heads", "embed_dim", "max_seq_len", "mlp_ratio"]
+        )
+        check_dropout(self)
+        check_choice(self, "norm", ("layernorm", "rmsnorm"))
+        check_choice(self, "positions", ("learned", "rotary"))
+        check_choice(self, "mlp", ("gelu", "swiglu"))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.positions == "rotary" and (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head width, but embed_dim / num_heads = "
+                f"{self.embed_dim // self.num_heads}; change embed_dim or num_heads"
+            )
+
+
+def _layer(config: GPTConfig, rotary: RotaryEmbedding | None) -> TransformerLayer:
+    C = config.embed_dim
+    if config.mlp == "swiglu":
+        hidden = 8 * math.ceil(2 * config.mlp_ratio * C / 3 / 8)  # 2/3 of the GELU width, a multiple of 8
+        mlp = SwiGLU(C, hidden, bias=config.bias)
+    else:
+        mlp = FeedForward(C, config.mlp_ratio * C, bias=config.bias)  # dropout: the layer's residual one
+    attn = MultiHeadAttention(C, config.num_heads, bias=config.bias, dropout=config.dropout, rotary=rotary)
+    norms = (build_norm(config.norm, C, bias=config.bias) for _ in range(2))
+    return TransformerLayer(attn, mlp, *norms, dropout=config.dropout)
+
+
+def _drop_tied_head(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # lm_head.weight *is* tok_emb.weight. Storing it once keeps state_dict() in line with named_parameters()
+    # and lets safetensors' save_file (which refuses tensors sharing memory) write it unchanged.
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _restore_tied_head(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    if prefix + "tok_emb.weight" in state_dict:
+        state_dict.setdefault(prefix + "lm_head.weight", state_dict[prefix + "tok_emb.weight"])
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer language model; build it with :func:`gpt` or a preset.
+
+    Args:
+        config: The architecture.
+    """
+
+    family = "gpt"
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, H = config.embed_dim, config.num_heads
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = LearnedPositions(config.max_seq_len, C) if config.positions == "learned" else None
+        rotary = RotaryEmbedding(C // H, config.max_seq_len) if config.positions == "rotary" else None
+        self.dropout = nn.Dropout(config.dropout)
+        layers = [_layer(config, rotary) for _ in range(config.num_layers)]
+        self.stack = TransformerStack(layers, build_norm(config.norm, C, bias=config.bias))
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_pre_hook(_restore_tied_head)
+
+    def _init_weights(self) -> None:
+        # nanoGPT / GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled
+        # by 1/sqrt(2 * num_layers) so that the stream's variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("out_proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.config.num_layers))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (the tied head counted once).
+
+        Args:
+            exclude_embeddings: Leave out token and position embeddings, as in the "non-embedding
+                parameters" of Kaplan et al. 2020's scaling laws.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.tok_emb.weight.numel()
+            total -= 0 if self.pos_emb is None else self.pos_emb.weight.numel()
+        return total
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        """Random token ids ``(batch_size, max_seq_len)`` on the model's device."""
+        shape = (batch_size, self.config.max_seq_len)
+        return torch.randint(0, self.config.vocab_size, shape, device=self.tok_emb.weight.device)
+
+    def init_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[KVCache]:
+        """Empty KV caches, one per layer, for :meth:`forward` and :meth:`generate`.
+
+        Args:
+            batch_size: B of the sequences to decode.
+            max_seq_len: Most positions to hold; defaults to (and may not exceed) ``config.max_seq_len``.
+            device: Defaults to the model's device.
+            dtype: Defaults to the autocast dtype when autocast is on, else the model's dtype.
+        """
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len ({max_seq_len}) exceeds the model's ({self.config.max_seq_len})")
+        weight = self.tok_emb.weight
+        device = torch.device(device) if device is not None else weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
+        H = self.config.num_heads
+        D = self.config.embed_dim // H
+        return [
+            KVCache(batch_size, H, max_seq_len, D, device=device, dtype=dtype)
+            for _ in range(self.config.num_layers)
+        ]
+
+    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Token ids ``(B, T)`` to final-norm hidden states ``(B, T, C)``; see :meth:`forward`."""
+        T = idx.shape[1]
+        offset = 0 if cache is None else cache[0].length
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(
+                f"{offset} cached + {T} new tokens exceed max_seq_len ({self.config.max_seq_len}); "
+                "crop the context (generate does) or build the model with a larger max_seq_len"
+            )
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(T, offset)  # positions continue after the cached ones
+        return self.stack(self.dropout(x), causal=True, caches=cache)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, T, C)`` to logits ``(B, T, V)``."""
+        return self.lm_head(features)
+
+    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Next-token logits.
+
+        Args:
+            idx: Token ids ``(B, T)``.
+            cache: From :meth:`init_cache`; the tokens continue the cached sequence, and the caches are
+                updated.
+
+        Returns:
+            Logits ``(B, T, V)``.
+        """
+        return self.forward_head(self.forward_features(idx, cache))
+
+    def _last_logits(self, idx: torch.Tensor, cache: list[KVCache] | None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(idx, cache)[:, -1])  # (B, V), the head on one position
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continues each sequence by sampling one token at a time. Call ``model.eval()`` first.
+
+        With the cache, the prompt is processed once and each step feeds one token. Once a sequence fills
+        ``max_seq_len``, the context becomes the last ``max_seq_len`` tokens, processed again at every step
+        (exactly what decoding without the cache sees).
+
+        Args:
+            idx: Prompt token ids ``(B, T)``, T >= 1.
+            max_new_tokens: Tokens to add.
+            temperature: Divides the logits; 0 picks the most likely token (greedy).
+            top_k: Sample only among the k most likely tokens.
+            generator: Random generator for reproducible sampling.
+            use_cache: Use a KV cache (faster; same result up to float rounding).
+
+        Returns:
+            ``(B, T + max_new_tokens)``: the prompt followed by the new tokens.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if max_new_tokens <= 0:
+            return idx
+        L = self.config.max_seq_len
+        cache = self.init_cache(idx.shape[0]) if use_cache else None
+        logits = self._last_logits(idx[:, -L:], cache)
+        for step in range(max_new_tokens):
+            next_token = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None and cache[0].length < L:
+                logits = self._last_logits(next_token, cache)
+            else:  # no cache, or a full one: the last L tokens from the start
+                for layer_cache in cache or []:
+                    layer_cache.reset()
+                logits = self._last_logits(idx[:, -L:], cache)
+        return idx
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Picks one token id per row of ``logits`` (B, V); returns ``(B, 1)``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def gpt(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    embed_dim: int,
+    max_seq_len: int = 256,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+    bias: bool = False,
+    norm: str = "layernorm",
+    positions: str = "learned",
+    mlp: str = "gelu",
+) -> GPT:
+    """Builds a GPT from every hyperparameter (see :class:`GPTConfig` for what each means)."""
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
+        mlp_ratio=mlp_ratio,
+        dropout=dropout,
+        bias=bias,
+        norm=norm,
+        positions=positions,
+        mlp=mlp,
+    )
+    return GPT(config)
+
+
+_GPT_TEST = dict(vocab_size=64, max_seq_len=32, num_layers=2, num_heads=2, embed_dim=32)
+_GPT_CHAR_SMALL = dict(vocab_size=65, max_seq_len=64, num_layers=4, num_heads=4, embed_dim=128)
+_GPT_MINI = dict(vocab_size=65, max_seq_len=256, num_layers=6, num_heads=6, embed_dim=384)
+
+
+@register_model
+def gpt_test(**overrides) -> GPT:
+    """Tiny GPT for tests: 2 layers, 2 heads, width 32, vocabulary 64, context 32."""
+    return gpt(**{**_GPT_TEST, **overrides})
+
+
+@register_model
+def gpt_char_small(**overrides) -> GPT:
+    """nanoGPT's Shakespeare-on-a-CPU configuration: 4 layers, 4 heads, width 128, context 64 (0.8M)."""
+    return gpt(**{**_GPT_CHAR_SMALL, **overrides})
+
+
+@register_model
+def gpt_mini(**overrides) -> GPT:
+    """nanoGPT's ``shakespeare_char`` GPU configuration: 6 layers, 6 heads, width 384, context 256 (10.7M)."""
+    return gpt(**{**_GPT_MINI, **overrides})

@@ -1,0 +1,217 @@
+"""Vision Transformer (ViT) for image classification.
+
+Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words": the image is cut into patches (a strided
+convolution), a learned class token is prepended, learned positions are added, a pre-norm Transformer
+encoder runs, and a linear head reads the class token (or the mean of all tokens). Following Xiao et al.
+2021, "Early Convolutions Help Transformers See Better", an optional 3x3 convolution stem (conv-GELU, no
+BatchNorm) runs before patchifying, which helps on small images and data sets. Layout after timm's
+``vision_transformer.py``.
+
+Shapes: B batch, N tokens (patches, + 1 with a class token), C embedding width.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tansuo.blocks import (
+    FeedForward,
+    LearnedPositions,
+    MultiHeadAttention,
+    TransformerLayer,
+    TransformerStack,
+)
+from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
+
+
+@dataclass(kw_only=True)
+class ViTConfig:
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    image_size: int = 8  # height = width; inputs of another size are rejected (positions are per patch)
+    in_channels: int = 1
+    num_classes: int = 10  # 0: no head, forward returns the pooled features
+    patch_size: int = 2  # tokens = (image_size / patch_size)^2; small patches suit small images
+    mlp_ratio: int = 2  # feed-forward hidden width = mlp_ratio * embed_dim (ViT-Base uses 4)
+    dropout: float = 0.0
+    stem_channels: int = 0  # 0: plain patch embedding; > 0: 3x3 conv-GELU stem of this width first
+    pooling: str = "cls"  # "cls": the class token feeds the head; "mean": the mean of the patch tokens does
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_positive(
+            self, ["embed_dim", "num_layers", "num_heads", "image_size", "in_channels", "patch_size"]
+        )
+        check_positive(self, ["mlp_ratio"])
+        check_positive(self, ["num_classes", "stem_channels"], minimum=0)
+        check_dropout(self)
+        check_choice(self, "pooling", ("cls", "mean"))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
+                "choose a patch_size that divides it"
+            )
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ViT(nn.Module):
+    """Vision Transformer classifier; build it with :func:`vit` or a preset.
+
+    Args:
+        config: The architecture.
+    """
+
+    family = "vit"
+    config_class = ViTConfig
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.embed_dim
+        stem = []
+        if config.stem_channels:
+            stem = [nn.Conv2d(config.in_channels, config.stem_channels, 3, padding=1), nn.GELU()]
+        patch_in = config.stem_channels or config.in_channels
+        self.patch_embed = nn.Sequential(
+            *stem, nn.Conv2d(patch_in, C, config.patch_size, stride=config.patch_size)
+        )
+        num_tokens = (config.image_size // config.patch_size) ** 2
+        self.cls_token = None
+        if config.pooling == "cls":
+            self.cls_token = nn.Parameter(torch.empty(1, 1, C))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            num_tokens += 1
+        self.pos_emb = LearnedPositions(num_tokens, C)
+        self.dropout = nn.Dropout(config.dropout)
+        layers = [
+            TransformerLayer(
+                MultiHeadAttention(C, config.num_heads, dropout=config.dropout),
+                FeedForward(C, config.mlp_ratio * C),
+                nn.LayerNorm(C),
+                nn.LayerNorm(C),
+                dropout=config.dropout,
+            )
+            for _ in range(config.num_layers)
+        ]
+        self.encoder = TransformerStack(layers, nn.LayerNorm(C))
+        self.head = nn.Linear(C, config.num_classes) if config.num_classes else nn.Identity()
+        self.apply(_init)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters; ``exclude_embeddings`` leaves out the position embeddings and class token."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.pos_emb.weight.numel()
+            total -= 0 if self.cls_token is None else self.cls_token.numel()
+        return total
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        """Random images ``(batch_size, in_channels, image_size, image_size)`` on the model's device."""
+        size = self.config.image_size
+        device = self.pos_emb.weight.device
+        return torch.randn(batch_size, self.config.in_channels, size, size, device=device)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the head by a new, freshly initialised one (0: no head); updates ``config``."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        weight = self.pos_emb.weight
+        self.head = nn.Linear(self.config.embed_dim, num_classes) if num_classes else nn.Identity()
+        self.head.to(device=weight.device, dtype=weight.dtype).apply(_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_channels, image_size, image_size)`` to normalised tokens ``(B, N, C)``."""
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(
+                f"this ViT takes {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}; resize them"
+            )
+        x = self.patch_embed(x)  # (B, C, image_size / patch_size, image_size / patch_size)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N + 1, C)
+        x = x + self.pos_emb(x.shape[1])
+        return self.encoder(self.dropout(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, C)`` to logits ``(B, num_classes)``."""
+        pooled = features[:, 0] if self.cls_token is not None else features.mean(dim=1)  # (B, C)
+        return self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_channels, H, W)`` to class logits ``(B, num_classes)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+def vit(
+    *,
+    embed_dim: int,
+    num_layers: int,
+    num_heads: int,
+    image_size: int = 8,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    patch_size: int = 2,
+    mlp_ratio: int = 2,
+    dropout: float = 0.0,
+    stem_channels: int = 0,
+    pooling: str = "cls",
+) -> ViT:
+    """Builds a ViT from every hyperparameter (see :class:`ViTConfig` for what each means)."""
+    config = ViTConfig(
+        embed_dim=embed_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        image_size=image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        patch_size=patch_size,
+        mlp_ratio=mlp_ratio,
+        dropout=dropout,
+        stem_channels=stem_channels,
+        pooling=pooling,
+    )
+    return ViT(config)
+
+
+_VIT_TEST = dict(image_size=8, patch_size=4, embed_dim=16, num_layers=2, num_heads=2, stem_channels=4)
+_VIT_DIGITS = dict(image_size=8, patch_size=2, embed_dim=64, num_layers=4, num_heads=4, stem_channels=32)
+_VIT_MNIST = dict(image_size=28, patch_size=4, embed_dim=128, num_layers=6, num_heads=4, stem_channels=32)
+# Not timm's vit_small (384 wide, 12 layers, 224x224): a size for 32x32 RGB images such as CIFAR-10.
+_VIT_SMALL = dict(image_size=32, in_channels=3, patch_size=4, embed_dim=256, num_layers=6, num_heads=8)
+
+
+@register_model
+def vit_test(**overrides) -> ViT:
+    """Tiny ViT for tests: 8x8 grey images, 4x4 patches, conv stem, 2 layers of width 16."""
+    return vit(**{**_VIT_TEST, **overrides})
+
+
+@register_model
+def vit_digits(**overrides) -> ViT:
+    """ViT for scikit-learn's 8x8 digits: 2x2 patches (16 tokens), conv stem, 4 layers of width 64."""
+    return vit(**{**_VIT_DIGITS, **overrides})
+
+
+@register_model
+def vit_mnist(**overrides) -> ViT:
+    """ViT for 28x28 MNIST-like images: 4x4 patches (49 tokens), conv stem, 6 layers of width 128."""
+    return vit(**{**_VIT_MNIST, **overrides})
+
+
+@register_model
+def vit_small(**overrides) -> ViT:
+    """ViT for 32x32 RGB images: 4x4 patches (64 tokens), 6 layers of width 256, 8 heads (3.2M)."""
+    return vit(**{**_VIT_SMALL, **overrides})

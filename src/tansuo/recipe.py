@@ -1,0 +1,169 @@
+"""Recipes: one YAML file describes a whole run (task, data, model, training), validated before any work.
+
+A recipe has four sections. ``task`` picks the Task; ``data`` is validated by that task's own ``DataConfig``;
+``model`` names a registered preset plus overrides; ``train`` is :class:`TrainConfig`. Any field can be
+overridden from the command line with ``--set section.field=value`` (the value is parsed as YAML).
+
+Every validation problem becomes a :class:`~tansuo.errors.RecipeError` that names the field path, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tansuo.errors import RecipeError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string; recipes mean a number, so floats without a dot are floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which registered model to build, and the fields to change from its preset."""
+
+    name: str = Field(description="a name from `tansuo models`")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to change")
+
+
+class TrainConfig(_Strict):
+    """How to train: optimisation, schedule, evaluation and where the run is written."""
+
+    out_dir: str = Field("runs/run", description="run folder: checkpoint, metrics log and bundle")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; or give epochs")
+    epochs: float | None = Field(None, gt=0, description="passes over the training split (fixed-size data)")
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0, description="applied to matrices only, not biases or norms")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = once per epoch or at end")
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at each evaluation")
+    best_metric: str | None = Field(None, description="metric that picks the best bundle; task default")
+    best_mode: Literal["min", "max"] | None = None
+    early_stop_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = never")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _lr_bounds(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class Recipe(_Strict):
+    """A whole run. ``data`` stays a plain mapping here; the task validates it (see `validate_recipe`)."""
+
+    task: str
+    seed: int = 1337
+    data: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the recipe docs for allowed fields)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        lines.append(f"  {path or '<recipe>'}: {msg}{shown}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` assignments to a raw recipe mapping; values are parsed as YAML."""
+    out = copy.deepcopy(raw)
+    for item in sets:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected FIELD=VALUE, for example --set train.lr=3e-4")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item!r}: empty field name; write it as section.field=value")
+        try:
+            value = _yaml(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML ({e})") from e
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {p} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe into a mapping; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {p}; pass a YAML file such as recipes/digits-vit.yaml")
+    try:
+        raw = _yaml(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{p}: a recipe must be a mapping with task, data, model and train sections")
+    return raw
+
+
+def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe, BaseModel]:
+    """Validate a raw recipe; returns the recipe and the task's validated data config."""
+    from tansuo.tasks import TASKS
+
+    task = raw.get("task")
+    if task not in TASKS:
+        raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {task!r})")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e)) from None
+    try:
+        data = TASKS[task].DataConfig.model_validate(recipe.data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, prefix="data")) from None
+    if recipe.train.max_steps is None and recipe.train.epochs is None:
+        raise RecipeError("invalid recipe:\n  train: give train.max_steps or train.epochs")
+    return recipe, data
+
+
+def load_recipe(path: str | Path, sets: list[str] | None = None) -> tuple[Recipe, BaseModel]:
+    """Read, override (``--set``) and validate a recipe file."""
+    return validate_recipe(apply_overrides(read_recipe_file(path), sets or []))

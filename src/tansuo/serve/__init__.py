@@ -1,0 +1,1 @@
+"""Bundles (and, in later issues, serving and export)."""

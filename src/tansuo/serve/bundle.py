@@ -1,0 +1,115 @@
+"""Bundles: a folder that holds everything needed to use a trained model, and nothing executable.
+
+```
+bundle/
+  config.json        model name, family and config; tansuo version
+  model.safetensors  weights (tied weights stored once)
+  task.json          task name and its state (data source, splits, labels, normalisation)
+  tokenizer.json     text tasks only (Hugging Face tokenizers format)
+  metrics.json       what the model measured, by split
+  recipe.json        the validated recipe that trained it (when trained by tansuo)
+```
+Loading reads JSON and safetensors only; nothing is unpickled. Bundles are written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from tansuo import __version__
+from tansuo.atomic import atomic_write_dir, atomic_write_json
+from tansuo.errors import BundleError
+from tansuo.models import create_model
+from tansuo.tasks import TASKS
+from tansuo.tasks.base import Task
+
+FORMAT = 1
+REQUIRED = ("config.json", "model.safetensors", "task.json")
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model (in eval mode), its task and its recorded metrics."""
+
+    path: Path
+    model: nn.Module
+    task: Task
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def save_bundle(
+    path: str | Path,
+    model: nn.Module,
+    task: Task,
+    metrics: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle folder atomically (an existing one is replaced only once the new one is complete)."""
+    path = Path(path)
+
+    def build(tmp: Path) -> None:
+        config = {
+            "format": FORMAT,
+            "tansuo_version": __version__,
+            "model_name": model.model_name,
+            "family": getattr(model, "family", type(model).__name__),
+            "config": dataclasses.asdict(model.config),
+            "num_params": model.num_params(),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        task.save(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
+        if recipe is not None:
+            (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+    atomic_write_dir(path, build)
+    return path
+
+
+def update_bundle_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Replace a bundle's metrics.json (atomically)."""
+    atomic_write_json(Path(path) / "metrics.json", metrics)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is unreadable ({e}); the bundle is damaged, train it again") from e
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path: str | None = None) -> Bundle:
+    """Load a bundle folder: rebuild the model from the registry, load weights, rebuild the task."""
+    path = Path(path)
+    if not path.is_dir():
+        old = path.with_name(path.name + ".old")
+        hint = f" (an interrupted save left a complete copy at {old})" if old.is_dir() else ""
+        raise BundleError(f"bundle not found: {path}{hint}; pass the folder a training run wrote")
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise BundleError(f"{path} is not a complete bundle: missing {', '.join(missing)}")
+    config = _read_json(path / "config.json")
+    if config.get("format") != FORMAT:
+        raise BundleError(
+            f"{path}: bundle format {config.get('format')!r} is not supported (expected {FORMAT})"
+        )
+    task_info = _read_json(path / "task.json")
+    task_name = task_info.get("task")
+    if task_name not in TASKS:
+        raise BundleError(f"{path}: unknown task {task_name!r}; this tansuo knows {sorted(TASKS)}")
+    model = create_model(config["model_name"], **config["config"])
+    load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
+    model.to(device).eval()
+    task = TASKS[task_name].from_bundle(path, data_path=data_path)
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    return Bundle(path=path, model=model, task=task, metrics=metrics, config=config)

@@ -1,0 +1,18 @@
+"""Tasks: the seam between data and the task-agnostic trainer, bundles and CLI (see ``base.py``).
+
+Adding a task means writing one module with a class that follows :class:`~tansuo.tasks.base.Task` and
+adding it to ``TASKS``. Planned: ``classify`` (text), ``translate``, ``recommend``.
+"""
+
+from __future__ import annotations
+
+from tansuo.tasks.base import Batch, Task
+from tansuo.tasks.image import ImageTask
+from tansuo.tasks.lm import LMTask
+
+TASKS: dict[str, type[Task]] = {
+    LMTask.name: LMTask,
+    ImageTask.name: ImageTask,
+}
+
+__all__ = ["TASKS", "Batch", "ImageTask", "LMTask", "Task"]

@@ -1,0 +1,82 @@
+"""The Task protocol: the one seam that knows a task.
+
+A task turns records into batches, a batch into a loss, a split into metrics, and user input into
+predictions. The trainer, checkpoints, bundles and the CLI only talk to this protocol, so a new task
+(``classify``, ``translate``, ``recommend``) is one new module plus one line in ``tasks/__init__.py``.
+
+Batches are plain ``dict[str, torch.Tensor]`` on the CPU; the trainer moves them to the device. Training
+batches are a pure function of ``(seed, micro_step)``: resuming at a step needs no sampler state and gives
+the same batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What every task provides. See ``tasks/lm.py`` and ``tasks/image.py`` for the two implementations."""
+
+    name: ClassVar[str]
+    #: pydantic model that validates the recipe's ``data:`` section
+    DataConfig: ClassVar[type[BaseModel]]
+    #: metric that picks the best bundle unless the recipe says otherwise, and whether lower is better
+    default_metric: ClassVar[str]
+    default_mode: ClassVar[str]
+    #: what ``count`` counts, for throughput ("tokens" or "samples")
+    unit: ClassVar[str]
+    #: the split ``tansuo eval`` uses: data the model never trained or was selected on when one exists
+    heldout_split: ClassVar[str]
+
+    @classmethod
+    def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> Task:
+        """Prepare the data named by a validated ``data:`` section; ``work_dir`` holds derived files."""
+        ...
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> Task:
+        """Rebuild the task from a bundle's ``task.json`` (and tokenizer); ``data_path`` relocates data."""
+        ...
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Model config fields the data decides (vocabulary size, classes, image size, context length)."""
+        ...
+
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        """Micro-batches in one pass over the training split, or None for streams sampled at random."""
+        ...
+
+    def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
+        """Endless training micro-batches, starting with micro-batch number ``start``."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean loss of one batch (already on the model's device)."""
+        ...
+
+    def count(self, batch: Batch) -> int:
+        """How many ``unit`` a batch holds."""
+        ...
+
+    def evaluate(
+        self, model: nn.Module, split: str, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Metrics on a split (``val`` or ``test``); must not change the model or global RNG state."""
+        ...
+
+    def save(self, bundle_dir: Path) -> None:
+        """Write ``task.json`` and any assets (``tokenizer.json``) into a bundle folder being built."""
+        ...
+
+    def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
+        """Predictions for what a person typed: file paths for images, texts for text tasks."""
+        ...

@@ -1,0 +1,253 @@
+"""Image classification (``image``): ViT or the ResNet baseline on arrays of small images.
+
+Sources: scikit-learn's bundled 8x8 digits, an NPZ file, or CSV rows (label then pixels, as MNIST CSVs).
+The data is split once with a seeded permutation (default 80/10/10 train/val/test). Images stay in their
+source units in memory and are normalised per channel with the training split's mean and std on the fly,
+after augmentation (random shifts of up to ``max_shift`` pixels), so shifted-in borders are true background.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from tansuo.data import (
+    ImageArrays,
+    load_csv_arrays,
+    load_digits_arrays,
+    load_image_file,
+    load_npz_arrays,
+    random_shift,
+    split_indices,
+)
+from tansuo.errors import DataError
+from tansuo.tasks.base import Batch
+
+SPLITS = ("train", "val", "test")
+
+
+class ImageDataConfig(BaseModel):
+    """The ``data:`` section of an ``image`` recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["digits", "npz", "csv"] = Field("digits", description="where the images come from")
+    path: str | None = Field(None, description="the .npz or .csv(.gz) file; --data PATH sets it")
+    image_size: int | None = Field(None, gt=0, description="side of square CSV images; inferred if unset")
+    channels: int = Field(1, ge=1, le=4)
+    label_column: int = Field(0, description="CSV column holding the label; -1 for the last")
+    splits: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test fractions")
+    max_shift: int = Field(1, ge=0, description="random shift augmentation in pixels; 0 turns it off")
+    top_k: int = Field(5, gt=0, description="also report top-k accuracy when there are more than k classes")
+
+    @field_validator("splits")
+    @classmethod
+    def _sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
+        return v
+
+
+def _mix(seed: int, n: int, salt: int) -> int:
+    return (seed * 1_000_003 + n * 7_919 + salt) % (2**63 - 1)
+
+
+def load_arrays(data: ImageDataConfig) -> ImageArrays:
+    """Load the images a data config names."""
+    if data.source == "digits":
+        return load_digits_arrays()
+    if data.path is None:
+        raise DataError(
+            f"data.path is not set; source {data.source!r} needs --data PATH to a .{data.source} file"
+        )
+    if not Path(data.path).expanduser().is_file():
+        raise DataError(
+            f"data file not found: {data.path}; pass --data PATH to an existing .{data.source} file"
+        )
+    if data.source == "npz":
+        return load_npz_arrays(data.path)
+    return load_csv_arrays(
+        data.path, image_size=data.image_size, channels=data.channels, label_column=data.label_column
+    )
+
+
+class ImageTask:
+    """Classify small images into a fixed set of classes."""
+
+    name: ClassVar[str] = "image"
+    DataConfig: ClassVar[type[BaseModel]] = ImageDataConfig
+    default_metric: ClassVar[str] = "accuracy"
+    default_mode: ClassVar[str] = "max"
+    unit: ClassVar[str] = "samples"
+    heldout_split: ClassVar[str] = "test"
+
+    def __init__(
+        self, data: ImageDataConfig, seed: int, info: dict[str, Any], arrays: ImageArrays | None
+    ) -> None:
+        self.data, self.seed = data, seed
+        self.class_names: list[str] = info["class_names"]
+        self.image_shape: tuple[int, int, int] = tuple(info["image_shape"])
+        self.pixel_max: float = info["pixel_max"]
+        self.mean = torch.tensor(info["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(info["std"]).view(1, -1, 1, 1)
+        self._arrays = arrays
+        self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> ImageTask:
+        assert isinstance(data, ImageDataConfig)
+        arrays = load_arrays(data)
+        train_idx = split_indices(len(arrays.labels), data.splits, seed)[0]
+        train = arrays.images[train_idx]
+        mean = train.mean(axis=(0, 2, 3))
+        std = train.std(axis=(0, 2, 3)) + 1e-6
+        info = {
+            "class_names": list(arrays.class_names),
+            "image_shape": list(arrays.image_shape),
+            "pixel_max": float(arrays.pixel_max),
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+        }
+        return cls(data, seed, info, arrays)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> ImageTask:
+        info = json.loads((bundle_dir / "task.json").read_text(encoding="utf-8"))
+        data = ImageDataConfig.model_validate(info["data"])
+        if data_path is not None:
+            data = data.model_copy(update={"path": data_path})
+        return cls(data, info["seed"], info, arrays=None)
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (source units, float32) and labels of one split, loaded on first use."""
+        if split not in SPLITS:
+            raise DataError(f"the image task has splits {SPLITS}, not {split!r}")
+        if split not in self._split_cache:
+            if self._arrays is None:
+                self._arrays = load_arrays(self.data)
+                if list(self._arrays.class_names) != self.class_names:
+                    raise DataError(
+                        f"the data at {self.data.path or self.data.source} has classes "
+                        f"{list(self._arrays.class_names)}, but the model was trained on {self.class_names}"
+                    )
+            parts = split_indices(len(self._arrays.labels), self.data.splits, self.seed)
+            for name, idx in zip(SPLITS, parts, strict=True):
+                self._split_cache[name] = (
+                    torch.from_numpy(np.ascontiguousarray(self._arrays.images[idx], dtype=np.float32)),
+                    torch.from_numpy(np.asarray(self._arrays.labels[idx], dtype=np.int64)),
+                )
+        return self._split_cache[split]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Source units -> zero mean, unit variance per channel (training split statistics)."""
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    # ------------------------------------------------------------ Task protocol
+    def model_overrides(self) -> dict[str, Any]:
+        c, h, _ = self.image_shape
+        return {"num_classes": len(self.class_names), "image_size": h, "in_channels": c}
+
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        return max(1, len(self._split("train")[1]) // batch_size)
+
+    def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
+        images, labels = self._split("train")
+        per_epoch = self.steps_per_epoch(batch_size)
+        epoch, perm = -1, None
+        for n in count(start):
+            e, k = divmod(n, per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(
+                    len(labels), generator=torch.Generator().manual_seed(_mix(self.seed, e, 1))
+                )
+            idx = perm[k * batch_size : (k + 1) * batch_size]
+            x = images[idx]
+            if self.data.max_shift:
+                g = torch.Generator().manual_seed(_mix(self.seed, n, 2))
+                x = random_shift(x, self.data.max_shift, g)
+            yield {"x": self.normalize(x), "y": labels[idx]}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]).float(), batch["y"])
+
+    def count(self, batch: Batch) -> int:
+        return len(batch["y"])
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, split: str, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        images, labels = self._split(split)
+        model.eval()
+        logits = torch.cat(
+            [
+                model(self.normalize(images[i : i + 256]).to(device)).float().cpu()
+                for i in range(0, len(labels), 256)
+            ]
+        )
+        return classification_metrics(logits, labels, self.data.top_k)
+
+    def save(self, bundle_dir: Path) -> None:
+        info = {
+            "task": self.name,
+            "seed": self.seed,
+            "data": self.data.model_dump(),
+            "class_names": self.class_names,
+            "image_shape": list(self.image_shape),
+            "pixel_max": self.pixel_max,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
+        c, h, _ = self.image_shape
+        x = np.stack([load_image_file(p, image_size=h, channels=c, pixel_max=self.pixel_max) for p in inputs])
+        model.eval()
+        probs = model(self.normalize(torch.from_numpy(x).float()).to(device)).float().softmax(-1).cpu()
+        out = []
+        for path, p in zip(inputs, probs, strict=True):
+            top = int(p.argmax())
+            out.append(
+                {
+                    "input": path,
+                    "label": self.class_names[top],
+                    "probability": float(p[top]),
+                    "probabilities": {name: float(v) for name, v in zip(self.class_names, p, strict=True)},
+                }
+            )
+        return out
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> dict[str, float]:
+    """Loss, accuracy, macro-F1 and (with more than ``top_k`` classes) top-k accuracy."""
+    num_classes = logits.shape[-1]
+    pred = logits.argmax(-1)
+    metrics = {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (pred == labels).float().mean().item(),
+    }
+    if num_classes > top_k:
+        topk = logits.topk(top_k, dim=-1).indices
+        metrics[f"top{top_k}_accuracy"] = (topk == labels[:, None]).any(-1).float().mean().item()
+    f1s = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    metrics["macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
+    return metrics

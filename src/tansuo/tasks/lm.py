@@ -1,0 +1,218 @@
+"""Language modelling (``lm``): next-token prediction on a plain-text corpus, as in nanoGPT.
+
+The corpus is encoded once into a memory-mapped token file (so a corpus of gigabytes never becomes gigabytes
+of Python objects); the first ``train_fraction`` of tokens trains, the rest validates. Training batches are
+random windows of ``block_size`` tokens; validation loss is the mean over ``eval_batches`` random windows
+drawn with a fixed seed, so every evaluation sees the same windows (nanoGPT's ``estimate_loss``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tansuo.data import (
+    decode,
+    encode,
+    encode_to_token_file,
+    iter_text_chunks,
+    lm_batch,
+    load_tokenizer,
+    open_token_file,
+    save_tokenizer,
+    split_tokens,
+    token_file_is_current,
+    train_bpe_tokenizer,
+    train_char_tokenizer,
+)
+from tansuo.errors import DataError
+from tansuo.tasks.base import Batch
+
+DATA_HINT = "pass --data PATH to a UTF-8 plain-text file (e.g. tiny shakespeare's input.txt)"
+
+
+class LMDataConfig(BaseModel):
+    """The ``data:`` section of an ``lm`` recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="plain-text corpus; --data PATH sets it")
+    tokenizer: str = Field("char", description="char, bpe, or a path to a tokenizer.json")
+    vocab_size: int = Field(4096, ge=256, description="target vocabulary size for bpe (>= 256 bytes)")
+    block_size: int = Field(64, gt=0, description="context length; sets the model's max_seq_len")
+    train_fraction: float = Field(0.9, gt=0, lt=1, description="leading share of tokens used for training")
+    eval_batches: int = Field(200, gt=0, description="random windows per evaluation (nanoGPT eval_iters)")
+
+
+def _mix(seed: int, n: int) -> int:
+    """A per-batch seed: distinct for every (seed, n), stable across runs and platforms."""
+    return (seed * 1_000_003 + n * 7_919 + 12_345) % (2**63 - 1)
+
+
+class LMTask:
+    """Next-token prediction with a causal decoder (GPT)."""
+
+    name: ClassVar[str] = "lm"
+    DataConfig: ClassVar[type[BaseModel]] = LMDataConfig
+    default_metric: ClassVar[str] = "loss"
+    default_mode: ClassVar[str] = "min"
+    unit: ClassVar[str] = "tokens"
+    heldout_split: ClassVar[str] = "val"
+
+    def __init__(self, data: LMDataConfig, seed: int, tokenizer: Any, work_dir: Path | None) -> None:
+        self.data, self.seed, self.tokenizer = data, seed, tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self._work_dir = work_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._splits: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> LMTask:
+        assert isinstance(data, LMDataConfig)
+        source = _source(data.path)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tok_path, tokens_path = work_dir / "tokenizer.json", work_dir / "tokens.bin"
+        if data.tokenizer not in ("char", "bpe"):
+            tokenizer = load_tokenizer(data.tokenizer)
+        elif tok_path.is_file() and _current(source, tokens_path, load_tokenizer(tok_path)):
+            tokenizer = load_tokenizer(tok_path)  # same corpus as last time: reuse vocabulary and tokens
+        elif data.tokenizer == "char":
+            tokenizer = train_char_tokenizer(iter_text_chunks(source, hint=DATA_HINT))
+        else:
+            tokenizer = train_bpe_tokenizer(iter_text_chunks(source, hint=DATA_HINT), data.vocab_size)
+        save_tokenizer(tokenizer, tok_path)
+        task = cls(data, seed, tokenizer, work_dir)
+        task._prepare(source)
+        return task
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> LMTask:
+        info = json.loads((bundle_dir / "task.json").read_text(encoding="utf-8"))
+        data = LMDataConfig.model_validate(info["data"])
+        if data_path is not None:
+            data = data.model_copy(update={"path": data_path})
+        return cls(data, info["seed"], load_tokenizer(bundle_dir / "tokenizer.json"), work_dir=None)
+
+    def _prepare(self, source: Path) -> None:
+        if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
+            self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-lm-")
+            self._work_dir = Path(self._tmp.name)
+        tokens_path = self._work_dir / "tokens.bin"
+        if not _current(source, tokens_path, self.tokenizer):
+            encode_to_token_file(source, self.tokenizer, tokens_path)
+        tokens = open_token_file(tokens_path)
+        train, val = split_tokens(tokens, self.data.train_fraction)
+        need = self.data.block_size + 1
+        for name, part in (("training", train), ("validation", val)):
+            if len(part) < need:
+                raise DataError(
+                    f"{source}: the {name} split has {len(part)} tokens but block_size "
+                    f"{self.data.block_size} needs at least {need}; "
+                    "use a longer corpus or lower data.block_size"
+                )
+        self._splits = (train, val)
+
+    def _split(self, split: str) -> np.ndarray:
+        if self._splits is None:
+            self._prepare(_source(self.data.path))
+        assert self._splits is not None
+        if split not in ("train", "val"):
+            raise DataError(f"the lm task has splits 'train' and 'val', not {split!r}")
+        return self._splits[0] if split == "train" else self._splits[1]
+
+    # ------------------------------------------------------------ Task protocol
+    def model_overrides(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size, "max_seq_len": self.data.block_size}
+
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        return None
+
+    def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
+        tokens = self._split("train")
+        for n in count(start):
+            g = torch.Generator().manual_seed(_mix(self.seed, n))
+            x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
+            yield {"x": x, "y": y}
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch["x"])  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+
+    def count(self, batch: Batch) -> int:
+        return batch["x"].numel()
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, split: str, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        tokens = self._split(split)
+        model.eval()
+        g = torch.Generator().manual_seed(_mix(0, 10**9 + (split == "val")))
+        total = 0.0
+        for _ in range(self.data.eval_batches):
+            x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
+            total += self.loss(model, {"x": x.to(device), "y": y.to(device)}).item()
+        loss = total / self.data.eval_batches
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def save(self, bundle_dir: Path) -> None:
+        info = {
+            "task": self.name,
+            "seed": self.seed,
+            "data": self.data.model_dump(),
+            "vocab_size": self.vocab_size,
+        }
+        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
+
+    def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
+        return [{"prompt": p, "text": self.generate(model, p, device=device)} for p in inputs]
+
+    # ------------------------------------------------------------ generation
+    def generate(
+        self,
+        model: nn.Module,
+        prompt: str,
+        *,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> str:
+        """Continue ``prompt`` with sampled tokens (KV-cached decoding); returns prompt plus continuation."""
+        ids = encode(self.tokenizer, prompt) if prompt else []
+        if not ids:
+            ids = [0]  # an empty prompt starts from token 0 (a newline for tiny shakespeare, as nanoGPT does)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        g = None
+        if seed is not None:
+            g = torch.Generator(device=device).manual_seed(seed)
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
+        text = decode(self.tokenizer, out[0].tolist())
+        return text if prompt else text[len(decode(self.tokenizer, ids)) :]
+
+
+def _current(source: Path, tokens_path: Path, tokenizer: Any) -> bool:
+    return token_file_is_current(source, tokens_path, tokenizer.get_vocab_size(), tokenizer=tokenizer)
+
+
+def _source(path: str | None) -> Path:
+    if path is None:
+        raise DataError(f"data.path is not set; {DATA_HINT}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}; {DATA_HINT}")
+    return p

@@ -1,0 +1,311 @@
+"""The one training loop, for every task.
+
+The loop knows nothing about tasks: it asks the Task for micro-batches and a loss, steps AdamW on the
+warm-up + cosine schedule, evaluates every ``eval_every`` steps, keeps the best bundle by the chosen metric,
+checkpoints (atomically) and can resume bit for bit. Structure after nanoGPT's ``train.py``.
+
+Run folder (``train.out_dir``)::
+
+    checkpoint.safetensors   latest resumable state
+    metrics.jsonl            {"event": "train" | "eval" | "end", "step": ..., ...} per line
+    bundle/                  best model so far (see serve/bundle.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tansuo.errors import TrainingDiverged
+from tansuo.recipe import TrainConfig
+from tansuo.serve.bundle import save_bundle, update_bundle_metrics
+from tansuo.tasks.base import Batch, Task
+from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
+from tansuo.train.device import autocast, resolve_device
+from tansuo.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Step counts derived from the recipe and the data."""
+
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    steps_per_epoch: int | None
+
+
+def make_plan(cfg: TrainConfig, task: Task) -> Plan:
+    """Resolve epochs into optimizer steps and pick evaluation/checkpoint intervals."""
+    micro_per_epoch = task.steps_per_epoch(cfg.batch_size)
+    steps_per_epoch = None if micro_per_epoch is None else max(1, micro_per_epoch // cfg.grad_accum)
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    elif steps_per_epoch is None:
+        raise ValueError("train.epochs needs a data set of fixed size; give train.max_steps for this task")
+    else:
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    eval_every = cfg.eval_every or steps_per_epoch or total
+    return Plan(total, min(eval_every, total), cfg.checkpoint_every or eval_every, steps_per_epoch)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    """Train ``model`` on ``task`` as ``cfg`` says, writing into ``cfg.out_dir``.
+
+    Args:
+        task: the task that supplies batches, loss and metrics.
+        model: a model from the registry (it must have ``model_name`` and ``config``).
+        cfg: the recipe's ``train`` section.
+        seed: the run's seed (recorded; data order is the task's pure function of it).
+        recipe: the validated recipe, stored in every bundle.
+        progress: show a Rich progress bar (the CLI turns it on; the library default is quiet logging).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        seed: int = 0,
+        recipe: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.task, self.cfg, self.seed, self.recipe, self.progress = task, cfg, seed, recipe, progress
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.step_model = torch.compile(model) if cfg.compile else model
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        self.plan = make_plan(cfg, task)
+        self.metric = cfg.best_metric or task.default_metric
+        self.mode = cfg.best_mode or task.default_mode
+        self.out = Path(cfg.out_dir)
+        self.checkpoint_path = self.out / "checkpoint.safetensors"
+        self.bundle_path = self.out / "bundle"
+        self.step = 0
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "trainer": {
+                "step": self.step,
+                "best": self.best,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "seed": self.seed,
+                "total_steps": self.plan.total_steps,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        t = state["trainer"]
+        self.step, self.best, self.best_step, self.bad_evals = (
+            t["step"],
+            t["best"],
+            t["best_step"],
+            t["bad_evals"],
+        )
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end (or early stop) and return the best bundle's metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_state_dict(load_checkpoint(self.checkpoint_path))
+            log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        elif self.checkpoint_path.exists():
+            log.warning(
+                "%s exists and will be overwritten (use --resume to continue it)", self.checkpoint_path
+            )
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as self._log:
+            bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
+            with bar:
+                bar.update(self.step, {})
+                self._loop(bar)
+            result = self._finish()
+            self._write({"event": "end", "step": self.step, **result})
+        return result
+
+    def _loop(self, bar: _Progress) -> None:
+        cfg, plan, task = self.cfg, self.plan, self.task
+        batches = task.train_batches(cfg.batch_size, start=self.step * cfg.grad_accum)
+        self.model.train()
+        window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
+        while self.step < plan.total_steps:
+            lr = lr_at(
+                self.step,
+                lr=cfg.lr,
+                min_lr=cfg.min_lr,
+                warmup_steps=cfg.warmup_steps,
+                total_steps=plan.total_steps,
+                schedule=cfg.schedule,
+            )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = _to_device(next(batches), self.device)
+                with autocast(self.device):
+                    loss = task.loss(self.step_model, batch)
+                value = loss.item()
+                if not math.isfinite(value):
+                    self._diverged(value)
+                (loss / cfg.grad_accum).backward()
+                step_loss += value / cfg.grad_accum
+                window_units += task.count(batch)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_loss += step_loss
+
+            if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                elapsed = time.perf_counter() - window_start
+                stats = {
+                    "loss": window_loss / n,
+                    "lr": lr,
+                    f"{task.unit}_per_s": window_units / max(elapsed, 1e-9),
+                }
+                self._write({"event": "train", "step": self.step, **stats})
+                bar.update(self.step, stats)
+                window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
+            else:
+                bar.update(self.step, None)
+
+            if self.step % plan.eval_every == 0 or self.step == plan.total_steps:
+                stop = self._evaluate_and_keep()
+                self.save_checkpoint()
+                window_start = time.perf_counter()  # do not count evaluation time as training time
+                if stop:
+                    log.info(
+                        "early stop at step %d: no improvement in %d evaluations", self.step, self.bad_evals
+                    )
+                    break
+            elif self.step % plan.checkpoint_every == 0:
+                self.save_checkpoint()
+
+    def _evaluate_and_keep(self) -> bool:
+        """Evaluate on val; save the bundle if it improved. Returns True when early stopping triggers."""
+        with autocast(self.device):
+            metrics = self.task.evaluate(self.model, "val", self.cfg.batch_size, self.device)
+        self.model.train()
+        self._write({"event": "eval", "step": self.step, "split": "val", **metrics})
+        if self.metric not in metrics:
+            raise ValueError(
+                f"train.best_metric {self.metric!r} is not computed; choose from {sorted(metrics)}"
+            )
+        value = metrics[self.metric]
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        log.info("step %d: val %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if better:
+            self.best, self.best_step, self.bad_evals = value, self.step, 0
+            save_bundle(
+                self.bundle_path, self.model, self.task, {"step": self.step, "val": metrics}, self.recipe
+            )
+        else:
+            self.bad_evals += 1
+        patience = self.cfg.early_stop_patience
+        return bool(patience) and self.bad_evals >= patience
+
+    def _finish(self) -> dict[str, Any]:
+        """Reload the best bundle's weights and add held-out metrics to it."""
+        from tansuo.serve.bundle import load_bundle
+
+        best = load_bundle(self.bundle_path, device=self.device)
+        result = dict(best.metrics)
+        if self.task.heldout_split != "val":
+            with autocast(self.device):
+                result[self.task.heldout_split] = self.task.evaluate(
+                    best.model, self.task.heldout_split, self.cfg.batch_size, self.device
+                )
+            update_bundle_metrics(self.bundle_path, result)
+        result["bundle"] = str(self.bundle_path)
+        return result
+
+    def _diverged(self, value: float) -> None:
+        where = (
+            f"the last good checkpoint is {self.checkpoint_path}"
+            if self.checkpoint_path.exists()
+            else "no checkpoint was written yet"
+        )
+        self._write({"event": "diverged", "step": self.step, "loss": str(value)})
+        raise TrainingDiverged(
+            f"loss became {value} at step {self.step}; {where}. "
+            "Lower train.lr, raise train.warmup_steps or set train.grad_clip, then rerun."
+        )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._log.write(json.dumps(record) + "\n")
+        self._log.flush()
+
+
+class _Progress:
+    """A Rich progress bar with step, loss, throughput and ETA; a no-op when disabled."""
+
+    def __init__(self, total: int, unit: str, enabled: bool) -> None:
+        self.enabled, self.unit, self.total = enabled, unit, total
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[speed]}"),
+                TimeRemainingColumn(),
+            )
+            self.id = self.bar.add_task("train", total=total, loss="-", speed="")
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, stats: dict[str, float] | None) -> None:
+        if not self.enabled:
+            return
+        fields = {}
+        if stats:
+            fields = {
+                "loss": f"{stats['loss']:.4f}",
+                "speed": f"{stats[f'{self.unit}_per_s']:,.0f} {self.unit}/s",
+            }
+        self.bar.update(self.id, completed=step, **fields)

@@ -1,0 +1,60 @@
+"""The contract every registered model keeps (timm-style tests over the whole registry)."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tansuo.models import create_model, list_models, model_info
+
+LARGE = 5_000_000  # above this many parameters only building is checked, to keep the suite fast
+
+
+def _build(name: str):
+    torch.manual_seed(0)
+    return create_model(name)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_finite(name):
+    model = _build(name)
+    info = model_info(name)
+    assert model.num_params() == info["num_params"]
+    assert model.family == info["family"]
+    assert dataclasses.asdict(model.config) == info["config"]
+    if model.num_params() > LARGE:
+        return
+    x = model.example_input(batch_size=2)
+    out = model(x)
+    if model.family == "gpt":
+        assert out.shape == (*x.shape, model.config.vocab_size)
+    else:
+        assert out.shape == (2, model.config.num_classes)
+    assert torch.isfinite(out).all()
+    model.eval()
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", list_models("*_test"))
+def test_every_parameter_gets_a_gradient(name):
+    model = _build(name)
+    model(model.example_input()).float().pow(2).mean().backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_safetensors_round_trip_rebuilds_the_same_model(name, tmp_path):
+    model = _build(name)
+    if model.num_params() > LARGE:
+        pytest.skip("large preset: building is checked above")
+    model(model.example_input())  # a training step's forward updates BatchNorm statistics
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), path)
+    rebuilt = create_model(model.model_name, **dataclasses.asdict(model.config))
+    rebuilt.load_state_dict(load_file(path))
+    model.eval()
+    rebuilt.eval()
+    x = model.example_input()
+    assert torch.equal(model(x), rebuilt(x))

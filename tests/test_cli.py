@@ -1,0 +1,122 @@
+"""The command line as a user runs it: exit codes, messages and the train -> eval/predict/generate path."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tansuo.cli import main
+from tests.conftest import image_recipe, lm_recipe
+
+
+def run(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[int, str, str]:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["tansuo", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_models_lists_registry(monkeypatch, capsys) -> None:
+    code, out, _ = run(["models"], monkeypatch, capsys)
+    assert code == 0
+    for name in ("gpt_test", "vit_digits", "resnet_digits", "gpt_char_small"):
+        assert name in out
+
+
+def test_bad_recipe_field_exits_2_naming_field(monkeypatch, capsys) -> None:
+    code, _, err = run(["train", "recipes/digits-vit.yaml", "--set", "train.lr=-3"], monkeypatch, capsys)
+    assert code == 2
+    assert "train.lr" in err and "-3" in err and "greater than 0" in err
+
+
+def test_unknown_model_override_exits_2(monkeypatch, capsys, tmp_path) -> None:
+    args = ["train", "recipes/digits-vit.yaml", "--set", "model.overrides.depthh=3", "--out", str(tmp_path)]
+    code, _, err = run(args, monkeypatch, capsys)
+    assert code == 2 and "depthh" in err
+
+
+def test_missing_data_file_names_path_and_fix(monkeypatch, capsys, tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "input.txt"
+    args = ["train", "recipes/shakespeare-char.yaml", "--data", str(missing), "--out", str(tmp_path / "r")]
+    code, _, err = run(args, monkeypatch, capsys)
+    assert code == 2
+    assert "input.txt" in err and "--data" in err
+
+
+def test_image_train_eval_predict(monkeypatch, capsys, tmp_path, image_npz) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", image_recipe(image_npz, tmp_path / "run"))
+    code, out, err = run(
+        ["train", str(recipe), "--quiet", "--set", "train.max_steps=40"], monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert "test accuracy" in out and "bundle written to" in out
+    bundle = tmp_path / "run" / "bundle"
+    for name in ("config.json", "model.safetensors", "task.json", "metrics.json"):
+        assert (bundle / name).is_file()
+
+    code, out, _ = run(["eval", str(bundle), "--json"], monkeypatch, capsys)
+    assert code == 0
+    metrics = json.loads(out)["test"]
+    assert metrics["accuracy"] == json.loads((bundle / "metrics.json").read_text())["test"]["accuracy"]
+
+    data = np.load(image_npz)
+    bar = data["x"][1]  # class 1: a bright horizontal bar low in the image
+    np.save(tmp_path / "one.npy", bar)
+    png = (np.clip(bar / 16, 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(png, mode="L").save(tmp_path / "one.png")
+    code, out, _ = run(
+        ["predict", str(bundle), str(tmp_path / "one.npy"), str(tmp_path / "one.png"), "--json"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["label"] for r in rows] == ["1", "1"]
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_lm_train_then_generate(monkeypatch, capsys, tmp_path, text_file) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", lm_recipe(text_file, tmp_path / "run"))
+    code, out, err = run(["train", str(recipe), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    bundle = tmp_path / "run" / "bundle"
+    assert (bundle / "tokenizer.json").is_file()
+    args = ["generate", str(bundle), "--prompt", "ROMEO:", "--max-new-tokens", "30", "--seed", "1"]
+    code, out, _ = run(args, monkeypatch, capsys)
+    assert code == 0
+    assert out.startswith("ROMEO:") and len(out.rstrip("\n")) == len("ROMEO:") + 30
+    code, out2, _ = run(args, monkeypatch, capsys)
+    assert out2 == out  # seeded sampling is reproducible
+    code, _, err = run(["generate", str(bundle), "--prompt", "ROMEO: \u2603"], monkeypatch, capsys)
+    assert code == 2 and "\u2603" in err  # a character the vocabulary never saw
+
+
+def test_resume_without_checkpoint_exits_2(monkeypatch, capsys, tmp_path, image_npz) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", image_recipe(image_npz, tmp_path / "run"))
+    code, _, err = run(["train", str(recipe), "--resume", "--quiet"], monkeypatch, capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_bundle_errors(monkeypatch, capsys, tmp_path) -> None:
+    code, _, err = run(["eval", str(tmp_path / "nothing")], monkeypatch, capsys)
+    assert code == 2 and "bundle not found" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    code, _, err = run(["eval", str(tmp_path / "half")], monkeypatch, capsys)
+    assert code == 2 and "model.safetensors" in err

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tansuo.errors import RecipeError
+from tansuo.models import create_model
+from tansuo.recipe import apply_overrides, load_recipe, validate_recipe
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"digits-vit.yaml", "digits-cnn.yaml", "shakespeare-char.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_instantiates(path: Path) -> None:
+    recipe, data = load_recipe(path)
+    model = create_model(recipe.model.name, **recipe.model.overrides)
+    assert model.num_params() > 0
+    # each recipe is headed by the command that runs it
+    assert path.read_text().startswith("# tansuo train " + "recipes/" + path.name)
+
+
+def test_set_overrides_nested_field_with_yaml_value() -> None:
+    raw = {"train": {"lr": 1e-3}}
+    out = apply_overrides(raw, ["train.lr=3e-4", "train.device=cpu", "data.splits=[0.5, 0.25, 0.25]"])
+    assert out["train"]["lr"] == 3e-4 and out["train"]["device"] == "cpu"
+    assert out["data"]["splits"] == [0.5, 0.25, 0.25]
+    assert raw["train"]["lr"] == 1e-3  # the input is not changed
+
+
+def test_set_without_equals_is_an_error() -> None:
+    with pytest.raises(RecipeError, match="FIELD=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def _raw() -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "recipes/digits-vit.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["train.lr=-1"], ["train.lr", "greater than 0", "-1"]),
+        (["train.lrr=1"], ["train.lrr", "unknown field"]),
+        (["train.schedule=linear"], ["train.schedule", "cosine", "'linear'"]),
+        (["data.max_shift=-2"], ["data.max_shift", "-2"]),
+        (["data.source=png"], ["data.source", "digits"]),
+        (["data.splits=[0.5, 0.5, 0.5]"], ["data.splits", "sum to 1"]),
+        (["task=poetry"], ["task", "image", "lm", "'poetry'"]),
+    ],
+)
+def test_bad_field_names_path_value_and_allowed(sets: list[str], expected: list[str]) -> None:
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(apply_overrides(_raw(), sets))
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_missing_recipe_file_names_path(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_needs_steps_or_epochs() -> None:
+    raw = _raw()
+    del raw["train"]["epochs"]
+    with pytest.raises(RecipeError, match="max_steps or train.epochs"):
+        validate_recipe(raw)

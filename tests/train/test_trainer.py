@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from tansuo.errors import TrainingDiverged
+from tansuo.models import create_model
+from tansuo.recipe import validate_recipe
+from tansuo.serve.bundle import load_bundle
+from tansuo.tasks import TASKS
+from tansuo.train.checkpoint import load_checkpoint
+from tansuo.train.device import seed_everything
+from tansuo.train.trainer import Trainer
+from tests.conftest import image_recipe, lm_recipe
+
+
+def make_trainer(raw: dict) -> Trainer:
+    recipe, data = validate_recipe(raw)
+    seed_everything(recipe.seed)
+    task = TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
+    model = create_model(recipe.model.name, **{**task.model_overrides(), **recipe.model.overrides})
+    return Trainer(task, model, recipe.train, seed=recipe.seed, recipe=recipe.model_dump())
+
+
+def test_overfits_a_tiny_image_set(image_npz: Path, tmp_path: Path) -> None:
+    raw = image_recipe(image_npz, tmp_path / "run", max_steps=60, eval_every=20)
+    raw["model"]["name"] = "resnet_test"
+    result = make_trainer(raw).fit()
+    assert result["val"]["accuracy"] == 1.0
+    assert result["test"]["accuracy"] >= 0.9
+    bundle = load_bundle(result["bundle"])
+    assert bundle.metrics["test"]["accuracy"] == result["test"]["accuracy"]
+    log = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert any('"event": "eval"' in line for line in log) and '"event": "end"' in log[-1]
+
+
+def test_lm_loss_falls_and_best_bundle_is_kept(text_file: Path, tmp_path: Path) -> None:
+    raw = lm_recipe(text_file, tmp_path / "run", max_steps=40, eval_every=10)
+    trainer = make_trainer(raw)
+    before = trainer.task.evaluate(trainer.model, "val", 4, trainer.device)["loss"]
+    result = trainer.fit()
+    assert result["val"]["loss"] < 0.75 * before
+    assert result["step"] in (10, 20, 30, 40)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(trainer: Trainer, micro_batches: int) -> None:
+    original = trainer.task.train_batches
+
+    def batches(batch_size: int, start: int):
+        for i, b in enumerate(original(batch_size, start)):
+            if i == micro_batches:
+                raise _Interrupt
+            yield b
+
+    trainer.task.train_batches = batches  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("kind", ["lm", "image"])
+def test_resume_equals_uninterrupted_bit_for_bit(
+    kind: str, text_file: Path, image_npz: Path, tmp_path: Path
+) -> None:
+    def raw(out: Path) -> dict:
+        if kind == "lm":  # dropout 0.1 makes the RNG state matter; grad_accum 2 the micro-batch position
+            return lm_recipe(text_file, out, max_steps=12, eval_every=6, checkpoint_every=3, grad_accum=2)
+        return image_recipe(image_npz, out, max_steps=12, eval_every=6, checkpoint_every=3)
+
+    full = make_trainer(raw(tmp_path / "a"))
+    full.fit()
+
+    interrupted = make_trainer(raw(tmp_path / "b"))
+    _interrupt_after(interrupted, 16 if kind == "lm" else 8)  # stops inside step 9 (lm) / 9 (image)
+    with pytest.raises(_Interrupt):
+        interrupted.fit()
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")["trainer"]["step"] in (6, 3)
+
+    torch.manual_seed(999)  # a fresh process would have different RNG state: resume must restore it
+    resumed = make_trainer(raw(tmp_path / "b"))
+    resumed.fit(resume=True)
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_file: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(lm_recipe(text_file, tmp_path / "run", max_steps=10, checkpoint_every=2))
+    original = trainer.task.loss
+    calls = {"n": 0}
+
+    def loss(model, batch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        value = original(model, batch)
+        return value * float("nan") if calls["n"] == 6 else value
+
+    trainer.task.loss = loss  # type: ignore[method-assign]
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5.*checkpoint") as err:
+        trainer.fit()
+    assert "lower train.lr" in str(err.value).lower()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["trainer"]["step"] == 4
+
+
+def test_early_stopping(image_npz: Path, tmp_path: Path) -> None:
+    raw = image_recipe(
+        image_npz, tmp_path / "run", max_steps=200, eval_every=5, early_stop_patience=2, lr=1e-9
+    )
+    raw["train"]["min_lr"] = 0
+    result = make_trainer(raw).fit()
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert log.count('"event": "eval"') < 40  # stopped long before 200 steps
+    assert result["step"] == 5
