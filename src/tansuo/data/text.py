@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from tansuo.data.tokenizers import atomic_write_text, encode_chars, fsync_dir, is_char_tokenizer
+from tansuo.atomic import atomic_write_text, fsync_dir
+from tansuo.data.tokenizers import encode_chars, is_char_tokenizer
 from tansuo.errors import DataError
 
 logger = logging.getLogger(__name__)
