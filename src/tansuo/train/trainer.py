@@ -148,7 +148,8 @@ class Trainer:
             log.warning(
                 "%s exists and will be overwritten (use --resume to continue it)", self.checkpoint_path
             )
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as self._log:
+        # a resumed run appends to its log; a fresh run starts a new one
+        with open(self.out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") as self._log:
             bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
             with bar:
                 bar.update(self.step, {})
@@ -161,8 +162,10 @@ class Trainer:
         cfg, plan, task = self.cfg, self.plan, self.task
         batches = task.train_batches(cfg.batch_size, start=self.step * cfg.grad_accum)
         self.model.train()
-        window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
+        # throughput counts training steps only: evaluation and checkpoint time is left out
+        window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
         while self.step < plan.total_steps:
+            started = time.perf_counter()
             lr = lr_at(
                 self.step,
                 lr=cfg.lr,
@@ -190,25 +193,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             window_loss += step_loss
+            window_time += time.perf_counter() - started
 
+            window_steps += 1
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
-                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                elapsed = time.perf_counter() - window_start
                 stats = {
-                    "loss": window_loss / n,
+                    "loss": window_loss / window_steps,
                     "lr": lr,
-                    f"{task.unit}_per_s": window_units / max(elapsed, 1e-9),
+                    f"{task.unit}_per_s": window_units / max(window_time, 1e-9),
                 }
                 self._write({"event": "train", "step": self.step, **stats})
                 bar.update(self.step, stats)
-                window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
             else:
                 bar.update(self.step, None)
 
             if self.step % plan.eval_every == 0 or self.step == plan.total_steps:
                 stop = self._evaluate_and_keep()
                 self.save_checkpoint()
-                window_start = time.perf_counter()  # do not count evaluation time as training time
                 if stop:
                     log.info(
                         "early stop at step %d: no improvement in %d evaluations", self.step, self.bad_evals

@@ -1,0 +1,254 @@
+"""Character-level GPT on tiny shakespeare, held against nanoGPT's published CPU figure.
+
+What is measured: ``recipes/shakespeare-char.yaml`` (nanoGPT's CPU configuration: 4 layers, 4 heads, width
+128, context 64, batch 12, 2000 iterations, dropout 0; first 90% of characters train, last 10% validate)
+trained through the library exactly as ``tansuo train recipes/shakespeare-char.yaml --data DIR/input.txt``
+does it.
+
+Printed (and written to ``<out>/bench.json``):
+
+- the best validation loss (mean over the recipe's 200 fixed random windows, as nanoGPT's ``estimate_loss``),
+  against nanoGPT's published figure for this configuration, validation loss about 1.88 (nanoGPT README;
+  ``../shared/data/tiny-shakespeare/SOURCE.md``), with PASS when it is at most target + ``--tolerance``;
+- the wall time of ``Trainer.fit`` (training, evaluations, checkpoints and bundles);
+- the mean training throughput in tokens per second: total training tokens over total training time, from
+  the run folder's ``metrics.jsonl`` "train" events (each covers a window of steps and excludes evaluation);
+- a 200-character sample from the best bundle: prompt "ROMEO:", temperature 0.8, top-k 50, seed 0.
+
+The figure only applies to the full 2000 steps; ``--max-steps`` is for smoke tests.
+
+Run from the repository root::
+
+    .venv/bin/python bench/shakespeare_char.py --data-dir ../shared/data/tiny-shakespeare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "shakespeare-char.yaml"
+TARGET = 1.88  # nanoGPT README, shakespeare_char on a CPU (4 layers, 4 heads, 128 wide, 2000 iterations)
+FULL_STEPS = 2000  # the iterations behind TARGET
+PROMPT = "ROMEO:"
+SAMPLE = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "seed": 0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train recipes/shakespeare-char.yaml on tiny shakespeare and compare the best validation "
+        f"loss with nanoGPT's published {TARGET} (its CPU configuration).",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("../shared/data/tiny-shakespeare"),
+        help="folder holding tiny shakespeare's input.txt (default: %(default)s)",
+    )
+    p.add_argument("--out", default="runs/bench-shakespeare", help="run folder (default: %(default)s)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's, 2000)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda (default: auto)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="PASS when best val loss <= target + tolerance (default: %(default)s, the issue's strict target)",
+    )
+    p.add_argument("--recipe", type=Path, default=RECIPE, help="recipe YAML (default: %(default)s)")
+    p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    args = p.parse_args(argv)
+    if args.max_steps is not None and args.max_steps <= 0:
+        p.error("--max-steps must be positive")
+    return args
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` on stderr and exit with code 2 (bad input the user can fix)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def busy_note(sample_s: float = 0.5) -> tuple[float, str]:
+    """CPUs that other processes keep busy (from /proc/stat; else the load average), and a note."""
+    cpus = os.cpu_count() or 1
+
+    def times() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(sample_s)
+        total1, idle1 = times()
+        busy = cpus * (1 - (idle1 - idle0) / max(1, total1 - total0))
+        note = f"{busy:.1f} of {cpus} CPUs busy before the start"
+    except (OSError, ValueError, IndexError):
+        busy = os.getloadavg()[0]
+        note = f"load average {busy:.1f} on {cpus} CPUs"
+    if busy > 0.25:
+        note += " (other processes are running: CPU timings will be low and noisy)"
+    return busy, note
+
+
+def metrics_offset(path: Path) -> int:
+    """Size of an existing metrics log: the trainer appends, so only what follows belongs to this run."""
+    return path.stat().st_size if path.is_file() else 0
+
+
+def train_throughput(metrics_path: Path, offset: int, tokens_per_step: int) -> tuple[int, float]:
+    """Total training tokens and training seconds from the "train" events written after ``offset``.
+
+    Each event reports ``tokens_per_s`` over the steps since the previous one (evaluation excluded), so its
+    window took ``tokens / tokens_per_s`` seconds.
+    """
+    with open(metrics_path, encoding="utf-8") as f:
+        f.seek(offset)
+        events = [json.loads(line) for line in f if line.strip()]
+    tokens, seconds, prev_step = 0, 0.0, 0  # a fresh run starts at step 0
+    for e in events:
+        if e.get("event") != "train":
+            continue
+        n = tokens_per_step * (e["step"] - prev_step)
+        prev_step = e["step"]
+        if e.get("tokens_per_s", 0) > 0:
+            tokens += n
+            seconds += n / e["tokens_per_s"]
+    return tokens, seconds
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tansuo.models import create_model
+    from tansuo.recipe import load_recipe
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.tasks import TASKS
+    from tansuo.train.device import seed_everything
+    from tansuo.train.trainer import Trainer
+
+    data_file = args.data_dir / "input.txt"
+    if not data_file.is_file():
+        fail(
+            f"{data_file} not found; pass --data-dir to the folder holding tiny shakespeare's input.txt "
+            "(github.com/karpathy/char-rnn, data/tinyshakespeare/input.txt)"
+        )
+
+    # The same sequence as `tansuo train RECIPE --data FILE --out OUT [--set train.max_steps=N] --device D`.
+    sets = [
+        f"data.path={json.dumps(str(data_file))}",
+        f"train.out_dir={json.dumps(args.out)}",
+        f"train.device={args.device}",
+    ]
+    if args.max_steps is not None:
+        sets.append(f"train.max_steps={args.max_steps}")
+    rec, data_cfg = load_recipe(args.recipe, sets)
+
+    seed_everything(rec.seed)
+    out_dir = Path(rec.train.out_dir)
+    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, out_dir / "data")
+    model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
+    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=args.progress)
+    busy, note = busy_note()
+    print(
+        f"torch {torch.__version__} · {torch.get_num_threads()} threads · device {trainer.device} · {note}\n"
+        f"{rec.model.name}: {model.num_params():,} parameters · {trainer.plan.total_steps} steps of batch "
+        f"{rec.train.batch_size} x {data_cfg.block_size} tokens · evaluate every {trainer.plan.eval_every} "
+        f"· run folder {out_dir}",
+        flush=True,
+    )
+
+    metrics_path = out_dir / "metrics.jsonl"
+    offset = metrics_offset(metrics_path)
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+
+    tokens_per_step = rec.train.batch_size * rec.train.grad_accum * data_cfg.block_size
+    tokens, train_seconds = train_throughput(metrics_path, offset, tokens_per_step)
+
+    bundle = load_bundle(result["bundle"], device=trainer.device)
+    sample = bundle.task.generate(bundle.model, PROMPT, device=trainer.device, **SAMPLE)
+
+    best = float(result["val"]["loss"])
+    limit = TARGET + args.tolerance
+    return {
+        "benchmark": "shakespeare_char",
+        "recipe": str(args.recipe),
+        "data": str(data_file),
+        "out_dir": str(out_dir),
+        "model": rec.model.name,
+        "num_params": model.num_params(),
+        "steps": trainer.plan.total_steps,
+        "batch_size": rec.train.batch_size,
+        "block_size": data_cfg.block_size,
+        "device": str(trainer.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus_busy_at_start": busy,
+        "best_val_loss": best,
+        "best_step": result.get("step"),
+        "target_val_loss": TARGET,
+        "tolerance": args.tolerance,
+        "passed": best <= limit,
+        "full_length": trainer.plan.total_steps >= FULL_STEPS,
+        "wall_time_s": wall,
+        "train_time_s": train_seconds,
+        "train_tokens": tokens,
+        "tokens_per_s": tokens / train_seconds if train_seconds > 0 else None,
+        "sample_prompt": PROMPT,
+        "sample_settings": SAMPLE,
+        "sample": sample,
+    }
+
+
+def report(r: dict[str, Any]) -> None:
+    verdict = "PASS" if r["passed"] else "FAIL"
+    note = "" if r["full_length"] else f"  (only {r['steps']} steps: the target is for {FULL_STEPS})"
+    tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+    print()
+    print(f"best val loss      {r['best_val_loss']:.4f}  (step {r['best_step']})")
+    limit = r["target_val_loss"] + r["tolerance"]
+    print(f"nanoGPT target     {r['target_val_loss']:.2f}  (pass at <= {limit:.2f})")
+    print(f"result             {verdict}{note}")
+    print(f"wall time          {r['wall_time_s']:.1f} s  (Trainer.fit, with evaluation and checkpoints)")
+    print(f"training time      {r['train_time_s']:.1f} s  ({r['train_tokens']:,} tokens)")
+    print(f"mean tokens/s      {tps}")
+    s = r["sample_settings"]
+    print(
+        f"sample             prompt {r['sample_prompt']!r}, {s['max_new_tokens']} characters, "
+        f"temperature {s['temperature']}, top-k {s['top_k']}, seed {s['seed']}:"
+    )
+    print("-" * 72)
+    print(r["sample"])
+    print("-" * 72)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tansuo").setLevel(logging.INFO)
+    from tansuo.atomic import atomic_write_json
+    from tansuo.errors import TansuoError
+
+    try:
+        r = run(args)
+    except TansuoError as e:
+        fail(str(e))
+    report(r)
+    path = Path(r["out_dir"]) / "bench.json"
+    atomic_write_json(path, r)
+    print(f"figures written to {path}")
+
+
+if __name__ == "__main__":
+    main()

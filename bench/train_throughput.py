@@ -1,0 +1,346 @@
+"""GPT training throughput (tokens per second) and model FLOP utilisation (MFU), against a matmul peak.
+
+What is measured: full training steps done the way ``tansuo.train.trainer.Trainer`` does them (batch moved
+to the device, forward under the trainer's autocast, cross-entropy loss as the ``lm`` task computes it,
+``loss.item()``, backward, global gradient-norm clipping at 1.0, AdamW from
+``tansuo.train.optim.build_optimizer`` with the learning rate set per step, ``zero_grad(set_to_none=True)``)
+on random token batches, for two GPT sizes built with ``tansuo.models.create_model``:
+
+- ``small``: ``gpt_char_small``, 4 layers, 4 heads, width 128, context 64, batch 12, vocabulary 65 (nanoGPT's
+  shakespeare_char CPU configuration);
+- ``medium``: ``gpt_mini``, 6 layers, 6 heads, width 384, context 256, batch 12, vocabulary 65 (nanoGPT's
+  shakespeare_char GPU configuration); on a CPU the default batch is 4 so that a run stays short.
+
+Dropout is 0 for both. The first ``--warmup`` steps are run and not timed; ms/step is the mean of the next
+``--steps`` (median, min and max go to ``--json``).
+
+FLOPs per token for forward + backward: ``6 * N + 12 * L * T * C`` (Chowdhery et al. 2022, "PaLM", appendix
+B; nanoGPT's ``estimate_mfu``), with N the non-embedding parameters (``model.num_params(
+exclude_embeddings=True)``: token and position embeddings left out, and with them the tied LM head's
+``6 * V * C``, under 1% here), L layers, T the context length and C the width. Achieved FLOP/s = FLOPs per
+token x tokens per second.
+
+Against what: MFU divides the achieved FLOP/s by a matmul peak measured in the same process on the same device
+at the current thread count: the best of several repetitions of square ``torch.mm`` (2 n^3 FLOPs each), in
+fp32 on a CPU (where training runs in fp32) and in bf16 on CUDA (where training runs under bf16 autocast).
+MFU is therefore relative to what this machine's matmul achieves, not to a vendor's datasheet figure.
+
+Run from the repository root::
+
+    .venv/bin/python bench/train_throughput.py [--steps 20] [--warmup 3] [--configs small,medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One model size to measure."""
+
+    preset: str  # a registered model name
+    num_layers: int
+    num_heads: int
+    embed_dim: int
+    context: int
+    batch_size: int  # on CUDA
+    cpu_batch_size: int  # default on a CPU, where a step of the full batch takes seconds
+    vocab_size: int = 65
+
+
+CONFIGS = {
+    "small": BenchConfig("gpt_char_small", 4, 4, 128, 64, batch_size=12, cpu_batch_size=12),
+    "medium": BenchConfig("gpt_mini", 6, 6, 384, 256, batch_size=12, cpu_batch_size=4),
+}
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` on stderr and exit with code 2 (bad input the user can fix)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def busy_note(sample_s: float = 0.5) -> tuple[float, str]:
+    """CPUs that other processes keep busy (from /proc/stat; else the load average), and a note."""
+    cpus = os.cpu_count() or 1
+
+    def times() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(sample_s)
+        total1, idle1 = times()
+        busy = cpus * (1 - (idle1 - idle0) / max(1, total1 - total0))
+        note = f"{busy:.1f} of {cpus} CPUs busy before the start"
+    except (OSError, ValueError, IndexError):
+        busy = os.getloadavg()[0]
+        note = f"load average {busy:.1f} on {cpus} CPUs"
+    if busy > 0.25:
+        note += " (other processes are running: CPU timings will be low and noisy)"
+    return busy, note
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Measure GPT training throughput (tokens/s) and MFU against a matmul peak measured "
+        "in the same run. FLOPs per token = 6*N + 12*L*T*C (PaLM appendix B; nanoGPT estimate_mfu).",
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per config (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda (default: auto)")
+    p.add_argument(
+        "--configs", default="small,medium", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch for every config (default: 12; on a CPU 12 for small and 4 for medium)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (default: as is)")
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="n of the n x n matmul peak (default: 1024 on a CPU, 8192 on CUDA)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "matmul_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.warmup < 0:
+        p.error("--warmup must be zero or more")
+    args.config_names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in args.config_names if c not in CONFIGS]
+    if unknown or not args.config_names:
+        p.error(
+            f"--configs: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}"
+        )
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of ``n x n`` matmuls (fp32 on a CPU, bf16 on CUDA) over ``repeats`` timed rounds."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3
+    torch.mm(a, b, out=out)  # warm-up: kernel selection, thread pool start
+    sync(device)
+    start = time.perf_counter()
+    torch.mm(a, b, out=out)
+    sync(device)
+    one = max(time.perf_counter() - start, 1e-9)
+    inner = max(1, min(200, int(0.25 / one)))  # about a quarter of a second per round
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = max(best, inner * flops / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(model: nn.Module, cfg: BenchConfig) -> int:
+    """Forward + backward FLOPs per token: 6 N + 12 L T C, N the non-embedding parameters."""
+    n = model.num_params(exclude_embeddings=True)
+    return 6 * n + 12 * cfg.num_layers * cfg.context * cfg.embed_dim
+
+
+def measure(
+    name: str, cfg: BenchConfig, batch_size: int, steps: int, warmup: int, device: torch.device
+) -> dict[str, Any]:
+    """Time ``warmup + steps`` training steps of one config; returns its figures."""
+    from tansuo.models import create_model
+    from tansuo.train.device import autocast
+    from tansuo.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = create_model(
+        cfg.preset,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.context,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        embed_dim=cfg.embed_dim,
+        dropout=0.0,
+    ).to(device)
+    model.train()
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, cfg.vocab_size, (batch_size, cfg.context + 1), generator=g)
+        for _ in range(min(warmup + steps, 8))
+    ]  # on the CPU, as the task yields them; cycled
+
+    def step(i: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+        tokens = batches[i % len(batches)]
+        x = tokens[:, :-1].to(device, non_blocking=True)  # (B, T)
+        y = tokens[:, 1:].to(device, non_blocking=True)  # (B, T)
+        with autocast(device):
+            logits = model(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        value = loss.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        step(i)
+        sync(device)
+        times.append(time.perf_counter() - start)
+
+    tokens_per_step = batch_size * cfg.context
+    mean_s = sum(times) / len(times)
+    tokens_per_s = tokens_per_step / mean_s
+    fpt = flops_per_token(model, cfg)
+    result = {
+        "config": name,
+        "model": cfg.preset,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "embed_dim": cfg.embed_dim,
+        "vocab_size": cfg.vocab_size,
+        "params": model.num_params(),
+        "non_embedding_params": model.num_params(exclude_embeddings=True),
+        "batch_size": batch_size,
+        "context": cfg.context,
+        "tokens_per_step": tokens_per_step,
+        "steps": steps,
+        "warmup": warmup,
+        "ms_per_step": 1000 * mean_s,
+        "ms_per_step_median": 1000 * statistics.median(times),
+        "ms_per_step_min": 1000 * min(times),
+        "ms_per_step_max": 1000 * max(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": fpt,
+        "achieved_flops": fpt * tokens_per_s,
+    }
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def print_table(rows: list[dict[str, Any]], peak: float) -> None:
+    head = ["config", "params", "batch", "context", "ms/step", "tokens/s", "GFLOP/s", "peak GFLOP/s", "MFU %"]
+    body = [
+        [
+            r["config"],
+            f"{r['params'] / 1e6:.2f}M",
+            str(r["batch_size"]),
+            str(r["context"]),
+            f"{r['ms_per_step']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['achieved_flops'] / 1e9:,.1f}",
+            f"{peak / 1e9:,.1f}",
+            f"{100 * r['mfu']:.1f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line(head))
+    print("  ".join("-" * w for w in widths))
+    for b in body:
+        print(line(b))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from tansuo.errors import TansuoError
+    from tansuo.train.device import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except TansuoError as e:
+        fail(str(e))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    n = args.matmul_size or (8192 if cuda else 1024)
+    dtype = "bf16" if cuda else "fp32"
+    where = torch.cuda.get_device_name(device) if cuda else "cpu"
+    busy, note = busy_note()
+    print(
+        f"torch {torch.__version__} · {torch.get_num_threads()} threads · device {device} ({where}) · {note}"
+    )
+    print(
+        f"training in {'bf16 autocast' if cuda else 'fp32'}; "
+        f"{args.warmup} warm-up + {args.steps} timed steps per config"
+    )
+
+    peak = matmul_peak(device, n)
+    print(f"matmul peak ({dtype}, {n}x{n}, best of 5): {peak / 1e9:,.1f} GFLOP/s\n", flush=True)
+
+    rows = []
+    for name in args.config_names:
+        cfg = CONFIGS[name]
+        batch = args.batch_size or (cfg.batch_size if cuda else cfg.cpu_batch_size)
+        r = measure(name, cfg, batch, args.steps, args.warmup, device)
+        r["mfu"] = r["achieved_flops"] / peak
+        rows.append(r)
+    print_table(rows, peak)
+
+    if args.json is not None:
+        figures = {
+            "benchmark": "train_throughput",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus_busy_at_start": busy,
+            "device": str(device),
+            "device_name": where,
+            "train_precision": "bf16 autocast" if cuda else "fp32",
+            "flops_per_token_formula": "6*N + 12*L*T*C, N = non-embedding parameters",
+            "matmul_peak": {"dtype": dtype, "n": n, "flops_per_s": peak},
+            "configs": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        print(f"\nfigures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
