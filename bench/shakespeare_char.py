@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tolerance",
         type=float,
         default=0.0,
-        help="PASS when best val loss <= target + tolerance (default: %(default)s, the issue's strict target)",
+        help="PASS when best val loss <= target + tolerance (default: %(default)s, strict)",
     )
     p.add_argument("--recipe", type=Path, default=RECIPE, help="recipe YAML (default: %(default)s)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
