@@ -67,6 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--recipe", type=Path, default=RECIPE, help="recipe YAML (default: %(default)s)")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a recipe field, as with `tansuo train --set` (repeatable); e.g. nanoGPT's own blocks: "
+        "--set model.overrides.positions=learned --set model.overrides.mlp=gelu "
+        "--set model.overrides.norm=layernorm",
+    )
     args = p.parse_args(argv)
     if args.max_steps is not None and args.max_steps <= 0:
         p.error("--max-steps must be positive")
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.max_steps is not None:
         sets.append(f"train.max_steps={args.max_steps}")
-    rec, data_cfg = load_recipe(args.recipe, sets)
+    rec, data_cfg = load_recipe(args.recipe, sets + args.sets)
 
     seed_everything(rec.seed)
     out_dir = Path(rec.train.out_dir)

@@ -194,7 +194,6 @@ class Trainer:
             self.step += 1
             window_loss += step_loss
             window_time += time.perf_counter() - started
-
             window_steps += 1
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 stats = {
