@@ -70,6 +70,9 @@ class TrainConfig(_Strict):
     best_mode: Literal["min", "max"] | None = None
     early_stop_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = never")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int = Field(
+        0, ge=0, description="CPU threads for torch; 0 keeps torch's default. Small models train faster on 1"
+    )
     compile: bool = False
 
     @model_validator(mode="after")

@@ -1,9 +1,10 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tansuo.errors import TrainingDiverged
+from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
 from tansuo.serve.bundle import load_bundle
@@ -112,3 +113,22 @@ def test_early_stopping(image_npz: Path, tmp_path: Path) -> None:
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert log.count('"event": "eval"') < 40  # stopped long before 200 steps
     assert result["step"] == 5
+
+
+def test_threads_setting_applies(image_npz: Path, tmp_path: Path) -> None:
+    make_trainer(image_recipe(image_npz, tmp_path / "run", threads=1))
+    assert torch.get_num_threads() == 1
+
+
+def test_best_metric_direction_follows_its_name(image_npz: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(image_recipe(image_npz, tmp_path / "run", best_metric="loss"))
+    assert trainer.mode == "min"
+    assert make_trainer(image_recipe(image_npz, tmp_path / "r2")).mode == "max"  # accuracy
+    result = trainer.fit()
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open() if '"eval"' in line]
+    assert result["val"]["loss"] == min(e["loss"] for e in evals)
+
+
+def test_unknown_best_metric_is_a_recipe_error(image_npz: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="best_metric 'f2'"):
+        make_trainer(image_recipe(image_npz, tmp_path / "run", best_metric="f2", max_steps=2)).fit()

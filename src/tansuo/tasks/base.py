@@ -29,9 +29,8 @@ class Task(Protocol):
     name: ClassVar[str]
     #: pydantic model that validates the recipe's ``data:`` section
     DataConfig: ClassVar[type[BaseModel]]
-    #: metric that picks the best bundle unless the recipe says otherwise, and whether lower is better
+    #: metric that picks the best bundle unless the recipe says otherwise (losses go down, others up)
     default_metric: ClassVar[str]
-    default_mode: ClassVar[str]
     #: what ``count`` counts, for throughput ("tokens" or "samples")
     unit: ClassVar[str]
     #: the split ``tansuo eval`` uses: data the model never trained or was selected on when one exists

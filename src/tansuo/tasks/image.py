@@ -86,7 +86,6 @@ class ImageTask:
     name: ClassVar[str] = "image"
     DataConfig: ClassVar[type[BaseModel]] = ImageDataConfig
     default_metric: ClassVar[str] = "accuracy"
-    default_mode: ClassVar[str] = "max"
     unit: ClassVar[str] = "samples"
     heldout_split: ClassVar[str] = "test"
 

@@ -66,7 +66,6 @@ class LMTask:
     name: ClassVar[str] = "lm"
     DataConfig: ClassVar[type[BaseModel]] = LMDataConfig
     default_metric: ClassVar[str] = "loss"
-    default_mode: ClassVar[str] = "min"
     unit: ClassVar[str] = "tokens"
     heldout_split: ClassVar[str] = "val"
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tansuo.errors import TrainingDiverged
+from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.recipe import TrainConfig
 from tansuo.serve.bundle import save_bundle, update_bundle_metrics
 from tansuo.tasks.base import Batch, Task
@@ -59,6 +59,11 @@ def make_plan(cfg: TrainConfig, task: Task) -> Plan:
     return Plan(total, min(eval_every, total), cfg.checkpoint_every or eval_every, steps_per_epoch)
 
 
+def metric_mode(metric: str) -> str:
+    """Whether lower ("min") or higher ("max") is better: losses and perplexity go down, the rest up."""
+    return "min" if metric.endswith("loss") or metric == "perplexity" else "max"
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -87,12 +92,15 @@ class Trainer:
     ) -> None:
         self.task, self.cfg, self.seed, self.recipe, self.progress = task, cfg, seed, recipe, progress
         self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            # tiny matmuls pay more for waking a second thread than they gain from it
+            torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)
         self.step_model = torch.compile(model) if cfg.compile else model
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
         self.plan = make_plan(cfg, task)
         self.metric = cfg.best_metric or task.default_metric
-        self.mode = cfg.best_mode or task.default_mode
+        self.mode = cfg.best_mode or metric_mode(self.metric)
         self.out = Path(cfg.out_dir)
         self.checkpoint_path = self.out / "checkpoint.safetensors"
         self.bundle_path = self.out / "bundle"
@@ -225,7 +233,7 @@ class Trainer:
         self.model.train()
         self._write({"event": "eval", "step": self.step, "split": "val", **metrics})
         if self.metric not in metrics:
-            raise ValueError(
+            raise RecipeError(
                 f"train.best_metric {self.metric!r} is not computed; choose from {sorted(metrics)}"
             )
         value = metrics[self.metric]
