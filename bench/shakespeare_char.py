@@ -7,7 +7,7 @@ does it.
 
 Printed (and written to ``<out>/bench.json``):
 
-- the best validation loss (mean over the recipe's 200 fixed random windows, as nanoGPT's ``estimate_loss``),
+- the best validation loss (mean over the recipe's 2,400 fixed random windows, as nanoGPT's estimate_loss),
   against nanoGPT's published figure for this configuration, validation loss about 1.88 (nanoGPT README;
   ``../shared/data/tiny-shakespeare/SOURCE.md``), with PASS when it is at most target + ``--tolerance``;
 - the wall time of ``Trainer.fit`` (training, evaluations, checkpoints and bundles);

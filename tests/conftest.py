@@ -67,7 +67,7 @@ def lm_recipe(text: Path, out: Path, **train: object) -> dict:
     return {
         "task": "lm",
         "seed": 3,
-        "data": {"path": str(text), "block_size": 16, "eval_batches": 4},
+        "data": {"path": str(text), "block_size": 16, "eval_windows": 16},
         "model": {"name": "gpt_test", "overrides": {"dropout": 0.1}},
         "train": {"out_dir": str(out), "max_steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 2, **train},
     }

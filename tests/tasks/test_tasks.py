@@ -56,3 +56,11 @@ def test_lm_split_is_first_90_percent(tmp_path: Path, text_file: Path) -> None:
     n = len(train) + len(val)
     assert len(train) == int(0.9 * n)
     assert task.model_overrides() == {"vocab_size": task.tokenizer.get_vocab_size(), "max_seq_len": 16}
+
+
+def test_lm_evaluation_does_not_depend_on_batch_size(tmp_path: Path, text_file: Path) -> None:
+    task = _task(lm_recipe(text_file, tmp_path))
+    model = create_model("gpt_test", **task.model_overrides())
+    a = task.evaluate(model, "val", 4, torch.device("cpu"))["loss"]
+    b = task.evaluate(model, "val", 7, torch.device("cpu"))["loss"]
+    assert a == pytest.approx(b, rel=1e-5)

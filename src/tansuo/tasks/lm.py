@@ -2,8 +2,9 @@
 
 The corpus is encoded once into a memory-mapped token file (so a corpus of gigabytes never becomes gigabytes
 of Python objects); the first ``train_fraction`` of tokens trains, the rest validates. Training batches are
-random windows of ``block_size`` tokens; validation loss is the mean over ``eval_batches`` random windows
-drawn with a fixed seed, so every evaluation sees the same windows (nanoGPT's ``estimate_loss``).
+random windows of ``block_size`` tokens; validation loss is the mean over ``eval_windows`` random windows
+drawn with a fixed seed, so every evaluation (and ``tansuo eval`` later, at any batch size) sees the same
+windows. nanoGPT's ``estimate_loss`` averages 200 batches of 12 such windows.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class LMDataConfig(BaseModel):
     vocab_size: int = Field(4096, ge=256, description="target vocabulary size for bpe (>= 256 bytes)")
     block_size: int = Field(64, gt=0, description="context length; sets the model's max_seq_len")
     train_fraction: float = Field(0.9, gt=0, lt=1, description="leading share of tokens used for training")
-    eval_batches: int = Field(200, gt=0, description="random windows per evaluation (nanoGPT eval_iters)")
+    eval_windows: int = Field(2400, gt=0, description="random windows per evaluation (nanoGPT: 200 x 12)")
 
 
 def _mix(seed: int, n: int) -> int:
@@ -159,11 +160,12 @@ class LMTask:
         tokens = self._split(split)
         model.eval()
         g = torch.Generator().manual_seed(_mix(0, 10**9 + (split == "val")))
+        x, y = lm_batch(tokens, self.data.eval_windows, self.data.block_size, g)  # (N, T) each
         total = 0.0
-        for _ in range(self.data.eval_batches):
-            x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
-            total += self.loss(model, {"x": x.to(device), "y": y.to(device)}).item()
-        loss = total / self.data.eval_batches
+        for i in range(0, len(x), batch_size):
+            chunk = {"x": x[i : i + batch_size].to(device), "y": y[i : i + batch_size].to(device)}
+            total += self.loss(model, chunk).item() * len(chunk["x"])
+        loss = total / len(x)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def save(self, bundle_dir: Path) -> None:
