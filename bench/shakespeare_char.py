@@ -112,19 +112,13 @@ def busy_note(sample_s: float = 0.5) -> tuple[float, str]:
     return busy, note
 
 
-def metrics_offset(path: Path) -> int:
-    """Size of an existing metrics log: the trainer appends, so only what follows belongs to this run."""
-    return path.stat().st_size if path.is_file() else 0
-
-
-def train_throughput(metrics_path: Path, offset: int, tokens_per_step: int) -> tuple[int, float]:
-    """Total training tokens and training seconds from the "train" events written after ``offset``.
+def train_throughput(metrics_path: Path, tokens_per_step: int) -> tuple[int, float]:
+    """Total training tokens and training seconds from the "train" events of a fresh run's metrics log.
 
     Each event reports ``tokens_per_s`` over the steps since the previous one (evaluation excluded), so its
     window took ``tokens / tokens_per_s`` seconds.
     """
     with open(metrics_path, encoding="utf-8") as f:
-        f.seek(offset)
         events = [json.loads(line) for line in f if line.strip()]
     tokens, seconds, prev_step = 0, 0.0, 0  # a fresh run starts at step 0
     for e in events:
@@ -177,14 +171,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
-    metrics_path = out_dir / "metrics.jsonl"
-    offset = metrics_offset(metrics_path)
+    metrics_path = out_dir / "metrics.jsonl"  # a fresh run starts a new log
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
 
     tokens_per_step = rec.train.batch_size * rec.train.grad_accum * data_cfg.block_size
-    tokens, train_seconds = train_throughput(metrics_path, offset, tokens_per_step)
+    tokens, train_seconds = train_throughput(metrics_path, tokens_per_step)
 
     bundle = load_bundle(result["bundle"], device=trainer.device)
     sample = bundle.task.generate(bundle.model, PROMPT, device=trainer.device, **SAMPLE)
