@@ -105,7 +105,16 @@ def train(
         f"device {trainer.device} · {trainer.plan.total_steps} steps"
         f" · evaluate every {trainer.plan.eval_every}"
     )
-    result = trainer.fit(resume=resume)
+    try:
+        result = trainer.fit(resume=resume)
+    except KeyboardInterrupt:
+        saved = trainer.checkpoint_path
+        where = f"the last checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
+        err_console.print(
+            f"interrupted at step {trainer.step}; {where}. Continue with the same command plus --resume",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     console.print(_metrics_table(f"best at step {result.get('step')}", result))
     held = result.get(task.heldout_split, {})
     headline = held.get(task.default_metric)
@@ -225,9 +234,6 @@ def main() -> None:
     except TansuoError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; resume with the same command plus --resume")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

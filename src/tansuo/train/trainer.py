@@ -158,7 +158,7 @@ class Trainer:
             )
         # a resumed run appends to its log; a fresh run starts a new one
         with open(self.out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") as self._log:
-            bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
+            self._bar = bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
             with bar:
                 bar.update(self.step, {})
                 self._loop(bar)
@@ -238,9 +238,16 @@ class Trainer:
             )
         value = metrics[self.metric]
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        log.info("step %d: val %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        # with a progress bar the best value shows in the bar; every evaluation is in metrics.jsonl
+        log.log(
+            logging.DEBUG if self.progress else logging.INFO,
+            "step %d: val %s",
+            self.step,
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        )
         if better:
             self.best, self.best_step, self.bad_evals = value, self.step, 0
+            self._bar.best(f"best val {self.metric} {value:.4f} @ {self.step}")
             save_bundle(
                 self.bundle_path, self.model, self.task, {"step": self.step, "val": metrics}, self.recipe
             )
@@ -295,9 +302,10 @@ class _Progress:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("{task.fields[speed]}"),
+                TextColumn("{task.fields[best]}"),
                 TimeRemainingColumn(),
             )
-            self.id = self.bar.add_task("train", total=total, loss="-", speed="")
+            self.id = self.bar.add_task("train", total=total, loss="-", speed="", best="")
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -307,6 +315,10 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.bar.__exit__(*exc)
+
+    def best(self, text: str) -> None:
+        if self.enabled:
+            self.bar.update(self.id, best=text)
 
     def update(self, step: int, stats: dict[str, float] | None) -> None:
         if not self.enabled:
