@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import busy_note, fail
 from torch import nn
 
 
@@ -65,35 +64,6 @@ CONFIGS = {
     "small": BenchConfig("gpt_char_small", 4, 4, 128, 64, batch_size=12, cpu_batch_size=12),
     "medium": BenchConfig("gpt_mini", 6, 6, 384, 256, batch_size=12, cpu_batch_size=4),
 }
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``message`` on stderr and exit with code 2 (bad input the user can fix)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def busy_note(sample_s: float = 0.5) -> tuple[float, str]:
-    """CPUs that other processes keep busy (from /proc/stat; else the load average), and a note."""
-    cpus = os.cpu_count() or 1
-
-    def times() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = times()
-        time.sleep(sample_s)
-        total1, idle1 = times()
-        busy = cpus * (1 - (idle1 - idle0) / max(1, total1 - total0))
-        note = f"{busy:.1f} of {cpus} CPUs busy before the start"
-    except (OSError, ValueError, IndexError):
-        busy = os.getloadavg()[0]
-        note = f"load average {busy:.1f} on {cpus} CPUs"
-    if busy > 0.25:
-        note += " (other processes are running: CPU timings will be low and noisy)"
-    return busy, note
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

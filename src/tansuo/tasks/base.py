@@ -22,6 +22,11 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+def batch_seed(seed: int, n: int, salt: int = 0) -> int:
+    """A seed for micro-batch ``n`` of a run: distinct for every (seed, n, salt), stable across platforms."""
+    return (seed * 1_000_003 + n * 7_919 + salt) % (2**63 - 1)
+
+
 @runtime_checkable
 class Task(Protocol):
     """What every task provides. See ``tasks/lm.py`` and ``tasks/image.py`` for the two implementations."""

@@ -30,7 +30,7 @@ from tansuo.data import (
     split_indices,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import Batch
+from tansuo.tasks.base import Batch, batch_seed
 
 SPLITS = ("train", "val", "test")
 
@@ -55,10 +55,6 @@ class ImageDataConfig(BaseModel):
         if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
         return v
-
-
-def _mix(seed: int, n: int, salt: int) -> int:
-    return (seed * 1_000_003 + n * 7_919 + salt) % (2**63 - 1)
 
 
 def load_arrays(data: ImageDataConfig) -> ImageArrays:
@@ -168,12 +164,12 @@ class ImageTask:
             if e != epoch:
                 epoch = e
                 perm = torch.randperm(
-                    len(labels), generator=torch.Generator().manual_seed(_mix(self.seed, e, 1))
+                    len(labels), generator=torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
                 )
             idx = perm[k * batch_size : (k + 1) * batch_size]
             x = images[idx]
             if self.data.max_shift:
-                g = torch.Generator().manual_seed(_mix(self.seed, n, 2))
+                g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=2))
                 x = random_shift(x, self.data.max_shift, g)
             yield {"x": self.normalize(x), "y": labels[idx]}
 

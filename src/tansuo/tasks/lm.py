@@ -38,7 +38,7 @@ from tansuo.data import (
     train_char_tokenizer,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import Batch
+from tansuo.tasks.base import Batch, batch_seed
 
 DATA_HINT = "pass --data PATH to a UTF-8 plain-text file (e.g. tiny shakespeare's input.txt)"
 
@@ -54,11 +54,6 @@ class LMDataConfig(BaseModel):
     block_size: int = Field(64, gt=0, description="context length; sets the model's max_seq_len")
     train_fraction: float = Field(0.9, gt=0, lt=1, description="leading share of tokens used for training")
     eval_windows: int = Field(2400, gt=0, description="random windows per evaluation (nanoGPT: 200 x 12)")
-
-
-def _mix(seed: int, n: int) -> int:
-    """A per-batch seed: distinct for every (seed, n), stable across runs and platforms."""
-    return (seed * 1_000_003 + n * 7_919 + 12_345) % (2**63 - 1)
 
 
 class LMTask:
@@ -142,7 +137,7 @@ class LMTask:
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
         tokens = self._split("train")
         for n in count(start):
-            g = torch.Generator().manual_seed(_mix(self.seed, n))
+            g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=12_345))
             x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
             yield {"x": x, "y": y}
 
@@ -159,7 +154,7 @@ class LMTask:
     ) -> dict[str, float]:
         tokens = self._split(split)
         model.eval()
-        g = torch.Generator().manual_seed(_mix(0, 10**9 + (split == "val")))
+        g = torch.Generator().manual_seed(batch_seed(0, 10**9 + (split == "val"), salt=12_345))
         x, y = lm_batch(tokens, self.data.eval_windows, self.data.block_size, g)  # (N, T) each
         total = 0.0
         for i in range(0, len(x), batch_size):
