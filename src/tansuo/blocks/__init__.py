@@ -2,7 +2,7 @@
 
 from tansuo.blocks.attention import KVCache, MultiHeadAttention, attention_mask
 from tansuo.blocks.feed_forward import FeedForward, SwiGLU
-from tansuo.blocks.layers import TransformerLayer, TransformerStack
+from tansuo.blocks.layers import PostNormLayer, TransformerLayer, TransformerStack
 from tansuo.blocks.norms import NORM_KINDS, RMSNorm, build_norm
 from tansuo.blocks.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
@@ -12,6 +12,7 @@ __all__ = [
     "KVCache",
     "LearnedPositions",
     "MultiHeadAttention",
+    "PostNormLayer",
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",

@@ -3,9 +3,9 @@
 ``TransformerLayer`` is the pre-norm residual layer of GPT-2 (Radford et al. 2019) and ViT (Dosovitskiy et
 al. 2021); Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture", explain why it
 trains without warm-up tricks. It takes ready-made modules (torchtune's ``TransformerSelfAttentionLayer``
-style): which attention, feed-forward and norm it uses is decided by whoever builds it. A post-norm layer
-(BERT) would be another module with the same ``forward`` signature, usable in the same
-``TransformerStack``.
+style): which attention, feed-forward and norm it uses is decided by whoever builds it. ``PostNormLayer`` is
+the post-norm layer of the original Transformer (Vaswani et al. 2017) and BERT (Devlin et al. 2019), with the
+same ``forward`` signature, usable in the same ``TransformerStack`` (without a final norm).
 
 Shapes: B batch, T sequence length, S memory length, C embedding width.
 """
@@ -87,6 +87,56 @@ class TransformerLayer(nn.Module):
         elif memory is not None:
             raise ValueError("memory was passed to a layer without cross-attention")
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class PostNormLayer(nn.Module):
+    """Post-norm layer (BERT): each branch's output is added to the residual, then normalised.
+
+    ``x = attn_norm(x + drop(attn(x)))``, then ``x = mlp_norm(x + drop(mlp(x)))``, as in Hugging Face's
+    ``BertSelfOutput`` and ``BertOutput``. Its output is already normalised, so a stack of these layers takes
+    no final norm.
+
+    Args:
+        attn: Self-attention, called as ``attn(x, causal=..., key_padding_mask=..., cache=...)``.
+        mlp: Position-wise feed-forward network.
+        attn_norm: Norm after the attention residual.
+        mlp_norm: Norm after the feed-forward residual.
+        dropout: Residual dropout on each branch's output.
+    """
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        mlp: nn.Module,
+        attn_norm: nn.Module,
+        mlp_norm: nn.Module,
+        *,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.attn = attn
+        self.attn_norm = attn_norm
+        self.mlp = mlp
+        self.mlp_norm = mlp_norm
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        memory: torch.Tensor | None = None,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Runs the layer; arguments as in :meth:`TransformerLayer.forward`. It has no cross-attention, so
+        ``memory`` and ``memory_mask`` must be None."""
+        if memory is not None or memory_mask is not None:
+            raise ValueError("memory was passed to a post-norm layer, which has no cross-attention")
+        h = self.attn(x, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        x = self.attn_norm(x + self.dropout(h))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
 class TransformerStack(nn.Module):
