@@ -1,4 +1,4 @@
-"""Data: tokenizers, text token files, image arrays, seeded splits and augmentation. No task logic."""
+"""Data: tokenizers, token files, labelled text, image arrays, seeded splits, augmentation. No task logic."""
 
 from tansuo.data.images import (
     ImageArrays,
@@ -22,23 +22,30 @@ from tansuo.data.text import (
     token_file_is_current,
     tokenizer_fingerprint,
 )
+from tansuo.data.textsets import LabelledRow, iter_labelled_rows, read_labelled_text, text_format
 from tansuo.data.tokenizers import (
+    WORDPIECE_SPECIAL_TOKENS,
     decode,
     encode,
     is_char_tokenizer,
     load_tokenizer,
+    load_wordpiece_vocab,
     save_tokenizer,
     train_bpe_tokenizer,
     train_char_tokenizer,
+    train_wordpiece_tokenizer,
 )
 
 __all__ = [
+    "WORDPIECE_SPECIAL_TOKENS",
     "ImageArrays",
+    "LabelledRow",
     "decode",
     "encode",
     "encode_to_token_file",
     "infer_pixel_max",
     "is_char_tokenizer",
+    "iter_labelled_rows",
     "iter_text_chunks",
     "lm_batch",
     "load_csv_arrays",
@@ -46,17 +53,21 @@ __all__ = [
     "load_image_file",
     "load_npz_arrays",
     "load_tokenizer",
+    "load_wordpiece_vocab",
     "map_labels",
     "open_token_file",
     "random_shift",
+    "read_labelled_text",
     "read_token_file_info",
     "save_tokenizer",
     "split_indices",
     "split_sizes",
     "split_tokens",
+    "text_format",
     "token_dtype",
     "token_file_is_current",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
     "train_char_tokenizer",
+    "train_wordpiece_tokenizer",
 ]

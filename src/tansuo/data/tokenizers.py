@@ -10,6 +10,11 @@ Two kinds are trained here, and both round-trip text exactly through :func:`enco
 - **byte-level BPE** (GPT-2, Radford et al. 2019): text is split with the GPT-2 pattern, mapped to bytes
   and merged by BPE; every string can be encoded, none has an unknown token.
 
+A third kind, **WordPiece** (BERT, Devlin et al. 2019), is for text classification: lower-cased, split on
+whitespace and punctuation, with the special tokens ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4 when trained
+here) and the template ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` added by ``tok.encode``. It does not
+round-trip text exactly (case and spacing are lost); it is not meant to.
+
 Tokenizers are stored as a single ``tokenizer.json`` (:func:`save_tokenizer`, :func:`load_tokenizer`).
 """
 
@@ -21,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from tansuo.atomic import atomic_write_text
 from tansuo.errors import DataError
@@ -102,6 +107,91 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     tok.train_from_iterator(texts, trainer=trainer)
     logger.debug("byte-level BPE vocabulary of %d tokens", tok.get_vocab_size())
     return tok
+
+
+#: BERT's special tokens, in the order that gives them ids 0..4 in a vocabulary trained here.
+WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_wordpiece_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, lowercase: bool = True
+) -> Tokenizer:
+    """Train a BERT-style WordPiece tokenizer on ``texts``.
+
+    Args:
+        texts: Training strings.
+        vocab_size: Largest vocabulary wanted, special tokens and single characters included.
+        min_frequency: A pair must occur at least this often to be merged.
+        lowercase: Lower-case and strip accents (as ``bert-base-uncased``).
+
+    Returns:
+        A tokenizer with ``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4`` whose ``encode(a)`` gives
+        ``[CLS] a [SEP]`` and ``encode(a, b)`` gives ``[CLS] a [SEP] b [SEP]`` with type ids 0 then 1.
+
+    Raises:
+        ValueError: If ``vocab_size`` does not exceed the 5 special tokens or ``min_frequency`` is below 1.
+    """
+    if vocab_size <= len(WORDPIECE_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} leaves no room beside the 5 special tokens; pass more")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(WORDPIECE_SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    _bert_pipeline(tok, lowercase)
+    tok.train_from_iterator(texts, trainer=trainer)
+    _bert_post_processor(tok)
+    logger.debug("WordPiece vocabulary of %d tokens", tok.get_vocab_size())
+    return tok
+
+
+def load_wordpiece_vocab(path: str | Path, lowercase: bool = True) -> Tokenizer:
+    """Build a BERT tokenizer from a ``vocab.txt`` (one token per line, as Hugging Face BERT models ship).
+
+    Args:
+        path: The vocabulary file; it must hold ``[UNK]``, ``[CLS]`` and ``[SEP]``.
+        lowercase: Lower-case and strip accents (True for ``*-uncased`` vocabularies).
+
+    Raises:
+        DataError: If the file is missing or lacks a special token.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"vocabulary file not found: {path}; pass the path to a BERT vocab.txt")
+    vocab = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        token = line.rstrip("\r\n")
+        if token and token not in vocab:
+            vocab[token] = len(vocab)
+    missing = [t for t in ("[UNK]", "[CLS]", "[SEP]") if t not in vocab]
+    if missing:
+        raise DataError(f"{path}: the vocabulary lacks {missing}; pass a BERT vocab.txt")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    _bert_pipeline(tok, lowercase)
+    tok.add_special_tokens([t for t in WORDPIECE_SPECIAL_TOKENS if t in vocab])
+    _bert_post_processor(tok)
+    return tok
+
+
+def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> None:
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+
+
+def _bert_post_processor(tok: Tokenizer) -> None:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:

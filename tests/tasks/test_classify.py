@@ -1,0 +1,168 @@
+"""The classify task: bucketed batches, padding, truncation, labels, and learning a tiny sentiment set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tansuo.errors import DataError
+from tansuo.models import create_model
+from tansuo.recipe import validate_recipe
+from tansuo.serve.bundle import load_bundle
+from tansuo.tasks import TASKS, Task
+from tansuo.tasks.classify import ClassifyTask
+from tests.train.test_trainer import make_trainer
+
+POSITIVE = ["good", "great", "lovely", "superb", "fun", "brilliant", "moving", "charming"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "terrible", "weak", "clumsy", "tedious"]
+FILLER = ["the", "movie", "film", "plot", "was", "a", "really", "acting", "story", "and", "quite"]
+
+
+@pytest.fixture
+def sentiment_tsv(tmp_path: Path) -> Path:
+    """200 rows: filler words around one or two sentiment words; label 1 positive, 0 negative."""
+    rng = np.random.default_rng(0)
+    lines = ["sentence\tlabel"]
+    for i in range(200):
+        label = i % 2
+        words = list(rng.choice(FILLER, size=rng.integers(2, 12)))
+        cue = POSITIVE if label else NEGATIVE
+        for _ in range(rng.integers(1, 3)):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(cue)))
+        lines.append(f"{' '.join(words)}\t{label}")
+    path = tmp_path / "sentiment.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def classify_recipe(train: Path, out: Path, **train_cfg: object) -> dict:
+    return {
+        "task": "classify",
+        "seed": 3,
+        "data": {"train": str(train), "vocab_size": 100, "max_seq_len": 32},
+        "model": {"name": "bert_test", "overrides": {"dropout": 0.0}},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 2e-3,
+            "log_every": 10,
+            **train_cfg,
+        },
+    }
+
+
+def _task(raw: dict) -> ClassifyTask:
+    recipe, data = validate_recipe(raw)
+    return TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
+
+
+def test_follows_the_protocol_and_overrides(sentiment_tsv: Path, tmp_path: Path) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    assert isinstance(task, Task) and TASKS["classify"] is ClassifyTask
+    assert task.labels == ["0", "1"] and task.heldout_split == "test"
+    assert task.model_overrides() == {
+        "vocab_size": task.tokenizer.get_vocab_size(),
+        "num_classes": 2,
+        "max_seq_len": 32,
+    }
+    assert [len(task._split(s)) for s in ("train", "val", "test")] == [160, 20, 20]
+
+
+def test_data_path_is_an_alias_of_train(sentiment_tsv: Path, tmp_path: Path) -> None:
+    raw = classify_recipe(sentiment_tsv, tmp_path)
+    raw["data"]["path"] = raw["data"].pop("train")
+    assert _task(raw).data.train == str(sentiment_tsv)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_example(
+    sentiment_tsv: Path, tmp_path: Path
+) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    per_epoch = task.steps_per_epoch(16)
+    assert per_epoch == 10
+    first = [b for _, b in zip(range(2 * per_epoch), task.train_batches(16, start=0), strict=False)]
+    later = [b for _, b in zip(range(4), task.train_batches(16, start=8), strict=False)]
+    for a, b in zip(first[8:12], later, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # every example once an epoch, and the two epochs differ in order
+    orders = [np.concatenate(task.epoch_order(16, e)) for e in (0, 1)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(160))
+    assert not np.array_equal(orders[0], orders[1])
+    labels = torch.cat([b["y"] for b in first[:per_epoch]])
+    assert torch.equal(torch.bincount(labels), torch.bincount(task._split("train").labels))
+
+
+def test_padding_and_attention_mask(sentiment_tsv: Path, tmp_path: Path) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    part = task._split("train")
+    batch = next(task.train_batches(16, start=0))
+    idx = task.epoch_order(16, 0)[0]
+    assert batch["input_ids"].shape[1] == part.lengths[idx].max()
+    assert torch.equal(batch["attention_mask"].sum(1), torch.from_numpy(part.lengths[idx]))
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == task.pad_id).all()
+    assert (batch["input_ids"][:, 0] == task.tokenizer.token_to_id("[CLS]")).all()
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "y"}
+
+
+def test_long_texts_are_truncated_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = ["sentence\tlabel"] + [f"{' '.join(['good'] * (3 + i))}\t{i % 2}" for i in range(40)]
+    (tmp_path / "long.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    raw = classify_recipe(tmp_path / "long.tsv", tmp_path)
+    raw["data"]["max_seq_len"] = 10
+    with caplog.at_level(logging.INFO, logger="tansuo.tasks.classify"):
+        task = _task(raw)
+    n = len(task._split("train"))
+    assert task._split("train").lengths.max() == 10
+    assert sum(task.truncated.values()) == sum(1 for i in range(40) if 3 + i + 2 > 10)
+    assert "cut to max_seq_len=10" in caplog.text and n == 32
+
+
+def test_unseen_label_in_val_names_file_and_line(sentiment_tsv: Path, tmp_path: Path) -> None:
+    val = tmp_path / "val.tsv"
+    val.write_text("sentence\tlabel\ngood film\t1\nodd film\tneutral\n", encoding="utf-8")
+    raw = classify_recipe(sentiment_tsv, tmp_path)
+    raw["data"]["val"] = str(val)
+    with pytest.raises(DataError, match=r"val\.tsv:3: label 'neutral'"):
+        _task(raw)
+
+
+def test_train_and_val_files_hold_out_val(sentiment_tsv: Path, tmp_path: Path) -> None:
+    raw = classify_recipe(sentiment_tsv, tmp_path)
+    raw["data"]["val"] = str(sentiment_tsv)
+    task = _task(raw)
+    assert task.heldout_split == "val" and len(task._split("train")) == 200
+    with pytest.raises(DataError, match="splits"):
+        task._split("test")
+
+
+def test_evaluate_metrics_and_rng(sentiment_tsv: Path, tmp_path: Path) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    model = create_model("bert_test", **task.model_overrides())
+    state = torch.get_rng_state()
+    a = task.evaluate(model, "val", 4, torch.device("cpu"))
+    assert torch.equal(state, torch.get_rng_state())
+    b = task.evaluate(model, "val", 7, torch.device("cpu"))
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert {"loss", "accuracy", "macro_f1", "precision_0", "recall_1"} <= set(a)
+    assert all(isinstance(v, float) for v in a.values())
+
+
+def test_learns_tiny_sentiment_set_and_predicts_from_bundle(sentiment_tsv: Path, tmp_path: Path) -> None:
+    raw = classify_recipe(sentiment_tsv, tmp_path / "run", max_steps=60, eval_every=20)
+    result = make_trainer(raw).fit()
+    assert result["val"]["accuracy"] == 1.0
+    bundle = load_bundle(result["bundle"])
+    assert isinstance(bundle.task, ClassifyTask) and bundle.task._encoded is None  # data read lazily
+    rows = bundle.task.predict(
+        bundle.model, ["a great and lovely film", "a dull boring plot"], torch.device("cpu")
+    )
+    assert [r["label"] for r in rows] == ["1", "0"]
+    assert rows[0]["probability"] == max(rows[0]["probabilities"].values())
+    test = bundle.task.evaluate(bundle.model, "test", 8, torch.device("cpu"))
+    assert test["accuracy"] >= 0.9
