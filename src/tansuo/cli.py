@@ -187,7 +187,7 @@ def generate(
 def predict(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
     inputs: Annotated[
-        list[str], typer.Argument(help="image files (.png, .jpg, .npy, .npz, .csv) or texts, as the task takes")
+        list[str], typer.Argument(help="image files (.png .jpg .npy .npz .csv) or texts, per task")
     ],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per input")] = False,
