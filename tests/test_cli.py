@@ -120,3 +120,17 @@ def test_bundle_errors(monkeypatch, capsys, tmp_path) -> None:
     (tmp_path / "half" / "config.json").write_text("{}")
     code, _, err = run(["eval", str(tmp_path / "half")], monkeypatch, capsys)
     assert code == 2 and "model.safetensors" in err
+
+
+def test_train_from_init_from_bundle(monkeypatch, capsys, tmp_path, image_npz) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", image_recipe(image_npz, tmp_path / "run"))
+    code, _, err = run(["train", str(recipe), "--quiet", "--set", "train.max_steps=4"], monkeypatch, capsys)
+    assert code == 0, err
+    bundle = tmp_path / "run" / "bundle"
+    args = ["train", str(recipe), "--quiet", "--set", "train.max_steps=1", "--out", str(tmp_path / "run2")]
+    code, out, err = run([*args, "--set", f"model.init_from={bundle}"], monkeypatch, capsys)
+    assert code == 0, err
+    assert f"initialised from {bundle} (bundle)" in out and "0 skipped" in out
+    bad = tmp_path / "no-such-bundle"
+    code, _, err = run([*args, "--set", f"model.init_from={bad}"], monkeypatch, capsys)
+    assert code == 2 and "no-such-bundle" in err

@@ -96,6 +96,16 @@ def train(
         model = create_model(rec.model.name, **overrides)
     except (ValueError, TypeError) as e:
         raise TansuoError(f"invalid recipe:\n  model: {e}") from None
+    if rec.model.init_from:
+        from tansuo.models.init import load_initial_weights
+
+        report = load_initial_weights(model, rec.model.init_from)
+        console.print(
+            f"initialised from {rec.model.init_from} ({report.kind}): {len(report.loaded)} tensors loaded, "
+            f"{len(report.skipped)} skipped, {len(report.missing)} left at their fresh init",
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"[bold]{rec.task}[/] · model [bold]{rec.model.name}[/] ({model.num_params():,} parameters) "
         f"· run folder {out_dir}"

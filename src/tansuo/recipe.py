@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
 
     name: str = Field(description="a name from `tansuo models`")
     overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to change")
+    init_from: str | None = Field(
+        None, description="bundle folder or Hugging Face BERT folder whose weights start the run"
+    )
 
 
 class TrainConfig(_Strict):

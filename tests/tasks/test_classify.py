@@ -65,11 +65,7 @@ def test_follows_the_protocol_and_overrides(sentiment_tsv: Path, tmp_path: Path)
     task = _task(classify_recipe(sentiment_tsv, tmp_path))
     assert isinstance(task, Task) and TASKS["classify"] is ClassifyTask
     assert task.labels == ["0", "1"] and task.heldout_split == "test"
-    assert task.model_overrides() == {
-        "vocab_size": task.tokenizer.get_vocab_size(),
-        "num_classes": 2,
-        "max_seq_len": 32,
-    }
+    assert task.model_overrides() == {"vocab_size": task.tokenizer.get_vocab_size(), "num_classes": 2}
     assert [len(task._split(s)) for s in ("train", "val", "test")] == [160, 20, 20]
 
 
@@ -166,3 +162,11 @@ def test_learns_tiny_sentiment_set_and_predicts_from_bundle(sentiment_tsv: Path,
     assert rows[0]["probability"] == max(rows[0]["probabilities"].values())
     test = bundle.task.evaluate(bundle.model, "test", 8, torch.device("cpu"))
     assert test["accuracy"] >= 0.9
+
+
+def test_texts_longer_than_the_model_are_a_clear_error(sentiment_tsv: Path, tmp_path: Path) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    model = create_model("bert_test", **task.model_overrides(), max_seq_len=3)
+    batch = next(task.train_batches(4, 0))
+    with pytest.raises(DataError, match="model has 3 positions"):
+        task.loss(model, batch)

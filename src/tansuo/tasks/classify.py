@@ -78,7 +78,7 @@ class ClassifyDataConfig(BaseModel):
     )
     vocab_size: int = Field(8000, gt=5, description="target vocabulary size of a trained WordPiece tokenizer")
     max_seq_len: int = Field(
-        128, ge=4, description="longest encoding in tokens; sets the model's max_seq_len"
+        128, ge=4, description="longest encoding in tokens (longer texts are cut); at most the model's"
     )
     lowercase: bool = Field(True, description="lower-case texts (WordPiece training and vocab.txt)")
 
@@ -251,11 +251,9 @@ class ClassifyTask:
 
     # ------------------------------------------------------------ Task protocol
     def model_overrides(self) -> dict[str, Any]:
-        return {
-            "vocab_size": self.tokenizer.get_vocab_size(),
-            "num_classes": len(self.labels),
-            "max_seq_len": self.data.max_seq_len,
-        }
+        # not max_seq_len: data.max_seq_len truncates texts, the model's position table only has to cover it
+        # (and a pretrained table of 512 positions must keep its shape to load)
+        return {"vocab_size": self.tokenizer.get_vocab_size(), "num_classes": len(self.labels)}
 
     def steps_per_epoch(self, batch_size: int) -> int | None:
         return math.ceil(len(self._split("train")) / batch_size)
@@ -276,6 +274,12 @@ class ClassifyTask:
 
     @staticmethod
     def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+        limit = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if limit is not None and batch["input_ids"].shape[1] > limit:
+            raise DataError(
+                f"texts are encoded to up to {batch['input_ids'].shape[1]} tokens but the model has "
+                f"{limit} positions; lower data.max_seq_len or raise model.overrides.max_seq_len"
+            )
         return model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"].bool(),
