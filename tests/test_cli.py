@@ -134,3 +134,30 @@ def test_train_from_init_from_bundle(monkeypatch, capsys, tmp_path, image_npz) -
     bad = tmp_path / "no-such-bundle"
     code, _, err = run([*args, "--set", f"model.init_from={bad}"], monkeypatch, capsys)
     assert code == 2 and "no-such-bundle" in err
+
+
+def test_classify_predict_file_to_jsonl(monkeypatch, capsys, tmp_path) -> None:
+    from tests.tasks.test_classify import NEGATIVE, POSITIVE, classify_recipe
+
+    rows = ["sentence\tlabel"] + [
+        f"the film was {(POSITIVE if i % 2 else NEGATIVE)[i % 8]} really\t{i % 2}" for i in range(120)
+    ]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    raw = classify_recipe(tmp_path / "train.tsv", tmp_path / "run", max_steps=60)
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code, out, err = run(["train", str(recipe), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    bundle = str(tmp_path / "run" / "bundle")
+    texts = ['{"sentence": "the film was superb really"}', '{"sentence": "the film was dull really"}']
+    (tmp_path / "in.jsonl").write_text("\n".join(texts) + "\n")
+    args = ["predict", bundle, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    code, out, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "2 predictions written" in out
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [g["label"] for g in got] == ["1", "0"]
+    assert got[0]["input"] == "the film was superb really"
+    code, _, err = run(["predict", bundle, "--input", str(tmp_path / "missing.csv")], monkeypatch, capsys)
+    assert code == 2 and "missing.csv" in err
+    code, _, err = run(["predict", bundle], monkeypatch, capsys)
+    assert code == 2 and "nothing to predict" in err

@@ -197,28 +197,56 @@ def generate(
 def predict(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
     inputs: Annotated[
-        list[str], typer.Argument(help="image files (.png .jpg .npy .npz .csv) or texts, per task")
-    ],
+        list[str] | None, typer.Argument(help="image files (.png .jpg .npy .npz .csv) or texts, per task")
+    ] = None,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", help="a file of inputs: CSV/TSV/JSONL texts for text tasks")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="write one JSON object per input to this .jsonl file")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="inputs per batch")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per input")] = False,
     top: Annotated[int, typer.Option(min=1, help="classes to show per input")] = 3,
 ) -> None:
     """Predict with a bundle: the label and class probabilities for each input."""
     _setup_logging(False)
+    from tansuo.atomic import atomic_write_text
     from tansuo.serve.bundle import load_bundle
     from tansuo.train.device import resolve_device
 
     dev = resolve_device(device)
     b = load_bundle(bundle, device=dev)
-    for row in b.task.predict(b.model, inputs, dev):
+    items = list(inputs or [])
+    if input_file is not None:
+        if not hasattr(b.task, "read_inputs"):
+            raise TansuoError(f"{b.task.name!r} bundles take their inputs as arguments, not --input")
+        items += b.task.read_inputs(input_file)
+    if not items:
+        raise TansuoError("nothing to predict: give inputs as arguments or --input FILE")
+    rows: list[dict[str, Any]] = []
+    from rich.progress import Progress
+
+    with Progress(console=err_console, transient=True, disable=len(items) <= batch_size) as bar:
+        job = bar.add_task("predict", total=len(items))
+        for i in range(0, len(items), batch_size):
+            rows += b.task.predict(b.model, items[i : i + batch_size], dev)
+            bar.update(job, completed=len(rows))
+    if output is not None:
+        atomic_write_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+        console.print(f"{len(rows)} predictions written to {output}", highlight=False)
+        return
+    for row in rows:
         if as_json:
             print(json.dumps(row))
         elif "probabilities" in row:
             probs = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:top]
-            shown = "  ".join(f"{k}: {v:.3f}" for k, v in probs)
-            console.print(f"{row['input']}  ->  [bold]{row['label']}[/]  ({shown})", highlight=False)
+            shown = "  ".join(f"{escape(str(k))}: {v:.3f}" for k, v in probs)
+            label = escape(str(row["label"]))
+            console.print(f"{escape(str(row['input']))}  ->  [bold]{label}[/]  ({shown})", highlight=False)
         else:
-            console.print(row, highlight=False)
+            console.print(row, highlight=False, markup=False)
 
 
 @app.command()

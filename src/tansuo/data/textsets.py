@@ -48,16 +48,19 @@ def iter_labelled_rows(
     path: str | Path,
     *,
     text_column: str = "sentence",
-    label_column: str = "label",
+    label_column: str | None = "label",
     text_pair_column: str | None = None,
     format: str | None = None,
 ) -> Iterator[LabelledRow]:
-    """Yield every example of a labelled text file with its line number (see :func:`read_labelled_text`)."""
+    """Yield every example of a labelled text file with its line number (see :func:`read_labelled_text`).
+
+    ``label_column=None`` reads unlabelled texts (to predict on); every label is then "".
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"data file not found: {path}; pass the path to a .csv, .tsv or .jsonl file")
     fmt = text_format(path, format)
-    wanted = [text_column, label_column] + ([text_pair_column] if text_pair_column else [])
+    wanted = [c for c in (text_column, label_column, text_pair_column) if c]
     if fmt == "jsonl":
         yield from _iter_jsonl(path, wanted, text_column, label_column, text_pair_column)
     else:
@@ -114,7 +117,7 @@ def _iter_delimited(
     fmt: str,
     wanted: list[str],
     text_column: str,
-    label_column: str,
+    label_column: str | None,
     pair_column: str | None,
 ) -> Iterator[LabelledRow]:
     kwargs: dict = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
@@ -131,7 +134,8 @@ def _iter_delimited(
         header = [h.strip() for h in header]
         if any(c not in header for c in wanted):
             raise _missing(path, reader.line_num, wanted, header, "the header")
-        ti, li = header.index(text_column), header.index(label_column)
+        ti = header.index(text_column)
+        li = header.index(label_column) if label_column else None
         pi = header.index(pair_column) if pair_column else None
         start = reader.line_num + 1
         while True:
@@ -150,11 +154,12 @@ def _iter_delimited(
                     f"({header}); fix the row"
                     + (" (a tab inside a text?)" if fmt == "tsv" else " (quote texts holding commas)")
                 )
-            yield LabelledRow(fields[ti], None if pi is None else fields[pi], fields[li].strip(), line)
+            label = "" if li is None else fields[li].strip()
+            yield LabelledRow(fields[ti], None if pi is None else fields[pi], label, line)
 
 
 def _iter_jsonl(
-    path: Path, wanted: list[str], text_column: str, label_column: str, pair_column: str | None
+    path: Path, wanted: list[str], text_column: str, label_column: str | None, pair_column: str | None
 ) -> Iterator[LabelledRow]:
     seen = False
     with path.open(encoding="utf-8") as f:
@@ -176,7 +181,7 @@ def _iter_jsonl(
                 )
             if any(c not in obj for c in wanted):
                 raise _missing(path, line_no, wanted, list(obj), "the object")
-            label = obj[label_column]
+            label = obj[label_column] if label_column else ""
             if isinstance(label, (dict, list)) or label is None:
                 raise DataError(f"{path}:{line_no}: the label {label!r} must be a string or a number")
             yield LabelledRow(

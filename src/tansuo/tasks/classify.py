@@ -321,6 +321,19 @@ class ClassifyTask:
         save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
 
     @torch.no_grad()
+    def read_inputs(self, path: str | Path) -> list[str]:
+        """Texts to predict on from a CSV/TSV/JSONL file with the training data's text column(s); labels,
+        if present, are ignored. Pairs come back joined by a tab, as `predict` takes them."""
+        rows = iter_labelled_rows(
+            path,
+            text_column=self.data.text_column,
+            label_column=None,
+            text_pair_column=self.data.text_pair_column,
+            format=self.data.format,
+        )
+        return [r.text if r.pair is None else f"{r.text}\t{r.pair}" for r in rows]
+
+    @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         """Label each text; for pair tasks a tab in an input separates the two texts."""
         if self.data.text_pair_column is None:
