@@ -10,6 +10,7 @@ from tansuo.data.images import (
     map_labels,
     random_shift,
 )
+from tansuo.data.masking import mask_tokens
 from tansuo.data.splits import split_indices, split_sizes
 from tansuo.data.text import (
     encode_to_token_file,
@@ -37,6 +38,7 @@ from tansuo.data.tokenizers import (
 )
 
 __all__ = [
+    "mask_tokens",
     "WORDPIECE_SPECIAL_TOKENS",
     "ImageArrays",
     "LabelledRow",
