@@ -39,19 +39,15 @@ def test_bert_masking_statistics() -> None:
 
 def test_masking_is_reproducible_and_checks_arguments() -> None:
     ids, special = _batch(4, 16)
-    a = mask_tokens(
-        ids,
-        mask_token_id=MASK,
-        vocab_size=VOCAB,
-        special_mask=special,
-        generator=torch.Generator().manual_seed(5),
-    )
-    b = mask_tokens(
-        ids,
-        mask_token_id=MASK,
-        vocab_size=VOCAB,
-        special_mask=special,
-        generator=torch.Generator().manual_seed(5),
+    a, b = (
+        mask_tokens(
+            ids,
+            mask_token_id=MASK,
+            vocab_size=VOCAB,
+            special_mask=special,
+            generator=torch.Generator().manual_seed(5),
+        )
+        for _ in range(2)
     )
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(ValueError, match="probability"):
