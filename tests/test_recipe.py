@@ -13,6 +13,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 def test_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
     assert {"digits-vit.yaml", "digits-cnn.yaml", "shakespeare-char.yaml"} <= names
+    assert {"sst2-minilm.yaml", "sst2-scratch.yaml", "sst2-mlm.yaml", "mlm-pretrain.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -70,3 +71,38 @@ def test_needs_steps_or_epochs() -> None:
     del raw["train"]["epochs"]
     with pytest.raises(RecipeError, match="max_steps or train.epochs"):
         validate_recipe(raw)
+
+
+def test_data_dir_resolves_relative_data_files(tmp_path: Path) -> None:
+    from tansuo.recipe import apply_data_dir
+
+    raw = {
+        "task": "classify",
+        "data": {"train": "train.tsv", "test": "/abs/dev.tsv", "tokenizer": "vocab.txt"},
+    }
+    out = apply_data_dir(raw, tmp_path)
+    assert out["data"]["train"] == str(tmp_path / "train.tsv")
+    assert out["data"]["test"] == "/abs/dev.tsv"  # absolute paths are kept
+    assert out["data"]["tokenizer"] == "vocab.txt"  # not a data file
+    assert raw["data"]["train"] == "train.tsv"  # the input is not changed
+    lm = apply_data_dir({"task": "lm", "data": {"path": "input.txt"}}, tmp_path)
+    assert lm["data"]["path"] == str(tmp_path / "input.txt")
+
+
+def test_data_dir_errors_name_the_fix(tmp_path: Path) -> None:
+    from tansuo.recipe import apply_data_dir
+
+    with pytest.raises(RecipeError, match="not a folder"):
+        apply_data_dir({"task": "lm", "data": {"path": "x.txt"}}, tmp_path / "missing")
+    with pytest.raises(RecipeError, match="names no data file.*--data"):
+        apply_data_dir({"task": "lm", "data": {}}, tmp_path)
+    with pytest.raises(RecipeError, match="task"):
+        apply_data_dir({"task": "nope", "data": {}}, tmp_path)
+
+
+def test_sst2_recipes_read_their_files_from_data_dir(tmp_path: Path) -> None:
+    for name in ("sst2-minilm.yaml", "sst2-scratch.yaml", "sst2-mlm.yaml"):
+        _, data = load_recipe(Path("recipes") / name, data_dir=tmp_path)
+        assert data.train == str(tmp_path / "train.tsv") and data.test == str(tmp_path / "dev.tsv")
+    _, data = load_recipe("recipes/mlm-pretrain.yaml", data_dir=tmp_path)
+    assert data.path == str(tmp_path / "train.tsv")

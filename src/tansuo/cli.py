@@ -1,4 +1,4 @@
-"""The ``tansuo`` command line: train, eval, generate, predict, models.
+"""The ``tansuo`` command line: train, eval, generate, predict, import, models.
 
 The only module that prints. Every :class:`~tansuo.errors.TansuoError` becomes a one-paragraph message on
 stderr and exit code 2; anything else is a bug and keeps its traceback.
@@ -40,13 +40,40 @@ def _setup_logging(verbose: bool) -> None:
 def _metrics_table(title: str, metrics: dict[str, Any]) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("split")
-    names = sorted({k for v in metrics.values() if isinstance(v, dict) for k in v})
+    names = sorted(
+        {
+            k
+            for v in metrics.values()
+            if isinstance(v, dict)
+            for k, x in v.items()
+            if isinstance(x, int | float)
+        }
+    )
     for name in names:
         table.add_column(name, justify="right")
     for split, values in metrics.items():
         if isinstance(values, dict):
             table.add_row(split, *(f"{values[n]:.4f}" if n in values else "" for n in names))
     return table
+
+
+def _print_class_report(split: str, metrics: dict[str, Any]) -> None:
+    """Per-class precision/recall/F1 and the confusion matrix of a classification split, if present."""
+    per_class, confusion = metrics.get("per_class"), metrics.get("confusion_matrix")
+    if not isinstance(per_class, dict) or not isinstance(confusion, dict) or len(per_class) > 20:
+        return  # not a classifier, or too many classes to show: they are in metrics.json
+    table = Table(title=f"{split}: per class (rows: true label, columns: predicted)", show_header=True)
+    table.add_column("label")
+    for name in ("precision", "recall", "f1", "support"):
+        table.add_column(name, justify="right")
+    labels = [str(x) for x in confusion["labels"]]
+    for label in labels:
+        table.add_column(f"→ {label}", justify="right")
+    for label, row in zip(labels, confusion["matrix"], strict=True):
+        c = per_class[label]
+        cells = [f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", str(c["support"])]
+        table.add_row(escape(label), *cells, *(str(n) for n in row))
+    console.print(table)
 
 
 @app.command()
@@ -58,6 +85,12 @@ def train(
     ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--data-dir", help="folder in which the recipe's relative data file names are looked up"
+        ),
     ] = None,
     out: Annotated[
         str | None, typer.Option("--out", help="run folder; same as --set train.out_dir=DIR")
@@ -71,7 +104,7 @@ def train(
 ) -> None:
     """Train a model as a recipe says; write checkpoints, a metrics log and the best bundle."""
     _setup_logging(verbose)
-    from tansuo.recipe import apply_overrides, read_recipe_file, validate_recipe
+    from tansuo.recipe import apply_data_dir, apply_overrides, read_recipe_file, validate_recipe
 
     sets = list(set_ or [])
     if data is not None:
@@ -81,6 +114,8 @@ def train(
     if device is not None:
         sets.append(f"train.device={device}")
     raw = apply_overrides(read_recipe_file(recipe), sets)
+    if data_dir is not None:
+        raw = apply_data_dir(raw, data_dir)
     rec, data_cfg = validate_recipe(raw)
 
     from tansuo.models import create_model
@@ -127,6 +162,7 @@ def train(
         raise typer.Exit(130) from None
     console.print(_metrics_table(f"best at step {result.get('step')}", result))
     held = result.get(task.heldout_split, {})
+    _print_class_report(task.heldout_split, held)
     headline = held.get(task.default_metric)
     if headline is not None:
         console.print(f"{task.heldout_split} {task.default_metric}: [bold]{headline:.4f}[/]")
@@ -156,6 +192,7 @@ def eval_(
         console.print_json(json.dumps({split: metrics}))
     else:
         console.print(_metrics_table(str(bundle), {split: metrics}))
+        _print_class_report(split, metrics)
 
 
 @app.command()
@@ -245,8 +282,54 @@ def predict(
             shown = "  ".join(f"{escape(str(k))}: {v:.3f}" for k, v in probs)
             label = escape(str(row["label"]))
             console.print(f"{escape(str(row['input']))}  ->  [bold]{label}[/]  ({shown})", highlight=False)
+        elif "masks" in row:
+            console.print(f"{escape(row['input'])}  ->  [bold]{escape(row['text'])}[/]", highlight=False)
+            for i, candidates in enumerate(row["masks"], 1):
+                shown = "  ".join(f"{escape(c['token'])}: {c['probability']:.3f}" for c in candidates[:top])
+                console.print(f"  [MASK] {i}: {shown}", highlight=False, markup=False)
         else:
             console.print(row, highlight=False, markup=False)
+
+
+import_app = typer.Typer(no_args_is_help=True, help="Turn models from elsewhere into tansuo bundles.")
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("hf")
+def import_hf(
+    path: Annotated[
+        Path, typer.Argument(help="a local Hugging Face BERT-family folder (config.json, weights)")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the bundle folder to write")],
+    labels: Annotated[
+        str | None,
+        typer.Option(help="class names of a classifier checkpoint, comma-separated (default: id2label)"),
+    ] = None,
+) -> None:
+    """Import a Hugging Face BERT folder (safetensors or .bin; vocab.txt or tokenizer.json) as a bundle."""
+    _setup_logging(False)
+    from tansuo.importer import import_hf as run_import
+
+    names = None if labels is None else [n.strip() for n in labels.split(",") if n.strip()]
+    report = run_import(path, out, labels=names)
+    what = (
+        f"classify, labels {report.labels}"
+        if report.task == "classify"
+        else "mlm: a pretrained encoder; fine-tune it with model.init_from"
+    )
+    console.print(
+        f"imported {path} -> {report.bundle} ({report.num_params:,} parameters; task {what})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if report.fresh:
+        console.print(
+            f"not in the checkpoint, so freshly initialised: {', '.join(report.fresh)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

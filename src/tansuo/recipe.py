@@ -170,6 +170,43 @@ def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe, BaseModel]:
     return recipe, data
 
 
-def load_recipe(path: str | Path, sets: list[str] | None = None) -> tuple[Recipe, BaseModel]:
-    """Read, override (``--set``) and validate a recipe file."""
-    return validate_recipe(apply_overrides(read_recipe_file(path), sets or []))
+def apply_data_dir(raw: dict[str, Any], data_dir: str | Path) -> dict[str, Any]:
+    """Resolve the relative data file names of a raw recipe against ``data_dir`` (``--data-dir``).
+
+    Which ``data:`` fields name files is the task's to say (its DataConfig's ``path_fields``); absolute paths
+    are kept.
+    """
+    from tansuo.tasks import TASKS
+
+    task = raw.get("task")
+    if task not in TASKS:
+        raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {task!r})")
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise RecipeError(f"--data-dir {data_dir}: not a folder; pass the folder that holds the data files")
+    out = copy.deepcopy(raw)
+    data = out.get("data") or {}
+    if not isinstance(data, dict):
+        raise RecipeError("invalid recipe:\n  data: must be a mapping")
+    fields: tuple[str, ...] = getattr(TASKS[task].DataConfig, "path_fields", ())
+    named = [k for k in fields if isinstance(data.get(k), str)]
+    if not named:
+        raise RecipeError(
+            f"--data-dir {data_dir}: the recipe names no data file to look for there (data."
+            f"{' / data.'.join(fields) or 'path'}); add one with --set, or pass the file with --data"
+        )
+    for key in named:
+        if not Path(data[key]).expanduser().is_absolute():
+            data[key] = str(folder / data[key])
+    out["data"] = data
+    return out
+
+
+def load_recipe(
+    path: str | Path, sets: list[str] | None = None, data_dir: str | Path | None = None
+) -> tuple[Recipe, BaseModel]:
+    """Read, override (``--set``), resolve data files against ``data_dir`` and validate a recipe file."""
+    raw = apply_overrides(read_recipe_file(path), sets or [])
+    if data_dir is not None:
+        raw = apply_data_dir(raw, data_dir)
+    return validate_recipe(raw)

@@ -88,3 +88,26 @@ def test_load_errors(tmp_path: Path) -> None:
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
         load_tokenizer(bad)
+
+
+def test_encoder_tokenizers_have_bert_specials_and_template(tmp_path: Path) -> None:
+    from tansuo.data import encoder_tokenizer
+
+    texts = ["a gorgeous, witty film", "a dull, clumsy plot"] * 50
+    for spec in ("wordpiece", "bpe"):
+        tok = encoder_tokenizer(spec, lambda: iter(texts), 300)
+        assert [tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+        enc = tok.encode("a witty film", "a dull plot")
+        assert enc.ids[0] == 2 and enc.ids.count(3) == 2
+        assert enc.type_ids[-1] == 1 and enc.type_ids[0] == 0
+        decoded = tok.decode(tok.encode("A gorgeous, witty film").ids)
+        # byte-level BPE round-trips exactly; WordPiece lower-cases and spaces punctuation
+        assert decoded == ("A gorgeous, witty film" if spec == "bpe" else "a gorgeous, witty film")
+        save_tokenizer(tok, tmp_path / f"{spec}.json")
+        again = encoder_tokenizer(str(tmp_path / f"{spec}.json"), lambda: iter(()), 0)
+        assert again.encode("a witty film").ids == tok.encode("a witty film").ids
+    with pytest.raises(DataError, match="vocab_size >= 261"):
+        encoder_tokenizer("bpe", lambda: iter(texts), 100)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither tokenizer.json nor vocab.txt"):
+        encoder_tokenizer(str(tmp_path / "empty"), lambda: iter(()), 0)

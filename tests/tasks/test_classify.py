@@ -145,8 +145,50 @@ def test_evaluate_metrics_and_rng(sentiment_tsv: Path, tmp_path: Path) -> None:
     assert torch.equal(state, torch.get_rng_state())
     b = task.evaluate(model, "val", 7, torch.device("cpu"))
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert {"loss", "accuracy", "macro_f1", "precision_0", "recall_1"} <= set(a)
-    assert all(isinstance(v, float) for v in a.values())
+    assert {"loss", "accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(a)
+    assert all(isinstance(a[k], float) for k in ("loss", "accuracy", "macro_f1"))
+    confusion = a["confusion_matrix"]
+    assert confusion["labels"] == ["0", "1"]
+    assert sum(map(sum, confusion["matrix"])) == len(task._split("val"))
+    (tn, fp), (fn, tp) = confusion["matrix"]
+    assert a["accuracy"] == pytest.approx((tn + tp) / (tn + fp + fn + tp))
+    assert a["per_class"]["1"]["support"] == fn + tp
+    if tp + fp:
+        assert a["per_class"]["1"]["precision"] == pytest.approx(tp / (tp + fp))
+
+
+def test_per_class_report_by_hand() -> None:
+    from tansuo.tasks.metrics import per_class_report
+
+    pred = torch.tensor([0, 0, 1, 1, 2, 0])
+    true = torch.tensor([0, 1, 1, 1, 2, 2])
+    r = per_class_report(pred, true, ["a", "b", "c"])
+    assert r["confusion_matrix"]["matrix"] == [
+        [1, 0, 0],
+        [1, 2, 0],
+        [1, 0, 1],
+    ]  # rows true, columns predicted
+    assert r["per_class"]["a"] == {"precision": 1 / 3, "recall": 1.0, "f1": 0.5, "support": 1}
+    assert r["per_class"]["b"]["precision"] == 1.0 and r["per_class"]["b"]["recall"] == 2 / 3
+    assert r["per_class"]["c"]["recall"] == 0.5
+
+
+def test_empty_text_names_file_and_line(sentiment_tsv: Path, tmp_path: Path) -> None:
+    lines = sentiment_tsv.read_text(encoding="utf-8").splitlines()
+    lines[5] = "   \t1"
+    lines[9] = "\t0"
+    sentiment_tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    raw = classify_recipe(sentiment_tsv, tmp_path)
+    raw["data"]["val"] = str(sentiment_tsv)
+    with pytest.raises(DataError, match=r"sentiment\.tsv:6: the text \('sentence'\) is empty \(and 1 more"):
+        _task(raw)
+
+
+def test_predict_refuses_an_empty_text(sentiment_tsv: Path, tmp_path: Path) -> None:
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    model = create_model("bert_test", **task.model_overrides())
+    with pytest.raises(DataError, match="input 2 of 2 is an empty text"):
+        task.predict(model, ["good", " "], torch.device("cpu"))
 
 
 def test_learns_tiny_sentiment_set_and_predicts_from_bundle(sentiment_tsv: Path, tmp_path: Path) -> None:
@@ -170,3 +212,17 @@ def test_texts_longer_than_the_model_are_a_clear_error(sentiment_tsv: Path, tmp_
     batch = next(task.train_batches(4, 0))
     with pytest.raises(DataError, match="model has 3 positions"):
         task.loss(model, batch)
+
+
+def test_byte_level_bpe_tokenizer_is_trained_on_the_training_text(
+    sentiment_tsv: Path, tmp_path: Path
+) -> None:
+    raw = classify_recipe(sentiment_tsv, tmp_path)
+    raw["data"].update(tokenizer="bpe", vocab_size=300)
+    task = _task(raw)
+    assert task.tokenizer.get_vocab_size() <= 300 and task.tokenizer.token_to_id("[CLS]") == 2
+    model = create_model("bert_test", **task.model_overrides())
+    assert torch.isfinite(task.loss(model, next(task.train_batches(8, 0))))
+    raw["data"]["vocab_size"] = 100
+    with pytest.raises(DataError, match="vocab_size >= 261"):
+        _task(raw)

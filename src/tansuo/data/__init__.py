@@ -25,10 +25,13 @@ from tansuo.data.text import (
 )
 from tansuo.data.textsets import LabelledRow, iter_labelled_rows, read_labelled_text, text_format
 from tansuo.data.tokenizers import (
+    TRAINED_ENCODER_TOKENIZERS,
     WORDPIECE_SPECIAL_TOKENS,
     decode,
     encode,
+    encoder_tokenizer,
     is_char_tokenizer,
+    load_bert_tokenizer,
     load_tokenizer,
     load_wordpiece_vocab,
     save_tokenizer,
@@ -39,7 +42,9 @@ from tansuo.data.tokenizers import (
 
 __all__ = [
     "mask_tokens",
+    "TRAINED_ENCODER_TOKENIZERS",
     "WORDPIECE_SPECIAL_TOKENS",
+    "encoder_tokenizer",
     "ImageArrays",
     "LabelledRow",
     "decode",
@@ -47,6 +52,7 @@ __all__ = [
     "encode_to_token_file",
     "infer_pixel_max",
     "is_char_tokenizer",
+    "load_bert_tokenizer",
     "iter_labelled_rows",
     "iter_text_chunks",
     "lm_batch",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,9 @@ def train_char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     return tok
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, encoder: bool = False
+) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style) on ``texts``.
 
     Args:
@@ -80,17 +82,23 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
         vocab_size: Largest vocabulary wanted: the 256 byte symbols plus up to ``vocab_size - 256`` merges.
             Training may stop earlier when no pair occurs ``min_frequency`` times.
         min_frequency: A pair must occur at least this often to be merged.
+        encoder: For a BERT-style encoder (as RoBERTa): add the special tokens
+            ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4) and the ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]``
+            template, as :func:`train_wordpiece_tokenizer` does.
 
     Returns:
-        A tokenizer that encodes any string and decodes it back exactly, with no special tokens.
+        A tokenizer that encodes any string and decodes it back exactly (special tokens skipped), with no
+        special tokens unless ``encoder``.
 
     Raises:
         ValueError: If ``vocab_size`` is below 256 or ``min_frequency`` below 1.
     """
-    if vocab_size < MIN_BPE_VOCAB_SIZE:
+    specials = list(WORDPIECE_SPECIAL_TOKENS) if encoder else []
+    if vocab_size < MIN_BPE_VOCAB_SIZE + len(specials):
+        need = MIN_BPE_VOCAB_SIZE + len(specials)
         raise ValueError(
             f"vocab_size={vocab_size} is too small for byte-level BPE: its 256 byte symbols alone need "
-            f"{MIN_BPE_VOCAB_SIZE}; pass vocab_size >= {MIN_BPE_VOCAB_SIZE}"
+            f"{MIN_BPE_VOCAB_SIZE}{' (plus 5 special tokens)' if encoder else ''}; pass vocab_size >= {need}"
         )
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
@@ -101,10 +109,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
+        special_tokens=specials,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if encoder:
+        _bert_post_processor(tok)
     logger.debug("byte-level BPE vocabulary of %d tokens", tok.get_vocab_size())
     return tok
 
@@ -225,6 +235,60 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(
             f"{path} is not a valid tokenizer.json ({error}); re-create it, e.g. by training again"
         ) from error
+
+
+#: ``data.tokenizer`` values that train an encoder tokenizer on the training text (anything else is a path)
+TRAINED_ENCODER_TOKENIZERS = ("wordpiece", "bpe")
+
+
+def encoder_tokenizer(
+    spec: str, texts: Callable[[], Iterable[str]], vocab_size: int, lowercase: bool = True
+) -> Tokenizer:
+    """The tokenizer of a BERT-style encoder, as a ``data.tokenizer`` field says.
+
+    Args:
+        spec: ``wordpiece`` or ``bpe`` (byte-level, with BERT's special tokens) to train one on ``texts()``;
+            else a ``tokenizer.json``, ``vocab.txt`` or a folder holding one (:func:`load_bert_tokenizer`).
+        texts: Called only when training: the training strings.
+        vocab_size: Target vocabulary size of a trained tokenizer.
+        lowercase: WordPiece training and ``vocab.txt`` only: lower-case and strip accents.
+
+    Raises:
+        DataError: For a vocabulary too small for byte-level BPE, or a path with no tokenizer.
+    """
+    if spec == "wordpiece":
+        return train_wordpiece_tokenizer(texts(), vocab_size, lowercase=lowercase)
+    if spec == "bpe":
+        need = MIN_BPE_VOCAB_SIZE + len(WORDPIECE_SPECIAL_TOKENS)
+        if vocab_size < need:
+            raise DataError(
+                f"data.vocab_size={vocab_size} is too small for byte-level BPE (256 bytes and 5 special "
+                f"tokens); set data.vocab_size >= {need}"
+            )
+        return train_bpe_tokenizer(texts(), vocab_size, encoder=True)
+    return load_bert_tokenizer(spec, lowercase=lowercase)
+
+
+def load_bert_tokenizer(path: str | Path, lowercase: bool = True) -> Tokenizer:
+    """Load the tokenizer of a BERT-family model from a ``tokenizer.json``, a ``vocab.txt``, or a folder
+    holding either (a tansuo bundle, or a Hugging Face model folder; ``tokenizer.json`` is preferred).
+
+    Args:
+        path: The file or folder.
+        lowercase: For a ``vocab.txt`` only: lower-case and strip accents (``*-uncased`` models).
+
+    Raises:
+        DataError: If nothing usable is there.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("tokenizer.json", "vocab.txt"):
+            if (path / name).is_file():
+                return load_bert_tokenizer(path / name, lowercase)
+        raise DataError(f"{path} holds neither tokenizer.json nor vocab.txt; pass a folder or file that does")
+    tok = load_wordpiece_vocab(path, lowercase=lowercase) if path.suffix == ".txt" else load_tokenizer(path)
+    tok.no_padding()  # a Hugging Face tokenizer.json may pad to a fixed length; tansuo pads per batch
+    return tok
 
 
 def is_char_tokenizer(tok: Tokenizer) -> bool:

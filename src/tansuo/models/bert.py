@@ -192,6 +192,8 @@ class Bert(nn.Module):
         x = x + segments  # no ids: every token is in segment 0
         x = self.dropout(self.emb_norm(x))
         mask = None if attention_mask is None else attention_mask.bool()
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: attention without a mask takes the fused (flash) kernels
         return self.stack(x, key_padding_mask=mask)
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:

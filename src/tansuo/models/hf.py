@@ -288,7 +288,9 @@ def convert_bert_state_dict(hf_sd: dict[str, torch.Tensor], config: dict) -> dic
     return out
 
 
-def import_bert(folder: str | Path, num_classes: int = 2) -> tuple[nn.Module, list[str]]:
+def import_bert(
+    folder: str | Path, num_classes: int = 2, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, list[str]]:
     """Builds a tansuo BERT from a local Hugging Face checkpoint folder and loads its weights.
 
     Every tensor the checkpoint provides must fit (same shape); parameters it lacks (the MLM head of a
@@ -298,6 +300,7 @@ def import_bert(folder: str | Path, num_classes: int = 2) -> tuple[nn.Module, li
     Args:
         folder: The folder ``save_pretrained`` wrote (``config.json`` and the weights).
         num_classes: Classes of the classification head (0: none).
+        state_dict: The checkpoint's tensors if already read (:func:`load_hf_state_dict`).
 
     Returns:
         ``(model in eval mode, names of the tansuo parameters left freshly initialised)``.
@@ -310,7 +313,7 @@ def import_bert(folder: str | Path, num_classes: int = 2) -> tuple[nn.Module, li
 
     config = bert_config_from_hf(read_hf_config(folder), num_classes=num_classes)
     model = create_model(BASE_PRESET, **config)
-    converted = convert_bert_state_dict(load_hf_state_dict(folder), config)
+    converted = convert_bert_state_dict(state_dict or load_hf_state_dict(folder), config)
     expected = model.state_dict()  # the tied decoder weight is left out of it
     for name, tensor in converted.items():
         if name not in expected:  # only the classifier when num_classes=0

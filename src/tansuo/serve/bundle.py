@@ -2,7 +2,7 @@
 
 ```
 bundle/
-  config.json        model name, family and config; tansuo version
+  config.json        model name, family and config; tansuo version; origin (of an imported model)
   model.safetensors  weights (tied weights stored once)
   task.json          task name and its state (data source, splits, labels, normalisation)
   tokenizer.json     text tasks only (Hugging Face tokenizers format)
@@ -52,8 +52,12 @@ def save_bundle(
     task: Task,
     metrics: dict[str, Any] | None = None,
     recipe: dict[str, Any] | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a bundle folder atomically (an existing one is replaced only once the new one is complete)."""
+    """Write a bundle folder atomically (an existing one is replaced only once the new one is complete).
+
+    ``origin`` (say, the folder a model was imported from) is recorded in config.json.
+    """
     path = Path(path)
 
     def build(tmp: Path) -> None:
@@ -65,6 +69,8 @@ def save_bundle(
             "config": dataclasses.asdict(model.config),
             "num_params": model.num_params(),
         }
+        if origin is not None:
+            config["origin"] = origin
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         task.save(tmp)

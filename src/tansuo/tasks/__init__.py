@@ -10,11 +10,13 @@ from tansuo.tasks.base import Batch, Task
 from tansuo.tasks.classify import ClassifyTask
 from tansuo.tasks.image import ImageTask
 from tansuo.tasks.lm import LMTask
+from tansuo.tasks.mlm import MLMTask
 
 TASKS: dict[str, type[Task]] = {
     LMTask.name: LMTask,
     ImageTask.name: ImageTask,
     ClassifyTask.name: ClassifyTask,
+    MLMTask.name: MLMTask,
 }
 
-__all__ = ["TASKS", "Batch", "ClassifyTask", "ImageTask", "LMTask", "Task"]
+__all__ = ["TASKS", "Batch", "ClassifyTask", "ImageTask", "LMTask", "MLMTask", "Task"]

@@ -71,10 +71,12 @@ class Task(Protocol):
         """How many ``unit`` a batch holds."""
         ...
 
-    def evaluate(
-        self, model: nn.Module, split: str, batch_size: int, device: torch.device
-    ) -> dict[str, float]:
-        """Metrics on a split (``val`` or ``test``); must not change the model or global RNG state."""
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: torch.device) -> dict[str, Any]:
+        """Metrics on a split (``val`` or ``test``); must not change the model or global RNG state.
+
+        Values are floats, except structured entries (a confusion matrix, per-class figures: dicts or lists)
+        that are recorded in metrics.jsonl and metrics.json but not logged, tabled or used to pick the best.
+        """
         ...
 
     def save(self, bundle_dir: Path) -> None:

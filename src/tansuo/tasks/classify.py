@@ -5,10 +5,11 @@ optional second text column and a label column (see :mod:`tansuo.data.textsets`)
 it is split once with a seeded permutation into train/val/test by ``splits``; with ``train`` and ``test``,
 val is cut from train by the first two fractions; with ``train`` and ``val``, there is no test split and
 ``tansuo eval`` uses val. The label names are the sorted labels of the training split; a val/test label the
-training split lacks is an error naming its file and line.
+training split lacks is an error naming its file and line, and so is an empty text.
 
-Texts are encoded once with a BERT-style WordPiece tokenizer (trained on the training split, or a given
-``tokenizer.json`` / ``vocab.txt``) into ``[CLS] a [SEP] (b [SEP])``, truncated to ``max_seq_len`` tokens.
+Texts are encoded once with a BERT-style tokenizer (WordPiece or byte-level BPE trained on the training
+split, or a given ``tokenizer.json`` / ``vocab.txt``) into ``[CLS] a [SEP] (b [SEP])``, truncated to
+``max_seq_len`` tokens (the number of cut texts is logged per split and kept in ``truncated``).
 Training batches are bucketed by length to waste little on padding: each epoch shuffles the examples, cuts
 them into chunks of ``50 * batch_size``, sorts each chunk by length, cuts it into batches and shuffles the
 batches, all seeded by ``(seed, epoch)``; so batch ``n`` is a pure function of ``(seed, n)`` and every
@@ -34,16 +35,15 @@ from torch import nn
 
 from tansuo.data import (
     LabelledRow,
+    encoder_tokenizer,
     iter_labelled_rows,
     load_tokenizer,
-    load_wordpiece_vocab,
     save_tokenizer,
     split_indices,
-    train_wordpiece_tokenizer,
 )
 from tansuo.errors import DataError
 from tansuo.tasks.base import Batch, batch_seed
-from tansuo.tasks.image import classification_metrics
+from tansuo.tasks.metrics import classification_metrics, per_class_report
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class ClassifyDataConfig(BaseModel):
     """The ``data:`` section of a ``classify`` recipe."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    #: fields naming data files, resolved against --data-dir when relative
+    path_fields: ClassVar[tuple[str, ...]] = ("path", "train", "val", "test")
 
     train: str | None = Field(
         None,
@@ -74,9 +76,10 @@ class ClassifyDataConfig(BaseModel):
         (0.8, 0.1, 0.1), description="train/val/test fractions, used when val is not given"
     )
     tokenizer: str = Field(
-        "wordpiece", description="wordpiece (trained here), or a tokenizer.json / vocab.txt"
+        "wordpiece",
+        description="wordpiece or bpe (trained here), or a tokenizer.json / vocab.txt / folder holding one",
     )
-    vocab_size: int = Field(8000, gt=5, description="target vocabulary size of a trained WordPiece tokenizer")
+    vocab_size: int = Field(8000, gt=5, description="target vocabulary size of a trained tokenizer")
     max_seq_len: int = Field(
         128, ge=4, description="longest encoding in tokens (longer texts are cut); at most the model's"
     )
@@ -130,6 +133,7 @@ class ClassifyTask:
         self.heldout_split = "test" if has_test else "val"  # type: ignore[misc]
         self.splits = SPLITS if has_test else ("train", "val")
         self._encoded: dict[str, _Encoded] | None = None
+        self.truncated: dict[str, int] = {}  # texts cut to max_seq_len, per split (once encoded)
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -140,13 +144,12 @@ class ClassifyTask:
         if not train:
             raise DataError(f"{rows['train'][0]}: the training split is empty; {DATA_HINT}")
         labels = sorted({row.label for row in train})
-        if data.tokenizer == "wordpiece":
-            texts = (t for row in train for t in (row.text, row.pair) if t)
-            tokenizer = train_wordpiece_tokenizer(texts, data.vocab_size, lowercase=data.lowercase)
-        elif Path(data.tokenizer).suffix == ".txt":
-            tokenizer = load_wordpiece_vocab(data.tokenizer, lowercase=data.lowercase)
-        else:
-            tokenizer = load_tokenizer(data.tokenizer)
+        tokenizer = encoder_tokenizer(
+            data.tokenizer,
+            lambda: (t for row in train for t in (row.text, row.pair) if t),
+            data.vocab_size,
+            lowercase=data.lowercase,
+        )
         work_dir.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tokenizer, work_dir / "tokenizer.json")
         task = cls(data, seed, tokenizer, labels)
@@ -188,9 +191,13 @@ class ClassifyTask:
                     f"{source}:{row.line}: label {row.label!r} does not occur in the training split "
                     f"(labels {self.labels}); fix the label or add training examples of it"
                 )
-        empty = sum(1 for row in rows if not row.text.strip())
+        empty = [row.line for row in rows if not row.text.strip()]
         if empty:
-            logger.warning("%s (%s): %d of %d texts are empty", source, split, empty, len(rows))
+            more = f" (and {len(empty) - 1} more rows)" if len(empty) > 1 else ""
+            raise DataError(
+                f"{source}:{empty[0]}: the text ({self.data.text_column!r}) is empty{more}; "
+                "remove such rows or fill them in"
+            )
         if self.data.text_pair_column is None:
             encodings = self.tokenizer.encode_batch([row.text for row in rows])
         else:
@@ -205,8 +212,7 @@ class ClassifyTask:
                 len(rows),
                 self.data.max_seq_len,
             )
-        self.truncated = getattr(self, "truncated", {}) | {split: truncated}
-        self.empty = getattr(self, "empty", {}) | {split: empty}
+        self.truncated[split] = truncated
         return _Encoded(
             [e.ids for e in encodings],
             [e.type_ids for e in encodings],
@@ -290,9 +296,7 @@ class ClassifyTask:
         return len(batch["y"])
 
     @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, split: str, batch_size: int, device: torch.device
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: torch.device) -> dict[str, Any]:
         part = self._split(split)
         model.eval()
         order = np.argsort(part.lengths, kind="stable")
@@ -301,13 +305,8 @@ class ClassifyTask:
             idx = order[i : i + batch_size]
             batch = {k: v.to(device) for k, v in self._collate(part, idx).items()}
             logits[torch.from_numpy(idx)] = self._logits(model, batch).float().cpu()
-        metrics = classification_metrics(logits, part.labels)
-        pred = logits.argmax(-1)
-        for c, label in enumerate(self.labels):
-            tp = ((pred == c) & (part.labels == c)).sum().item()
-            predicted, actual = (pred == c).sum().item(), (part.labels == c).sum().item()
-            metrics[f"precision_{label}"] = tp / predicted if predicted else 0.0
-            metrics[f"recall_{label}"] = tp / actual if actual else 0.0
+        metrics: dict[str, Any] = dict(classification_metrics(logits, part.labels))
+        metrics.update(per_class_report(logits.argmax(-1), part.labels, self.labels))
         return metrics
 
     def save(self, bundle_dir: Path) -> None:
@@ -336,6 +335,9 @@ class ClassifyTask:
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         """Label each text; for pair tasks a tab in an input separates the two texts."""
+        empty = [i for i, text in enumerate(inputs) if not text.strip()]
+        if empty:
+            raise DataError(f"input {empty[0] + 1} of {len(inputs)} is an empty text; give some words")
         if self.data.text_pair_column is None:
             encodings = self.tokenizer.encode_batch(list(inputs))
         else:

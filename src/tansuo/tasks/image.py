@@ -31,6 +31,7 @@ from tansuo.data import (
 )
 from tansuo.errors import DataError
 from tansuo.tasks.base import Batch, batch_seed
+from tansuo.tasks.metrics import classification_metrics, per_class_report
 
 SPLITS = ("train", "val", "test")
 
@@ -39,6 +40,8 @@ class ImageDataConfig(BaseModel):
     """The ``data:`` section of an ``image`` recipe."""
 
     model_config = ConfigDict(extra="forbid")
+    #: fields naming data files, resolved against --data-dir when relative
+    path_fields: ClassVar[tuple[str, ...]] = ("path",)
 
     source: Literal["digits", "npz", "csv"] = Field("digits", description="where the images come from")
     path: str | None = Field(None, description="the .npz or .csv(.gz) file; --data PATH sets it")
@@ -180,9 +183,7 @@ class ImageTask:
         return len(batch["y"])
 
     @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, split: str, batch_size: int, device: torch.device
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str, batch_size: int, device: torch.device) -> dict[str, Any]:
         images, labels = self._split(split)
         model.eval()
         logits = torch.cat(
@@ -191,7 +192,9 @@ class ImageTask:
                 for i in range(0, len(labels), 256)
             ]
         )
-        return classification_metrics(logits, labels, self.data.top_k)
+        metrics: dict[str, Any] = dict(classification_metrics(logits, labels, self.data.top_k))
+        metrics.update(per_class_report(logits.argmax(-1), labels, self.class_names))
+        return metrics
 
     def save(self, bundle_dir: Path) -> None:
         info = {
@@ -224,25 +227,3 @@ class ImageTask:
                 }
             )
         return out
-
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> dict[str, float]:
-    """Loss, accuracy, macro-F1 and (with more than ``top_k`` classes) top-k accuracy."""
-    num_classes = logits.shape[-1]
-    pred = logits.argmax(-1)
-    metrics = {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (pred == labels).float().mean().item(),
-    }
-    if num_classes > top_k:
-        topk = logits.topk(top_k, dim=-1).indices
-        metrics[f"top{top_k}_accuracy"] = (topk == labels[:, None]).any(-1).float().mean().item()
-    f1s = []
-    for c in range(num_classes):
-        tp = ((pred == c) & (labels == c)).sum().item()
-        fp = ((pred == c) & (labels != c)).sum().item()
-        fn = ((pred != c) & (labels == c)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    metrics["macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
-    return metrics

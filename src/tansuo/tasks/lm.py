@@ -47,6 +47,8 @@ class LMDataConfig(BaseModel):
     """The ``data:`` section of an ``lm`` recipe."""
 
     model_config = ConfigDict(extra="forbid")
+    #: fields naming data files, resolved against --data-dir when relative
+    path_fields: ClassVar[tuple[str, ...]] = ("path",)
 
     path: str | None = Field(None, description="plain-text corpus; --data PATH sets it")
     tokenizer: str = Field("char", description="char, bpe, or a path to a tokenizer.json")

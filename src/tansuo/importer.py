@@ -1,0 +1,127 @@
+"""``tansuo import hf``: a local Hugging Face BERT-family folder becomes a tansuo bundle.
+
+The folder holds ``config.json``, the weights (safetensors, or a PyTorch ``.bin`` read tensors-only) and
+the tokenizer (``tokenizer.json`` or ``vocab.txt``; ``tokenizer_config.json``'s ``do_lower_case`` is
+honoured for the latter). What the bundle is for follows from the heads in the checkpoint:
+
+- a classifier (``BertForSequenceClassification``): a ``classify`` bundle, its labels from ``id2label`` in
+  ``config.json`` or from ``labels`` (one per classifier row), ready for ``tansuo predict``;
+- otherwise (``BertModel``, ``BertForMaskedLM``, ``BertForPreTraining``): an ``mlm`` bundle, a pretrained
+  encoder to fine-tune with ``model.init_from`` (and to fill ``[MASK]`` with, if the checkpoint has its MLM
+  head).
+
+Weights are converted by :mod:`tansuo.models.hf`; the bundle is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tansuo.data import load_bert_tokenizer
+from tansuo.errors import TansuoError
+from tansuo.models.hf import (
+    HFImportError,
+    bert_config_from_hf,
+    import_bert,
+    load_hf_state_dict,
+    read_hf_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportReport:
+    """What :func:`import_hf` wrote."""
+
+    bundle: Path
+    task: str
+    num_params: int
+    labels: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)  # parameters the checkpoint lacked (freshly initialised)
+
+
+def _labels_from_config(hf_config: dict, num_classes: int) -> list[str]:
+    id2label = hf_config.get("id2label") or {}
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        by_id = {}
+    if sorted(by_id) == list(range(num_classes)):
+        return [by_id[i] for i in range(num_classes)]
+    return [f"LABEL_{i}" for i in range(num_classes)]
+
+
+def _lowercase(folder: Path) -> bool:
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
+        except (OSError, json.JSONDecodeError):
+            logger.warning("%s is unreadable; assuming an uncased (lower-casing) vocabulary", config)
+    return True
+
+
+def import_hf(folder: str | Path, out: str | Path, labels: list[str] | None = None) -> ImportReport:
+    """Convert a Hugging Face BERT-family folder into a bundle at ``out``.
+
+    Args:
+        folder: The folder ``save_pretrained`` wrote (plus its tokenizer files).
+        out: The bundle folder to write (replaced atomically if it exists).
+        labels: Class names for a classifier checkpoint, in classifier-row order (default: ``id2label``).
+
+    Raises:
+        HFImportError: For a missing or unsupported checkpoint (the message names what is supported).
+        TansuoError: For ``labels`` on a checkpoint without a classifier, or of the wrong number.
+    """
+    from tansuo.serve.bundle import save_bundle
+    from tansuo.tasks.classify import ClassifyDataConfig, ClassifyTask
+    from tansuo.tasks.mlm import MLMDataConfig, MLMTask
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise HFImportError(f"{folder} is not a folder; pass a Hugging Face model folder (with config.json)")
+    hf_config = read_hf_config(folder)
+    bert_config_from_hf(hf_config)  # refuses other architectures before anything is read
+    state_dict = load_hf_state_dict(folder)
+    classifier = next(
+        (v for k, v in state_dict.items() if k.removeprefix("bert.") == "classifier.weight"), None
+    )
+    num_classes = 0 if classifier is None else int(classifier.shape[0])
+    if labels is not None:
+        if classifier is None:
+            raise TansuoError(
+                f"{folder} has no classifier, so --labels has nothing to name; import it without --labels "
+                "and fine-tune it with a classify recipe (model.init_from)"
+            )
+        if len(labels) != num_classes:
+            raise TansuoError(
+                f"--labels gives {len(labels)} names but the classifier has {num_classes} outputs; "
+                f"give {num_classes}, in the order of its rows"
+            )
+    try:
+        tokenizer = load_bert_tokenizer(folder, lowercase=_lowercase(folder))
+    except TansuoError as e:
+        raise HFImportError(f"cannot import {folder}'s tokenizer: {e}") from e
+    model, fresh = import_bert(folder, num_classes=num_classes, state_dict=state_dict)
+    seq_len = min(128, model.config.max_seq_len)
+    if classifier is not None:
+        names = labels or _labels_from_config(hf_config, num_classes)
+        data = ClassifyDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=_lowercase(folder))
+        task: ClassifyTask | MLMTask = ClassifyTask(data, seed=0, tokenizer=tokenizer, labels=names)
+    else:
+        names = []
+        data_mlm = MLMDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=_lowercase(folder))
+        task = MLMTask(data_mlm, seed=0, tokenizer=tokenizer, work_dir=None)
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        logger.warning(
+            "the tokenizer has %d tokens, the embedding table %d rows",
+            tokenizer.get_vocab_size(),
+            model.config.vocab_size,
+        )
+    origin = {"imported_from": str(folder.resolve()), "architectures": hf_config.get("architectures")}
+    path = save_bundle(out, model, task, metrics={}, origin=origin)
+    return ImportReport(bundle=path, task=task.name, num_params=model.num_params(), labels=names, fresh=fresh)

@@ -1,0 +1,47 @@
+"""Classification metrics shared by the image and text classification tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> dict[str, float]:
+    """Loss, accuracy, macro-F1 and (with more than ``top_k`` classes) top-k accuracy."""
+    num_classes = logits.shape[-1]
+    pred = logits.argmax(-1)
+    metrics = {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (pred == labels).float().mean().item(),
+    }
+    if num_classes > top_k:
+        topk = logits.topk(top_k, dim=-1).indices
+        metrics[f"top{top_k}_accuracy"] = (topk == labels[:, None]).any(-1).float().mean().item()
+    f1s = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    metrics["macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
+    return metrics
+
+
+def per_class_report(pred: torch.Tensor, target: torch.Tensor, labels: list[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true label, columns:
+    predicted label), from predicted and true class ids ``(N,)``."""
+    k = len(labels)
+    matrix = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k)  # (true, predicted)
+    per_class = {}
+    for c, label in enumerate(labels):
+        tp = int(matrix[c, c])
+        predicted, actual = int(matrix[:, c].sum()), int(matrix[c].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    return {"per_class": per_class, "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()}}
