@@ -156,3 +156,21 @@ def test_config_checks(overrides, message):
     fields = dict(embed_dim=32, num_layers=2, num_heads=2)
     with pytest.raises(ValueError, match=message):
         BertConfig(**{**fields, **overrides})
+
+
+def test_mean_pooling_averages_real_tokens_only():
+    torch.manual_seed(0)
+    model = create_model("bert_test", pooling="mean", dropout=0.0).eval()
+    ids = torch.randint(5, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        features = model.forward_features(ids, attention_mask=mask)
+        pooled = model.pooled(features, mask)
+        torch.testing.assert_close(pooled[1], features[1, :6].mean(0))
+        torch.testing.assert_close(pooled[0], features[0].mean(0))
+        # the padded row gives the same logits as the same tokens alone
+        alone = model(ids[1:, :6], attention_mask=mask[1:, :6])
+        torch.testing.assert_close(model(ids, attention_mask=mask)[1:], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        create_model("bert_test", pooling="max")

@@ -26,6 +26,8 @@ from tansuo.blocks import (
 )
 from tansuo.models._registry import check_dropout, check_positive, check_types, register_model
 
+POOLINGS = ("cls", "mean")
+
 
 @dataclass(kw_only=True)
 class BertConfig:
@@ -40,6 +42,9 @@ class BertConfig:
     norm_eps: float = 1e-12  # LayerNorm epsilon (Hugging Face's layer_norm_eps)
     num_classes: int = 2  # 0: no head, forward returns the pooled features
     prenorm: bool = False  # pre-norm layers and a final norm instead of BERT's post-norm layers
+    # what the classification head reads: "cls" = BERT's pooler, tanh(W h_[CLS] + b); "mean" = the mean of
+    # the hidden states over real tokens, as sentence-transformers models (all-MiniLM-L6-v2) were trained
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -59,6 +64,8 @@ class BertConfig:
         check_dropout(self)
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -196,13 +203,22 @@ class Bert(nn.Module):
             mask = None  # no padding: attention without a mask takes the fused (flash) kernels
         return self.stack(x, key_padding_mask=mask)
 
-    def pooled(self, features: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, T, C)`` to the pooler output ``tanh(W h_0 + b)``, ``(B, C)``."""
-        return torch.tanh(self.pooler(features[:, 0]))
+    def pooled(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``(B, T, C)`` to one vector per sequence ``(B, C)``: the pooler output
+        ``tanh(W h_0 + b)`` (``pooling="cls"``), or the mean over real tokens (``pooling="mean"``;
+        ``attention_mask`` ``(B, T)`` says which are real, None: all)."""
+        if self.config.pooling == "cls":
+            return torch.tanh(self.pooler(features[:, 0]))
+        if attention_mask is None:
+            return features.mean(dim=1)
+        weights = attention_mask.to(features.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (features * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, T, C)`` to class logits ``(B, num_classes)`` through the pooler."""
-        return self.head(self.head_drop(self.pooled(features)))
+    def forward_head(
+        self, features: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``(B, T, C)`` to class logits ``(B, num_classes)`` through :meth:`pooled`."""
+        return self.head(self.head_drop(self.pooled(features, attention_mask)))
 
     def mlm_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(B, T, C)`` to masked-language-model logits ``(B, T, V)``."""
@@ -215,7 +231,8 @@ class Bert(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Class logits ``(B, num_classes)``; arguments as in :meth:`forward_features`."""
-        return self.forward_head(self.forward_features(input_ids, attention_mask, token_type_ids))
+        features = self.forward_features(input_ids, attention_mask, token_type_ids)
+        return self.forward_head(features, attention_mask)
 
 
 def bert(
@@ -231,6 +248,7 @@ def bert(
     norm_eps: float = 1e-12,
     num_classes: int = 2,
     prenorm: bool = False,
+    pooling: str = "cls",
 ) -> Bert:
     """Builds a BERT from every hyperparameter (see :class:`BertConfig` for what each means)."""
     config = BertConfig(
@@ -245,6 +263,7 @@ def bert(
         norm_eps=norm_eps,
         num_classes=num_classes,
         prenorm=prenorm,
+        pooling=pooling,
     )
     return Bert(config)
 
