@@ -155,8 +155,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dev_macro_f1": dev["macro_f1"],
         "dev": dev,
         "truncated": getattr(task, "truncated", {}),
-        "target_accuracy": TARGET,
-        "passed": dev["accuracy"] >= TARGET and wall <= BUDGET_S,
+        # the target is the pretrained MiniLM's; other recipes are points of comparison
+        "target_accuracy": TARGET if rec.model.name == "minilm_l6" else None,
+        "passed": dev["accuracy"] >= TARGET and wall <= BUDGET_S if rec.model.name == "minilm_l6" else None,
         "full_length": args.max_steps is None,
         "wall_time_s": wall,
         "budget_s": BUDGET_S,
@@ -165,10 +166,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> None:
-    verdict = "PASS" if r["passed"] else "FAIL"
+    verdict = {True: "PASS", False: "FAIL", None: "no target (a point of comparison)"}[r["passed"]]
     note = "" if r["full_length"] else "  (a --max-steps smoke run: the target is for the full recipe)"
+    target = "" if r["target_accuracy"] is None else f"  (target >= {r['target_accuracy']:.3f})"
     print()
-    print(f"dev accuracy       {r['dev_accuracy']:.4f}  (target >= {r['target_accuracy']:.3f})")
+    print(f"dev accuracy       {r['dev_accuracy']:.4f}{target}")
     print(f"dev macro-F1       {r['dev_macro_f1']:.4f}")
     print(f"best step          {r['best_step']} of {r['steps']}")
     print(f"wall time          {r['wall_time_s'] / 60:.1f} min  (budget {r['budget_s'] / 60:.0f} min)")
