@@ -21,6 +21,7 @@ from tansuo.data.text import (
     split_tokens,
     token_dtype,
     token_file_is_current,
+    token_splits,
     tokenizer_fingerprint,
 )
 from tansuo.data.textsets import LabelledRow, iter_labelled_rows, read_labelled_text, text_format
@@ -74,6 +75,7 @@ __all__ = [
     "text_format",
     "token_dtype",
     "token_file_is_current",
+    "token_splits",
     "tokenizer_fingerprint",
     "train_bpe_tokenizer",
     "train_char_tokenizer",

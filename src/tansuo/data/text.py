@@ -333,6 +333,38 @@ def split_tokens(tokens: np.ndarray, train_fraction: float) -> tuple[np.ndarray,
     return tokens[:cut], tokens[cut:]
 
 
+def token_splits(
+    source: Path,
+    tok: Tokenizer,
+    tokens_path: Path,
+    train_fraction: float,
+    *,
+    need: int,
+    field: str,
+    value: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``source`` into ``tokens_path`` (unless that file is current) and cut it into training and
+    validation tokens (:func:`split_tokens`).
+
+    Args:
+        need: Fewest tokens each split must hold.
+        field, value: The ``data:`` setting that sets ``need`` and its value, for the error message.
+
+    Raises:
+        DataError: If a split holds fewer than ``need`` tokens.
+    """
+    if not token_file_is_current(source, tokens_path, tok.get_vocab_size(), tokenizer=tok):
+        encode_to_token_file(source, tok, tokens_path)
+    train, val = split_tokens(open_token_file(tokens_path), train_fraction)
+    for name, part in (("training", train), ("validation", val)):
+        if len(part) < need:
+            raise DataError(
+                f"{source}: the {name} split has {len(part)} tokens but {field} {value} needs at least "
+                f"{need}; use a longer corpus or lower data.{field}"
+            )
+    return train, val
+
+
 def lm_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,14 +26,12 @@ from torch import nn
 from tansuo.data import (
     decode,
     encode,
-    encode_to_token_file,
     iter_text_chunks,
     lm_batch,
     load_tokenizer,
-    open_token_file,
     save_tokenizer,
-    split_tokens,
     token_file_is_current,
+    token_splits,
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
@@ -106,20 +104,15 @@ class LMTask:
         if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
             self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-lm-")
             self._work_dir = Path(self._tmp.name)
-        tokens_path = self._work_dir / "tokens.bin"
-        if not _current(source, tokens_path, self.tokenizer):
-            encode_to_token_file(source, self.tokenizer, tokens_path)
-        tokens = open_token_file(tokens_path)
-        train, val = split_tokens(tokens, self.data.train_fraction)
-        need = self.data.block_size + 1
-        for name, part in (("training", train), ("validation", val)):
-            if len(part) < need:
-                raise DataError(
-                    f"{source}: the {name} split has {len(part)} tokens but block_size "
-                    f"{self.data.block_size} needs at least {need}; "
-                    "use a longer corpus or lower data.block_size"
-                )
-        self._splits = (train, val)
+        self._splits = token_splits(
+            source,
+            self.tokenizer,
+            self._work_dir / "tokens.bin",
+            self.data.train_fraction,
+            need=self.data.block_size + 1,
+            field="block_size",
+            value=self.data.block_size,
+        )
 
     def _split(self, split: str) -> np.ndarray:
         if self._splits is None:

@@ -33,17 +33,15 @@ from torch import nn
 from tansuo.atomic import atomic_write_text
 from tansuo.data import (
     TRAINED_ENCODER_TOKENIZERS,
-    encode_to_token_file,
     encoder_tokenizer,
     iter_labelled_rows,
     iter_text_chunks,
     lm_batch,
     load_tokenizer,
     mask_tokens,
-    open_token_file,
     save_tokenizer,
-    split_tokens,
     token_file_is_current,
+    token_splits,
 )
 from tansuo.errors import DataError, TansuoError
 from tansuo.tasks.base import Batch, batch_seed
@@ -145,19 +143,15 @@ class MLMTask:
         if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
             self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-mlm-")
             self._work_dir = Path(self._tmp.name)
-        tokens_path = self._work_dir / "tokens.bin"
-        if not _current(source, tokens_path, self.tokenizer):
-            encode_to_token_file(source, self.tokenizer, tokens_path)
-        train, val = split_tokens(open_token_file(tokens_path), self.data.train_fraction)
-        need = self.data.max_seq_len - 1  # a window of max_seq_len - 2 tokens, plus lm_batch's one more
-        for name, part in (("training", train), ("validation", val)):
-            if len(part) < need:
-                raise DataError(
-                    f"{source}: the {name} split has {len(part)} tokens but max_seq_len "
-                    f"{self.data.max_seq_len} needs at least {need}; use a longer corpus or lower "
-                    "data.max_seq_len"
-                )
-        self._splits = (train, val)
+        self._splits = token_splits(
+            source,
+            self.tokenizer,
+            self._work_dir / "tokens.bin",
+            self.data.train_fraction,
+            need=self.data.max_seq_len - 1,  # a window of max_seq_len - 2 tokens, plus lm_batch's one more
+            field="max_seq_len",
+            value=self.data.max_seq_len,
+        )
 
     def _split(self, split: str) -> np.ndarray:
         if self._splits is None:
