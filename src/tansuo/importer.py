@@ -102,19 +102,20 @@ def import_hf(folder: str | Path, out: str | Path, labels: list[str] | None = No
                 f"--labels gives {len(labels)} names but the classifier has {num_classes} outputs; "
                 f"give {num_classes}, in the order of its rows"
             )
+    lowercase = _lowercase(folder)
     try:
-        tokenizer = load_bert_tokenizer(folder, lowercase=_lowercase(folder))
+        tokenizer = load_bert_tokenizer(folder, lowercase=lowercase)
     except TansuoError as e:
         raise HFImportError(f"cannot import {folder}'s tokenizer: {e}") from e
     model, fresh = import_bert(folder, num_classes=num_classes, state_dict=state_dict)
     seq_len = min(128, model.config.max_seq_len)
     if classifier is not None:
         names = labels or _labels_from_config(hf_config, num_classes)
-        data = ClassifyDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=_lowercase(folder))
+        data = ClassifyDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=lowercase)
         task: ClassifyTask | MLMTask = ClassifyTask(data, seed=0, tokenizer=tokenizer, labels=names)
     else:
         names = []
-        data_mlm = MLMDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=_lowercase(folder))
+        data_mlm = MLMDataConfig(tokenizer=str(folder), max_seq_len=seq_len, lowercase=lowercase)
         task = MLMTask(data_mlm, seed=0, tokenizer=tokenizer, work_dir=None)
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         logger.warning(

@@ -111,13 +111,9 @@ class MLMTask:
         wanted = [data.tokenizer, data.vocab_size, data.lowercase]
         spec_path = work_dir / "tokenizer-spec.json"
         same = spec_path.is_file() and json.loads(spec_path.read_text(encoding="utf-8")) == wanted
-        if (
-            trained
-            and same
-            and tok_path.is_file()
-            and _current(source, tokens_path, load_tokenizer(tok_path))
-        ):
-            tokenizer = load_tokenizer(tok_path)  # same corpus and settings: reuse vocabulary and tokens
+        cached = load_tokenizer(tok_path) if trained and same and tok_path.is_file() else None
+        if cached is not None and _current(source, tokens_path, cached):
+            tokenizer = cached  # same corpus and settings: reuse vocabulary and tokens
         else:
             tokenizer = encoder_tokenizer(
                 data.tokenizer,
@@ -139,10 +135,13 @@ class MLMTask:
             data = data.model_copy(update={"path": data_path})
         return cls(data, info["seed"], load_tokenizer(bundle_dir / "tokenizer.json"), work_dir=None)
 
-    def _prepare(self, source: Path) -> None:
+    def _prepare(self, source: Path | None = None) -> None:
+        """Token splits of ``source`` (default: the corpus ``data`` names)."""
         if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
             self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-mlm-")
             self._work_dir = Path(self._tmp.name)
+        if source is None:
+            source = _corpus(self.data, self._work_dir)
         self._splits = token_splits(
             source,
             self.tokenizer,
@@ -155,10 +154,7 @@ class MLMTask:
 
     def _split(self, split: str) -> np.ndarray:
         if self._splits is None:
-            if self._work_dir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-mlm-")
-                self._work_dir = Path(self._tmp.name)
-            self._prepare(_corpus(self.data, self._work_dir))
+            self._prepare()
         assert self._splits is not None
         if split not in ("train", "val"):
             raise DataError(f"the mlm task has splits 'train' and 'val', not {split!r}")
