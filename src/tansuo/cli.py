@@ -332,6 +332,145 @@ def import_hf(
         )
 
 
+def _parse_sets(values: list[str] | None, option: str) -> dict[str, Any]:
+    """``key=value`` options to a mapping, values parsed as YAML scalars (numbers, true/false, null)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TansuoError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} num_layers=3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def compress(
+    bundle: Annotated[Path, typer.Argument(help="the bundle to compress (the teacher, for distillation)")],
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: dynamic int8 Linear layers (CPU, fbgemm), as the last step")
+    ] = None,
+    prune: Annotated[
+        str | None,
+        typer.Option(
+            help="heads=F,ffn=F (structured: remove heads and neurons) or unstructured=F (sparsity)"
+        ),
+    ] = None,
+    importance: Annotated[
+        str, typer.Option(help="structured pruning scores: taylor (gradient x activation) or magnitude")
+    ] = "taylor",
+    finetune_steps: Annotated[int, typer.Option(min=0, help="fine-tuning steps after pruning")] = 0,
+    distill_into: Annotated[
+        str | None, typer.Option(help="student preset (`tansuo models`); trained on the teacher's task")
+    ] = None,
+    student: Annotated[
+        list[str] | None, typer.Option(help="student architecture field, KEY=VALUE (repeatable)")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="weight of the hard-label loss in distillation")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="distillation temperature")] = 2.0,
+    hidden: Annotated[float, typer.Option(help="weight of hidden-state matching (0: off)")] = 0.0,
+    train_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--train",
+            help="override the bundle's train section for distillation and fine-tuning, "
+            "KEY=VALUE (repeatable), e.g. --train epochs=1 --train lr=5e-5",
+        ),
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="a compression recipe YAML (steps, max_drop); replaces the step flags")
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(help="allowed quality drop in points: keep the most compressed variant within it"),
+    ] = None,
+    objective: Annotated[str, typer.Option(help="most compressed means: latency or size")] = "latency",
+    out: Annotated[
+        Path | None, typer.Option(help="run folder (default: runs/compress-<bundle name>)")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="where the data lives now, if it moved")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads while measuring")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Compress a bundle (distil, prune, quantize), measuring quality, size, speed and memory of each step."""
+    _setup_logging(verbose)
+    from tansuo.compress.run import HEADERS, load_compress_recipe, parse_prune, rows
+    from tansuo.compress.run import compress as run_compress
+
+    if recipe is not None:
+        if any(v is not None for v in (quantize, prune, distill_into)):
+            raise TansuoError("give either --recipe or the step flags (--quantize, --prune, --distill-into)")
+        spec = load_compress_recipe(recipe)
+        if max_drop is not None:
+            spec = spec.model_copy(update={"max_drop": max_drop})
+    else:
+        train = _parse_sets(train_set, "--train")
+        steps: list[dict[str, Any]] = []
+        if distill_into is not None:
+            steps.append(
+                {
+                    "step": "distill",
+                    "into": distill_into,
+                    "overrides": _parse_sets(student, "--student"),
+                    "alpha": alpha,
+                    "temperature": temperature,
+                    "hidden": hidden,
+                    "train": train,
+                }
+            )
+        if prune is not None:
+            spec_p = parse_prune(prune)
+            steps.append(
+                {
+                    "step": "prune",
+                    **spec_p,
+                    "importance": importance,
+                    "finetune_steps": finetune_steps,
+                    "train": train,
+                }
+            )
+        if quantize is not None:
+            steps.append({"step": "quantize", "mode": quantize})
+        if not steps:
+            raise TansuoError(
+                "nothing to do: give --quantize int8, --prune ..., --distill-into PRESET or --recipe"
+            )
+        raw: dict[str, Any] = {"steps": steps, "max_drop": max_drop, "objective": objective}
+        if threads:
+            raw["threads"] = threads
+        spec = load_compress_recipe(None, raw)
+    run_dir = out or Path("runs") / f"compress-{bundle.resolve().name}"
+
+    def show(v: Any) -> None:
+        f = v.figures
+        q = f"{f.get('metric', 'quality')} {100 * f['quality']:.2f}" if "quality" in f else ""
+        console.print(
+            f"{v.name}: {q}  p50 {f['latency_ms_p50']:.2f} ms  size {f['size_bytes'] / 1e6:.1f} MB",
+            highlight=False,
+            markup=False,
+        )
+
+    report = run_compress(bundle, spec, run_dir, data_path=data, on_variant=show)
+    table = Table(title=f"compression of {bundle}", show_header=True)
+    for h in HEADERS:
+        table.add_column(h, justify="left" if h in ("variant", "steps") else "right")
+    for r in rows(report):
+        table.add_row(*(escape(c) for c in r))
+    console.print(table)
+    console.print(f"report: {run_dir / 'report.md'}", highlight=False)
+    if report["chosen"] is None:
+        console.print(
+            f"no variant stays within {spec.max_drop} points of the original's quality: the original stays "
+            f"({bundle}); nothing was written as the result",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"chosen: {report['chosen']} -> [bold]{escape(report['chosen_bundle'])}[/]", highlight=False
+    )
+
+
 @app.command()
 def models(
     pattern: Annotated[str | None, typer.Argument(help="filter, e.g. 'vit*'")] = None,

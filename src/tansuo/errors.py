@@ -23,3 +23,7 @@ class BundleError(TansuoError):
 
 class TrainingDiverged(TansuoError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CompressionError(TansuoError):
+    """A compression step cannot run as asked (unsupported model, impossible ratio, missing backend)."""

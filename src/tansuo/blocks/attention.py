@@ -178,4 +178,5 @@ class MultiHeadAttention(nn.Module):
                 T, S, causal=causal, offset=offset, key_padding_mask=key_padding_mask, device=x.device
             )
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        # heads side by side: H * D wide, narrower than C once heads are pruned
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -167,9 +167,10 @@ class Bert(nn.Module):
             total -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel() + self.seg_emb.weight.numel()
         return total
 
-    def example_input(self, batch_size: int = 2) -> torch.Tensor:
-        """Random token ids ``(batch_size, min(16, max_seq_len))`` on the model's device."""
-        shape = (batch_size, min(16, self.config.max_seq_len))
+    def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
+        """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to
+        ``min(16, max_seq_len)`` and is capped at ``max_seq_len``."""
+        shape = (batch_size, min(seq_len or 16, self.config.max_seq_len))
         return torch.randint(0, self.config.vocab_size, shape, device=self.tok_emb.weight.device)
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -139,9 +139,10 @@ class GPT(nn.Module):
             total -= 0 if self.pos_emb is None else self.pos_emb.weight.numel()
         return total
 
-    def example_input(self, batch_size: int = 2) -> torch.Tensor:
-        """Random token ids ``(batch_size, max_seq_len)`` on the model's device."""
-        shape = (batch_size, self.config.max_seq_len)
+    def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
+        """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to (and is
+        capped at) ``max_seq_len``."""
+        shape = (batch_size, min(seq_len or self.config.max_seq_len, self.config.max_seq_len))
         return torch.randint(0, self.config.vocab_size, shape, device=self.tok_emb.weight.device)
 
     def init_cache(

@@ -71,6 +71,8 @@ def save_bundle(
         }
         if origin is not None:
             config["origin"] = origin
+        if getattr(model, "compression", None):
+            config["compression"] = model.compression  # replayed by load_bundle before the weights load
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         task.save(tmp)
@@ -114,6 +116,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
     if task_name not in TASKS:
         raise BundleError(f"{path}: unknown task {task_name!r}; this tansuo knows {sorted(TASKS)}")
     model = create_model(config["model_name"], **config["config"])
+    if config.get("compression"):
+        from tansuo.compress import restore_structure
+
+        restore_structure(model, config["compression"])
     load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
     model.to(device).eval()
     task = TASKS[task_name].from_bundle(path, data_path=data_path)

@@ -63,6 +63,12 @@ class Task(Protocol):
         """Endless training micro-batches, starting with micro-batch number ``start``."""
         ...
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the model scores and against what: logits ``(N, K)`` and targets ``(N,)`` (one row per
+        example, token or masked position). ``loss`` is their cross-entropy; distillation compares the
+        logits of a student and a teacher."""
+        ...
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean loss of one batch (already on the model's device)."""
         ...

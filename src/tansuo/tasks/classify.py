@@ -275,6 +275,9 @@ class ClassifyTask:
                 epoch, batches = e, self.epoch_order(batch_size, e)
             yield self._collate(part, batches[k])
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._logits(model, batch), batch["y"]
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self._logits(model, batch).float(), batch["y"])
 

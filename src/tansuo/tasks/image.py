@@ -176,6 +176,9 @@ class ImageTask:
                 x = random_shift(x, self.data.max_shift, g)
             yield {"x": self.normalize(x), "y": labels[idx]}
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["x"]), batch["y"]
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(model(batch["x"]).float(), batch["y"])
 

@@ -136,9 +136,12 @@ class LMTask:
             x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
             yield {"x": x, "y": y}
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(batch["x"]).flatten(0, 1), batch["y"].flatten()  # (B * T, V), (B * T,)
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(batch["x"])  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+        logits, targets = self.logits(model, batch)
+        return F.cross_entropy(logits.float(), targets)
 
     def count(self, batch: Batch) -> int:
         return batch["x"].numel()

@@ -212,6 +212,9 @@ class MLMTask:
         chosen = batch["labels"] != IGNORE  # (B, T)
         return model.mlm_logits(features[chosen]), batch["labels"][chosen]  # only where it is scored
 
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._scores(model, batch)
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, labels = self._scores(model, batch)
         if labels.numel() == 0:  # nothing chosen in this batch (tiny batches only): a zero loss, no NaN

@@ -77,6 +77,8 @@ class Trainer:
         cfg: the recipe's ``train`` section.
         seed: the run's seed (recorded; data order is the task's pure function of it).
         recipe: the validated recipe, stored in every bundle.
+        extra: modules trained beside the model (a distillation projection): optimised and checkpointed,
+            but not part of the bundle.
         progress: show a Rich progress bar (the CLI turns it on; the library default is quiet logging).
     """
 
@@ -88,6 +90,7 @@ class Trainer:
         *,
         seed: int = 0,
         recipe: dict[str, Any] | None = None,
+        extra: nn.Module | None = None,
         progress: bool = False,
     ) -> None:
         self.task, self.cfg, self.seed, self.recipe, self.progress = task, cfg, seed, recipe, progress
@@ -97,7 +100,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)
         self.step_model = torch.compile(model) if cfg.compile else model
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device)
+        self.extra = None if extra is None else extra.to(self.device)
+        self.trained = model if extra is None else nn.ModuleList([model, self.extra])
+        betas = (cfg.beta1, cfg.beta2)
+        self.optimizer = build_optimizer(self.trained, cfg.lr, cfg.weight_decay, betas, self.device)
         self.plan = make_plan(cfg, task)
         self.metric = cfg.best_metric or task.default_metric
         self.mode = cfg.best_mode or metric_mode(self.metric)
@@ -114,7 +120,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
@@ -127,9 +133,14 @@ class Trainer:
                 "total_steps": self.plan.total_steps,
             },
         }
+        if self.extra is not None:
+            state["extra"] = self.extra.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.extra is not None:
+            self.extra.load_state_dict(state["extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -196,7 +207,7 @@ class Trainer:
                 step_loss += value / cfg.grad_accum
                 window_units += task.count(batch)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

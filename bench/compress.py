@@ -1,0 +1,175 @@
+"""Compression targets, measured: int8, structured pruning and distillation on digits and SST-2.
+
+Each case runs ``tansuo compress`` (the library's :func:`tansuo.compress.run.compress`) from the fp32 bundle,
+which is measured again in the same run as the reference: quality on the bundle's held-back split, latency at
+batch 1 (p50 of ``--reps`` calls after warm-up; text models on 128 tokens), size on disk, peak memory.
+
+Cases and targets (from the compression issue):
+
+- ``digits-int8``: the digits ViT (recipes/digits-vit.yaml) in int8: within 0.5 points of fp32.
+- ``digits-distill``: a student at half the width (embed_dim 32), distilled with hidden-state matching:
+  within 1 point of its teacher.
+- ``sst2-int8``: the fine-tuned MiniLM-L6 SST-2 bundle in int8: >= 1.8x faster at batch 1 x 128, <= 0.5
+  points lost.
+- ``sst2-prune``: 25% of heads and 50% of FFN neurons removed (taylor importance), fine-tuned: >= 1.4x
+  faster, <= 1 point lost.
+- ``sst2-distill``: a 3-layer student (layers 2, 4, 6 of the teacher) distilled from the 6-layer teacher:
+  >= 97% of the teacher's accuracy at >= 1.8x the speed.
+
+Run from the repository root (the SST-2 cases need the bundle ``bench/sst2.py`` writes)::
+
+    .venv/bin/python bench/compress.py --data-dir ../shared/data/sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import busy_note, fail
+
+CASES = ("digits-int8", "digits-distill", "sst2-int8", "sst2-prune", "sst2-distill")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Compression targets: int8, pruning, distillation.")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of %(default)s")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/sst2"), help="SST-2 folder")
+    p.add_argument(
+        "--sst2-bundle",
+        type=Path,
+        default=Path("runs/bench-sst2/bundle"),
+        help="fine-tuned MiniLM SST-2 bundle (bench/sst2.py writes it; default: %(default)s)",
+    )
+    p.add_argument("--digits-bundle", type=Path, default=None, help="digits ViT bundle (default: train one)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-compress"), help="run folder")
+    p.add_argument("--reps", type=int, default=100, help="timed batch-1 calls per variant")
+    p.add_argument("--prune-steps", type=int, default=1000, help="fine-tuning steps after pruning")
+    p.add_argument("--distill-epochs", type=float, default=1.0, help="epochs of SST-2 distillation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads while measuring")
+    return p.parse_args(argv)
+
+
+def digits_teacher(args: argparse.Namespace) -> Path:
+    if args.digits_bundle is not None:
+        return args.digits_bundle
+    from tansuo.models import create_model
+    from tansuo.recipe import load_recipe
+    from tansuo.tasks import TASKS
+    from tansuo.train.device import seed_everything
+    from tansuo.train.trainer import Trainer
+
+    out = args.out / "digits-teacher"
+    rec, data = load_recipe(Path("recipes/digits-vit.yaml"), [f"train.out_dir={json.dumps(str(out))}"])
+    seed_everything(rec.seed)
+    task = TASKS[rec.task].from_recipe(data, rec.seed, out / "data")
+    model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
+    result = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump()).fit()
+    return Path(result["bundle"])
+
+
+def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    measure = {"reps": args.reps, "threads": args.threads}
+    return {
+        "digits-int8": {"steps": [{"step": "quantize"}], **measure},
+        "digits-distill": {
+            "steps": [
+                {
+                    "step": "distill",
+                    "into": "vit_digits",
+                    "overrides": {"embed_dim": 32},
+                    "alpha": 0.5,
+                    "temperature": 2.0,
+                    "hidden": 1.0,
+                }
+            ],
+            **measure,
+        },
+        "sst2-int8": {"steps": [{"step": "quantize"}], **measure},
+        "sst2-prune": {
+            "steps": [
+                {
+                    "step": "prune",
+                    "heads": 0.25,
+                    "ffn": 0.5,
+                    "importance": "taylor",
+                    "finetune_steps": args.prune_steps,
+                    "train": {"lr": 3.0e-5, "warmup_steps": 50, "eval_every": max(1, args.prune_steps // 4)},
+                }
+            ],
+            **measure,
+        },
+        "sst2-distill": {
+            "steps": [
+                {
+                    "step": "distill",
+                    "into": "minilm_l6",
+                    "overrides": {"num_layers": 3, "pooling": "mean"},
+                    "alpha": 0.5,
+                    "temperature": 2.0,
+                    "train": {"epochs": args.distill_epochs, "eval_every": 500},
+                }
+            ],
+            **measure,
+        },
+    }
+
+
+def judge(case: str, ref: dict[str, Any], v: dict[str, Any]) -> tuple[bool, str]:
+    drop = 100 * (ref["quality"] - v["quality"])
+    speed = ref["latency_ms_p50"] / v["latency_ms_p50"]
+    kept = v["quality"] / ref["quality"]
+    if case == "digits-int8":
+        return drop <= 0.5, f"drop {drop:.2f} pts (<= 0.5)"
+    if case == "digits-distill":
+        return drop <= 1.0, f"drop {drop:.2f} pts (<= 1.0)"
+    if case == "sst2-int8":
+        return speed >= 1.8 and drop <= 0.5, f"{speed:.2f}x (>= 1.8), drop {drop:.2f} pts (<= 0.5)"
+    if case == "sst2-prune":
+        return speed >= 1.4 and drop <= 1.0, f"{speed:.2f}x (>= 1.4), drop {drop:.2f} pts (<= 1.0)"
+    return kept >= 0.97 and speed >= 1.8, f"keeps {100 * kept:.1f}% (>= 97%), {speed:.2f}x (>= 1.8)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        fail(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
+    if any(c.startswith("sst2") for c in cases) and not (args.sst2_bundle / "config.json").is_file():
+        fail(
+            f"no SST-2 bundle at {args.sst2_bundle}: run `.venv/bin/python bench/sst2.py --data-dir "
+            f"{args.data_dir}` first, or pass --sst2-bundle"
+        )
+    from tansuo.compress.run import compress, load_compress_recipe, rows
+
+    busy, note = busy_note()
+    print(f"torch {torch.__version__} · {torch.get_num_threads()} threads · {note}", flush=True)
+    teacher_digits = digits_teacher(args) if any(c.startswith("digits") for c in cases) else None
+    results: dict[str, Any] = {"benchmark": "compress", "cpus_busy_at_start": busy, "cases": {}}
+    all_ok = True
+    specs = recipes(args)
+    for case in cases:
+        bundle = teacher_digits if case.startswith("digits") else args.sst2_bundle
+        data = None if case.startswith("digits") else str(args.data_dir)
+        start = time.perf_counter()
+        report = compress(bundle, load_compress_recipe(None, specs[case]), args.out / case, data_path=data)
+        wall = time.perf_counter() - start
+        ref, v = report["variants"][0], report["variants"][-1]
+        ok, why = judge(case, ref, v)
+        all_ok &= ok
+        results["cases"][case] = {"passed": ok, "why": why, "wall_s": wall, "report": report}
+        print(f"\n{case} ({wall / 60:.1f} min): {'PASS' if ok else 'FAIL'} - {why}")
+        for r in rows(report):
+            print("  " + " | ".join(r))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"\nresult: {'PASS' if all_ok else 'FAIL'} · figures in {args.out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Knowledge distillation: a student learns from a teacher's soft predictions, with the one trainer.
+
+Loss (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"; DistilBERT, Sanh et al. 2019)::
+
+    a * CE(student, labels) + (1 - a) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+plus, optionally, ``b * MSE(P h_student, h_teacher)``: the last hidden states matched through a learned
+projection ``P`` (TinyBERT, Jiao et al. 2020), which lets a narrower student learn from a wider teacher.
+:class:`DistillTask` wraps the teacher's task: batches, evaluation and bundles are the task's own, only the
+loss changes; the teacher runs in eval mode without gradients. A student of the teacher's family and width
+starts from the teacher's weights, one layer out of every ``L_teacher / L_student`` (DistilBERT's
+initialisation, :func:`init_from_teacher`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tansuo.blocks import TransformerStack
+from tansuo.errors import CompressionError
+from tansuo.tasks.base import Batch, Task
+
+log = logging.getLogger(__name__)
+
+
+class DistillationLoss(nn.Module):
+    """``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)``, averaged over rows.
+
+    Args:
+        alpha: Weight of the cross-entropy with the true labels, in [0, 1].
+        temperature: T > 0; softens both distributions (T^2 keeps the gradient scale of the soft term).
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 2.0) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise CompressionError(f"distillation alpha must lie in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise CompressionError(f"distillation temperature must be positive, got {temperature}")
+        self.alpha, self.temperature = alpha, temperature
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``(N, K)`` of both, targets ``(N,)`` (-100 = no label: those rows count in the soft term
+        only)."""
+        T = self.temperature
+        s, t = student_logits.float(), teacher_logits.float()
+        log_s, log_t = F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1)
+        soft = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)  # sum over K, mean over N
+        loss = (1.0 - self.alpha) * T * T * soft
+        if self.alpha > 0:
+            loss = loss + self.alpha * F.cross_entropy(s, targets)
+        return loss
+
+
+class HiddenStateLoss(nn.Module):
+    """``MSE(proj(h_student), h_teacher)`` over real positions; ``proj`` is learned (identity-initialised when
+    the widths match)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim)
+        if student_dim == teacher_dim:
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(teacher_dim))
+                self.proj.bias.zero_()
+
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states ``(B, T, Cs)`` and ``(B, T, Ct)``; ``mask`` ``(B, T)`` true for real tokens."""
+        err = (self.proj(student.float()) - teacher.float()).pow(2).mean(-1)  # (B, T)
+        if mask is None:
+            return err.mean()
+        m = mask.to(err.dtype)
+        return (err * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _stack(model: nn.Module) -> TransformerStack:
+    for module in model.modules():
+        if isinstance(module, TransformerStack):
+            return module
+    raise CompressionError(
+        f"hidden-state matching needs a Transformer stack; {type(model).__name__} has none (set hidden=0)"
+    )
+
+
+def _width(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    width = getattr(config, "embed_dim", None)
+    if width is None:
+        raise CompressionError(f"cannot tell the hidden width of {type(model).__name__}; set hidden=0")
+    return int(width)
+
+
+class DistillTask:
+    """The teacher's task with a distillation loss; everything else is delegated to ``task``.
+
+    Args:
+        task: The teacher bundle's task (batches, evaluation, bundle assets).
+        teacher: The teacher model; frozen and put in eval mode here.
+        student: The model being trained (needed to capture its hidden states).
+        alpha, temperature: See :class:`DistillationLoss`.
+        hidden: Weight of the hidden-state term (0: off).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        hidden: float = 0.0,
+    ) -> None:
+        if not hasattr(task, "logits"):
+            raise CompressionError(f"the {task.name!r} task cannot be distilled (it exposes no logits)")
+        self.task, self.teacher = task, teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.kd = DistillationLoss(alpha, temperature)
+        self.hidden_weight = hidden
+        self.hidden: HiddenStateLoss | None = None
+        self._captured: dict[str, torch.Tensor] = {}
+        if hidden > 0:
+            self.hidden = HiddenStateLoss(_width(student), _width(teacher))
+            _stack(student).register_forward_hook(self._capture("student"))
+            _stack(teacher).register_forward_hook(self._capture("teacher"))
+
+    def _capture(self, key: str):
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            self._captured[key] = output
+
+        return hook
+
+    @property
+    def extra(self) -> nn.Module | None:
+        """Modules trained beside the student (the hidden-state projection), not part of its bundle."""
+        return self.hidden
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        device = next(iter(batch.values())).device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        if self.hidden is not None and next(self.hidden.parameters()).device != device:
+            self.hidden.to(device)
+        student_logits, targets = self.task.logits(model, batch)
+        with torch.no_grad():
+            teacher_logits, _ = self.task.logits(self.teacher, batch)
+        loss = self.kd(student_logits, teacher_logits, targets)
+        if self.hidden is not None:
+            mask = batch.get("attention_mask")
+            h_s, h_t = self._captured.pop("student"), self._captured.pop("teacher")
+            if h_s.dim() == 2:  # (B, C) features: no positions
+                h_s, h_t, mask = h_s[:, None], h_t[:, None], None
+            loss = loss + self.hidden_weight * self.hidden(h_s, h_t, None if mask is None else mask.bool())
+        return loss
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def teacher_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Which teacher layer each student layer starts from: evenly spaced, ending with the last one
+    (6 -> 3: layers 1, 3, 5)."""
+    return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, int]:
+    """Copy the teacher's weights into a student of the same family and width: every tensor outside the
+    layers, and layer ``i`` of the student from layer :func:`teacher_layers` ``[i]`` of the teacher. Returns
+    counts of copied and skipped (shape mismatch) tensors."""
+    t_state = teacher.state_dict()
+    layer_ids = [int(m.group(2)) for k in t_state for m in [_LAYER.search(k)] if m]
+    s_layer_ids = [int(m.group(2)) for k in student.state_dict() for m in [_LAYER.search(k)] if m]
+    n_t = max(layer_ids) + 1 if layer_ids else 0
+    n_s = max(s_layer_ids) + 1 if s_layer_ids else 0
+    mapping = teacher_layers(n_t, n_s) if n_t and n_s else []
+    new, copied, skipped = {}, 0, 0
+    for key, value in student.state_dict().items():
+        m = _LAYER.search(key)
+        source = (
+            key if m is None else _LAYER.sub(f"{m.group(1)}layers.{mapping[int(m.group(2))]}.", key, count=1)
+        )
+        if source in t_state and t_state[source].shape == value.shape:
+            new[key] = t_state[source]
+            copied += 1
+        else:
+            new[key] = value
+            skipped += 1
+    student.load_state_dict(new, strict=True)
+    log.info("student initialised from the teacher: %d tensors copied, %d kept fresh", copied, skipped)
+    return {"copied": copied, "skipped": skipped}

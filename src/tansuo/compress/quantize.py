@@ -1,0 +1,185 @@
+"""Int8 dynamic quantization of Linear layers, torchao style: ``quantize_(model, Int8DynamicConfig())``.
+
+Weights are stored as int8 with one fp32 scale per output channel (symmetric, zero point 0); activations
+are quantized per call from their observed range (dynamic quantization, as in BERT int8 by Zafrir et al.
+2019 and Optimum's dynamic ONNX Runtime quantization). The matmul runs in fbgemm's int8 kernel
+(``torch.ops.quantized.linear_dynamic``), the kernel behind ``torch.ao.quantization.quantize_dynamic``.
+
+Why this kernel: on this 2-core AVX2 CPU it runs a BERT-base layer stack at batch 1 x 128 tokens 2.2x
+faster than fp32, while torchao's int8 configs are 5-39x *slower* without ``torch.compile`` (measured, see
+the project's STACK.md). ``quantize_dynamic`` itself is deprecated and stores torchbind objects that
+safetensors cannot hold; :class:`Int8DynamicLinear` keeps plain tensors (``weight`` int8, ``weight_scale``,
+``bias``) in its state dict and packs them for the kernel on first use, so a quantized bundle is still only
+safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tansuo.errors import CompressionError
+
+#: quantized engines with a fast x86 int8 GEMM, in order of preference (qnnpack is 2x slower than fp32 here)
+ENGINES = ("fbgemm", "x86", "onednn")
+
+
+def supported_engines() -> list[str]:
+    """The quantized engines this build of torch has."""
+    return list(torch.backends.quantized.supported_engines)
+
+
+def quantized_engine() -> str:
+    """The int8 engine used on this machine; raises :class:`CompressionError` when none is available."""
+    supported = supported_engines()
+    for engine in ENGINES:
+        if engine in supported:
+            return engine
+    raise CompressionError(
+        f"int8 dynamic quantization needs one of the x86 engines {ENGINES}, and this build of torch has "
+        f"{supported}; run the compression on an x86 CPU (or use pruning and distillation, which need none)"
+    )
+
+
+@contextlib.contextmanager
+def _engine(name: str) -> Iterator[None]:
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    """Int8 weights (per output channel, symmetric) and int8 activations quantized at run time.
+
+    Args:
+        reduce_range: Quantize activations to 7 bits, as fbgemm needs on CPUs without VNNI (AVX2) to keep its
+            16-bit accumulation from saturating. Leave it on unless every target CPU has AVX-512 VNNI.
+    """
+
+    reduce_range: bool = True
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear layer with int8 weights that runs on fbgemm's int8 kernel (CPU only).
+
+    State: ``weight`` int8 ``(out, in)``, ``weight_scale`` fp32 ``(out,)``, ``bias`` fp32 ``(out,)`` or none.
+    Build one with :meth:`from_float`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce_range: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.reduce_range = in_features, out_features, reduce_range
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module._unpack())
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, config: Int8DynamicConfig = Int8DynamicConfig()
+    ) -> Int8DynamicLinear:
+        """Quantize a float Linear: ``scale = max |w| / 127`` per output row, ``q = round(w / scale)``."""
+        w = linear.weight.detach().float().cpu()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config.reduce_range)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        module.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float().cpu())
+        return module
+
+    def _unpack(self) -> None:
+        self._packed = None
+
+    def _apply(self, fn, recurse=True):  # .to() / .cpu(): the packed weight is rebuilt from the new tensors
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight this layer computes with, ``(out, in)``."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def _pack(self) -> torch.Tensor:
+        if self.weight.device.type != "cpu":
+            raise CompressionError(
+                "int8 layers run on the CPU only (fbgemm); load this bundle with --device cpu"
+            )
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # the quantized-tensor deprecation: see the module docstring
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            scale = self.weight_scale.double()
+            qweight = torch._make_per_channel_quantized_tensor(self.weight, scale, zero, 0)
+        with _engine(quantized_engine()):
+            return torch.ops.quantized.linear_prepack(qweight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in)`` float to ``(..., out)`` float32."""
+        if self._packed is None:
+            self._packed = self._pack()
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, self.reduce_range)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, dynamic"
+
+
+def _default_filter(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def quantize_(
+    model: nn.Module,
+    config: Int8DynamicConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` that ``filter_fn(module, name)`` accepts (default: all) by an
+    :class:`Int8DynamicLinear`. A Linear whose weight is shared with another module (a tied LM or MLM
+    decoder) is left in fp32, so the sharing survives. Returns the names of the replaced modules.
+
+    The model must be on the CPU.
+    """
+    config = config or Int8DynamicConfig()
+    quantized_engine()  # fail before touching the model
+    filter_fn = filter_fn or _default_filter
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise CompressionError("quantize_ works on a CPU model (int8 kernels are CPU-only); call model.cpu()")
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    names = []
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and filter_fn(module, name)):
+            continue
+        if owners.get(id(module.weight), 0) > 1:
+            continue  # tied to an embedding
+        _set_submodule(model, name, Int8DynamicLinear.from_float(module, config))
+        names.append(name)
+    return names
+
+
+def restore_quantized(model: nn.Module, names: list[str], reduce_range: bool = True) -> None:
+    """Replace the named Linear layers by empty :class:`Int8DynamicLinear` layers of the same shapes, so that
+    a quantized state dict loads (how bundles are read back)."""
+    for name in names:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise CompressionError(f"the bundle quantized {name!r}, but this model has no Linear layer there")
+        bias = linear.bias is not None
+        _set_submodule(
+            model, name, Int8DynamicLinear(linear.in_features, linear.out_features, bias, reduce_range)
+        )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

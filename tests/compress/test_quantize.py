@@ -1,0 +1,84 @@
+"""Int8 dynamic quantization: accuracy of the int8 layers (SQNR, as torchao tests), ties, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tansuo.compress import Int8DynamicConfig, Int8DynamicLinear, quantize_
+from tansuo.compress.quantize import restore_quantized
+from tansuo.errors import CompressionError
+from tansuo.models import create_model
+
+
+def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    return (20 * torch.log10(ref.norm() / (ref - approx).norm())).item()
+
+
+def test_int8_linear_is_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    q = Int8DynamicLinear.from_float(linear)
+    x = torch.randn(4, 10, 64)
+    with torch.no_grad():
+        ref, out = linear(x), q(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert sqnr(ref, out) > 30  # 8-bit weights and 7-bit activations: about 35 dB here
+    assert q.weight.dtype == torch.int8 and q.weight_scale.shape == (48,)
+    # the int8 weights represent the float ones to within half a step per channel
+    err = (q.dequantized_weight() - linear.weight).abs().max(dim=1).values
+    assert torch.all(err <= q.weight_scale / 2 + 1e-7)
+
+
+def test_quantize_bert_keeps_tied_decoder_and_output_close() -> None:
+    torch.manual_seed(0)
+    model = create_model("bert_test", num_classes=3).eval()
+    ids = model.example_input(4, seq_len=12)
+    with torch.no_grad():
+        ref = model.forward_features(ids)
+    names = quantize_(model, Int8DynamicConfig())
+    assert "mlm_head.decoder" not in names  # tied to the token embedding: stays fp32
+    assert model.mlm_head.decoder.weight is model.tok_emb.weight
+    assert "stack.layers.0.attn.q_proj" in names and "head" in names
+    assert isinstance(model.stack.layers[0].mlp.in_proj, Int8DynamicLinear)
+    with torch.no_grad():
+        out = model.forward_features(ids)
+    assert sqnr(ref, out) > 20
+
+
+def test_filter_fn_chooses_layers() -> None:
+    model = create_model("bert_test", num_classes=2)
+    names = quantize_(model, filter_fn=lambda m, name: name.startswith("stack.layers.1."))
+    assert names and all(n.startswith("stack.layers.1.") for n in names)
+    assert isinstance(model.stack.layers[0].attn.q_proj, nn.Linear)
+
+
+def test_quantized_state_dict_round_trips_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_test", num_classes=4).eval()
+    names = quantize_(model)
+    x = model.example_input(3)
+    with torch.no_grad():
+        ref = model(x)
+    fresh = create_model("vit_test", num_classes=4).eval()
+    restore_quantized(fresh, names)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+
+
+def test_gpu_models_are_refused() -> None:
+    model = create_model("bert_test")
+    model.to("meta")
+    with pytest.raises(CompressionError, match="CPU"):
+        quantize_(model)
+
+
+def test_missing_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tansuo.compress.quantize.supported_engines", lambda: ["qnnpack"])
+    with pytest.raises(CompressionError, match="x86 engines"):
+        quantize_(create_model("bert_test"))

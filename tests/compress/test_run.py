@@ -1,0 +1,120 @@
+"""`tansuo compress`: recipes, the choice of variant, and the whole chain on a tiny image bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tansuo.compress.quantize import Int8DynamicLinear
+from tansuo.compress.run import Variant, choose, load_compress_recipe, parse_prune
+from tansuo.errors import RecipeError
+from tansuo.serve.bundle import load_bundle
+from tests.conftest import image_recipe
+from tests.test_cli import run
+from tests.train.test_trainer import make_trainer
+
+
+def _v(name: str, quality: float, latency: float, size: int) -> Variant:
+    return Variant(name, Path(name), [], {"quality": quality, "latency_ms_p50": latency, "size_bytes": size})
+
+
+def test_choose_picks_the_fastest_within_the_allowed_drop() -> None:
+    variants = [
+        _v("original", 0.900, 40.0, 90),
+        _v("distill", 0.880, 20.0, 60),  # 2.0 points down
+        _v("prune", 0.893, 25.0, 50),  # 0.7 down
+        _v("int8", 0.891, 12.0, 30),  # 0.9 down
+    ]
+    assert choose(variants, 1.0, "latency").name == "int8"
+    assert choose(variants, 0.8, "latency").name == "prune"
+    assert choose(variants, 2.5, "latency").name == "int8"
+    assert choose(variants, 0.5, "latency") is None  # none qualifies: the original stays
+    assert choose(variants, None, "latency").name == "int8"  # no budget: the last step
+    sized = [variants[0], _v("a", 0.9, 10.0, 70), _v("b", 0.9, 30.0, 20)]
+    assert choose(sized, 1.0, "size").name == "b" and choose(sized, 1.0, "latency").name == "a"
+
+
+def test_recipe_schema_names_bad_fields() -> None:
+    with pytest.raises(RecipeError, match="quantize must be the last step"):
+        load_compress_recipe(None, {"steps": [{"step": "quantize"}, {"step": "prune", "heads": 0.5}]})
+    with pytest.raises(RecipeError, match="steps.0.prune.heads"):
+        load_compress_recipe(None, {"steps": [{"step": "prune", "heads": 1.0}]})
+    with pytest.raises(RecipeError, match="give heads and/or ffn"):
+        load_compress_recipe(None, {"steps": [{"step": "prune"}]})
+    with pytest.raises(RecipeError, match="steps"):
+        load_compress_recipe(None, {"steps": []})
+    assert parse_prune("heads=0.25, ffn=0.5") == {"heads": 0.25, "ffn": 0.5}
+    for bad in ("heads", "layers=0.5", "heads=lots"):
+        with pytest.raises(RecipeError, match="--prune"):
+            parse_prune(bad)
+
+
+@pytest.fixture
+def image_bundle(image_npz: Path, tmp_path: Path) -> Path:
+    result = make_trainer(image_recipe(image_npz, tmp_path / "run", max_steps=40, eval_every=40)).fit()
+    return Path(result["bundle"])
+
+
+def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    out = tmp_path / "compressed"
+    args = ["compress", str(image_bundle), "--prune", "heads=0.5,ffn=0.5", "--finetune-steps", "4"]
+    args += ["--quantize", "int8", "--importance", "magnitude", "--out", str(out), "--train", "batch_size=16"]
+    code, out_text, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "chosen: 02-quantize" in out_text and "speed-up" in out_text
+    report = json.loads((out / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["original", "01-prune", "02-quantize"]
+    for v in report["variants"]:
+        for key in ("quality", "latency_ms_p50", "latency_ms_p95", "throughput_per_s", "size_bytes"):
+            assert v[key] > 0
+        assert v["peak_rss_mb"] > 50 and v["threads"] >= 1
+    original, pruned, quantized = report["variants"]
+    assert pruned["params"] < original["params"] and quantized["size_bytes"] < pruned["size_bytes"]
+    assert "| variant |" in (out / "report.md").read_text()
+    b = load_bundle(out / "bundle")  # the chosen bundle loads like any other and still predicts
+    assert isinstance(b.model.head, Int8DynamicLinear)
+    assert [r["step"] for r in b.model.compression] == ["prune", "quantize"]
+    assert sum(b.model.compression[0]["attention"].values()) == 2  # vit_test: 2 layers x 2 heads, half go
+    accuracy = b.task.evaluate(b.model, "test", 64, torch.device("cpu"))["accuracy"]
+    assert accuracy == pytest.approx(quantized["quality"])
+
+
+def test_nothing_qualifies_keeps_the_original_and_exits_non_zero(
+    image_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    fake = {
+        "bundle": str(image_bundle),
+        "recipe": {"max_drop": 0.1, "objective": "latency", "reps": 5, "large_batch": 4},
+        "variants": [
+            {"name": n, "steps": s, "quality": q, "latency_ms_p50": 2.0, "threads": 1}
+            for n, s, q in (("original", [], 0.9), ("01-quantize", ["int8"], 0.5))
+        ],
+        "chosen": None,
+    }
+    monkeypatch.setattr("tansuo.compress.run.compress", lambda *a, **k: fake)
+    out = tmp_path / "c"
+    args = ["compress", str(image_bundle), "--quantize", "int8", "--max-drop", "0.1", "--out", str(out)]
+    code, text, _ = run(args, monkeypatch, capsys)
+    assert code == 1 and "the original stays" in text
+    assert not (out / "bundle").exists()
+
+
+def test_bad_requests_are_usage_errors_and_write_nothing(
+    image_bundle: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "c"
+    cases = [
+        (["--prune", "heads=1.0"], "heads"),
+        (["--prune", "heads=0.5", "--quantize", "int4"], "quantize"),
+        (["--distill-into", "bert_test"], "family"),
+        (["--distill-into", "vit_test", "--student", "num_classes=7"], "num_classes"),
+        (["--distill-into", "no_such_model"], "no_such_model"),
+        ([], "nothing to do"),
+    ]
+    for extra, words in cases:
+        code, _, err = run(["compress", str(image_bundle), "--out", str(out), *extra], monkeypatch, capsys)
+        assert code == 2 and words in err, (extra, err)
+        assert not (out / "bundle").exists()
