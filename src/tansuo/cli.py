@@ -351,6 +351,10 @@ def compress(
     quantize: Annotated[
         str | None, typer.Option(help="int8: dynamic int8 Linear layers (CPU, fbgemm), as the last step")
     ] = None,
+    quantize_backend: Annotated[
+        str,
+        typer.Option(help="int8 runtime: torch (fbgemm), onnxruntime, or auto (the faster, measured)"),
+    ] = "auto",
     prune: Annotated[
         str | None,
         typer.Option(
@@ -386,9 +390,7 @@ def compress(
         typer.Option(help="allowed quality drop in points: keep the most compressed variant within it"),
     ] = None,
     objective: Annotated[str, typer.Option(help="most compressed means: latency or size")] = "latency",
-    out: Annotated[
-        Path | None, typer.Option(help="run folder (default: runs/compress-<bundle name>)")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/compress-<run name>)")] = None,
     data: Annotated[str | None, typer.Option("--data", help="where the data lives now, if it moved")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads while measuring")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -431,7 +433,7 @@ def compress(
                 }
             )
         if quantize is not None:
-            steps.append({"step": "quantize", "mode": quantize})
+            steps.append({"step": "quantize", "mode": quantize, "backend": quantize_backend})
         if not steps:
             raise TansuoError(
                 "nothing to do: give --quantize int8, --prune ..., --distill-into PRESET or --recipe"
@@ -440,7 +442,9 @@ def compress(
         if threads:
             raw["threads"] = threads
         spec = load_compress_recipe(None, raw)
-    run_dir = out or Path("runs") / f"compress-{bundle.resolve().name}"
+    source = bundle.resolve()
+    name = source.parent.name if source.name == "bundle" else source.name  # runs/X/bundle -> X
+    run_dir = out or Path("runs") / f"compress-{name}"
 
     def show(v: Any) -> None:
         f = v.figures
@@ -468,6 +472,37 @@ def compress(
         raise typer.Exit(1)
     console.print(
         f"chosen: {report['chosen']} -> [bold]{escape(report['chosen_bundle'])}[/]", highlight=False
+    )
+
+
+@app.command()
+def export(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder (bert, vit or resnet classifier)")],
+    out: Annotated[Path, typer.Option(help="the .onnx file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    tolerance: Annotated[float, typer.Option(help="largest allowed difference from PyTorch")] = 1e-4,
+) -> None:
+    """Export a bundle's model to ONNX (dynamic batch and sequence axes), checked against PyTorch."""
+    _setup_logging(False)
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.serve.onnx import export_onnx
+
+    if fmt != "onnx":
+        raise TansuoError(f"--format {fmt!r} is not supported; use --format onnx")
+    b = load_bundle(bundle, device="cpu")
+    if getattr(b.model, "onnx_file", None) is not None:
+        raise TansuoError(f"{bundle} already is an ONNX model: copy its model.onnx")
+    if getattr(b.model, "compression", None) and any(r["step"] == "quantize" for r in b.model.compression):
+        raise TansuoError(f"{bundle} holds int8 torch layers, which do not export; export the fp32 bundle")
+    report = export_onnx(b.model, out, tolerance=tolerance)
+    shapes = ", ".join("x".join(map(str, s)) for s in report["checked_shapes"])
+    console.print(
+        f"wrote {out} (inputs {', '.join(report['inputs'])}; dynamic batch"
+        f"{' and sequence' if 'input_ids' in report['inputs'] else ''} axes)\n"
+        f"max abs difference from PyTorch: {report['max_abs_diff']:.2e} on inputs {shapes} "
+        f"(allowed {tolerance:.0e})",
+        highlight=False,
+        markup=False,
     )
 
 

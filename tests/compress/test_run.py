@@ -10,7 +10,7 @@ import torch
 
 from tansuo.compress.quantize import Int8DynamicLinear
 from tansuo.compress.run import Variant, choose, load_compress_recipe, parse_prune
-from tansuo.errors import RecipeError
+from tansuo.errors import BundleError, RecipeError
 from tansuo.serve.bundle import load_bundle
 from tests.conftest import image_recipe
 from tests.test_cli import run
@@ -61,7 +61,8 @@ def image_bundle(image_npz: Path, tmp_path: Path) -> Path:
 def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "compressed"
     args = ["compress", str(image_bundle), "--prune", "heads=0.5,ffn=0.5", "--finetune-steps", "4"]
-    args += ["--quantize", "int8", "--importance", "magnitude", "--out", str(out), "--train", "batch_size=16"]
+    args += ["--quantize", "int8", "--quantize-backend", "torch", "--importance", "magnitude"]
+    args += ["--out", str(out), "--train", "batch_size=16"]
     code, out_text, err = run(args, monkeypatch, capsys)
     assert code == 0, err
     assert "chosen: 02-quantize" in out_text and "speed-up" in out_text
@@ -80,6 +81,8 @@ def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypat
     assert sum(b.model.compression[0]["attention"].values()) == 2  # vit_test: 2 layers x 2 heads, half go
     accuracy = b.task.evaluate(b.model, "test", 64, torch.device("cpu"))["accuracy"]
     assert accuracy == pytest.approx(quantized["quality"])
+    with pytest.raises(BundleError, match="CPU only"):
+        load_bundle(out / "bundle", device="meta")
 
 
 def test_nothing_qualifies_keeps_the_original_and_exits_non_zero(
@@ -118,3 +121,12 @@ def test_bad_requests_are_usage_errors_and_write_nothing(
         code, _, err = run(["compress", str(image_bundle), "--out", str(out), *extra], monkeypatch, capsys)
         assert code == 2 and words in err, (extra, err)
         assert not (out / "bundle").exists()
+
+
+def test_shipped_compression_recipes_are_valid() -> None:
+    paths = sorted((Path(__file__).parents[2] / "recipes" / "compress").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert path.read_text().startswith("# tansuo compress "), path
+        recipe = load_compress_recipe(path)
+        assert recipe.steps[-1].step == "quantize"

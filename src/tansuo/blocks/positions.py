@@ -18,7 +18,7 @@ from torch import nn
 
 def _positions(positions: int | torch.Tensor, offset: int, max_seq_len: int, device: torch.device):
     """Returns a long tensor of absolute positions, checked against ``max_seq_len``."""
-    if isinstance(positions, int):
+    if not isinstance(positions, torch.Tensor):  # an int, or a symbolic one while exporting
         last = offset + positions - 1  # checked without a tensor, so no device sync
         positions = torch.arange(offset, offset + positions, device=device)
     else:

@@ -55,7 +55,8 @@ def restore_structure(model: nn.Module, records: list[dict[str, Any]]) -> None:
         if step == "prune":
             restore_pruned(model, record)
         elif step == "quantize":
-            restore_quantized(model, record["modules"], record.get("reduce_range", True))
+            reduce_range, per_sample = record.get("reduce_range", True), record.get("per_sample", False)
+            restore_quantized(model, record["modules"], reduce_range, per_sample)
         elif step != "distill":
             raise BundleError(f"unknown compression step {step!r} in the bundle; a newer tansuo wrote it")
     model.compression = list(records)

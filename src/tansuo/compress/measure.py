@@ -2,10 +2,14 @@
 
 Every variant is measured in a fresh process (``python -m tansuo.compress.measure BUNDLE``) that loads the
 bundle from disk, so the figures include the save / load round trip, and peak memory (the process's peak
-resident set after the speed runs) is not inflated by whatever measured before. Latency is timed after
-warm-up under ``torch.inference_mode`` with a fixed number of threads (recorded), as median and p95 of
-batch-1 calls; throughput is items per second at a larger batch. Quality is the task's default metric on
-the bundle's held-back split, which training never saw.
+resident set, ``VmHWM``, after the speed runs) is not inflated by whatever ran before. Quality is the task's
+default metric on the bundle's held-back split, which training never saw.
+
+Speed is compared in one more process that loads every variant and times them in turn, call by call
+(:func:`compare_speed`), so that drift in machine load hits all alike (this machine's latency for the
+same model wanders by 30% over minutes). Latency is timed after warm-up under ``torch.inference_mode`` with
+a fixed number of threads (recorded), as median and p95 of batch-1 calls; throughput is items per second at
+a larger batch.
 
 Text models are timed on ``seq_len`` random tokens with no padding (batch 1 x 128 by default); image
 models on random images of their input size.
@@ -47,10 +51,18 @@ def compressed_bytes(path: Path, level: int = 1) -> int:
     return total + len(z.flush())
 
 
+def weights_file(bundle: Path) -> Path:
+    """The file that holds a bundle's model: model.safetensors, or model.onnx for ONNX Runtime bundles."""
+    onnx = Path(bundle) / "model.onnx"
+    return onnx if onnx.is_file() else Path(bundle) / "model.safetensors"
+
+
 def weight_count(model: nn.Module) -> int:
     """Parameters plus int8 weights and their biases (quantized layers keep them as buffers)."""
     from tansuo.compress.quantize import Int8DynamicLinear
 
+    if getattr(model, "onnx_file", None) is not None:
+        return model.num_params()
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         if isinstance(m, Int8DynamicLinear):
@@ -98,6 +110,62 @@ def measure_speed(
     }
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: ``VmHWM`` on Linux (reset by exec, unlike
+    ``ru_maxrss``, which keeps the parent's peak), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def compare_speed(
+    paths: list[Path], *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
+) -> list[dict[str, float]]:
+    """Latency and throughput of several bundles, timed in turn call by call (rotating the order) so that
+    they share the machine's conditions. Returns one dict per path, as :func:`measure_speed`."""
+    from tansuo.serve.bundle import load_bundle
+
+    models = [load_bundle(p, device="cpu").model.eval() for p in paths]
+    ones = [example_input(m, 1, seq_len) for m in models]
+    manys = [example_input(m, large_batch, seq_len) for m in models]
+    n = len(models)
+    t1: list[list[float]] = [[] for _ in models]
+    tn: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for i in range(n):
+            for _ in range(warmup):
+                models[i](ones[i])
+            models[i](manys[i])
+        for r in range(reps):
+            for j in range(n):
+                i = (r + j) % n
+                start = time.perf_counter()
+                models[i](ones[i])
+                t1[i].append(time.perf_counter() - start)
+        for r in range(max(5, reps // 5)):
+            for j in range(n):
+                i = (r + j) % n
+                start = time.perf_counter()
+                models[i](manys[i])
+                tn[i].append(time.perf_counter() - start)
+    return [
+        {
+            "latency_ms_p50": 1000 * statistics.median(a),
+            "latency_ms_p95": 1000 * _p95(a),
+            "latency_spread": (_p95(a) - statistics.median(a)) / statistics.median(a),
+            "throughput_per_s": large_batch / statistics.median(b),
+            "input_tokens": int(x.shape[1]) if x.dim() == 2 else 0,
+        }
+        for a, b, x in zip(t1, tn, ones, strict=True)
+    ]
+
+
 def measure_bundle(
     path: Path,
     *,
@@ -117,10 +185,10 @@ def measure_bundle(
         "threads": torch.get_num_threads(),
         "params": weight_count(b.model),
         "size_bytes": folder_bytes(path),
-        "size_zipped_bytes": compressed_bytes(path / "model.safetensors"),
+        "size_zipped_bytes": compressed_bytes(weights_file(path)),
     }
     result.update(measure_speed(b.model, seq_len=seq_len, large_batch=large_batch, reps=reps))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["peak_rss_mb"] = peak_rss_mb()
     if quality:
         split = b.task.heldout_split
         with torch.inference_mode():
@@ -132,9 +200,15 @@ def measure_bundle(
     return result
 
 
-def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """:func:`measure_bundle` in a fresh Python process (honest peak memory); raises with its stderr."""
-    cmd = [sys.executable, "-m", "tansuo.compress.measure", str(path)]
+def measure_in_subprocess(
+    path: Path | list[Path], *, threads: int | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`measure_bundle` in a fresh Python process (honest peak memory), or with a list of paths
+    :func:`compare_speed` (``{"speed": [...]}``); raises with its stderr."""
+    paths = [path] if isinstance(path, Path | str) else list(path)
+    cmd = [sys.executable, "-m", "tansuo.compress.measure", *map(str, paths)]
+    if len(paths) > 1 or kwargs.pop("compare", False):
+        cmd.append("--compare")
     for key, value in kwargs.items():
         if value is None:
             continue
@@ -155,7 +229,8 @@ def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: A
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Measure one bundle; prints one JSON line.")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("--compare", action="store_true", help="time the bundles in turn (speed only)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=50)
@@ -165,8 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        speed = compare_speed(
+            args.bundles, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps
+        )
+        print(json.dumps({"threads": torch.get_num_threads(), "speed": speed}))
+        return
     result = measure_bundle(
-        args.bundle,
+        args.bundles[0],
         seq_len=args.seq_len,
         large_batch=args.large_batch,
         reps=args.reps,

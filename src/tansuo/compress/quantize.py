@@ -63,9 +63,13 @@ class Int8DynamicConfig:
     Args:
         reduce_range: Quantize activations to 7 bits, as fbgemm needs on CPUs without VNNI (AVX2) to keep its
             16-bit accumulation from saturating. Leave it on unless every target CPU has AVX-512 VNNI.
+        per_sample: Take each sample's activation range separately (one kernel call per item of the batch),
+            so a prediction never depends on what else is in its batch (serving batches requests
+            together). Off: one range for the whole batch, as ``quantize_dynamic`` does.
     """
 
     reduce_range: bool = True
+    per_sample: bool = True
 
 
 class Int8DynamicLinear(nn.Module):
@@ -75,9 +79,17 @@ class Int8DynamicLinear(nn.Module):
     Build one with :meth:`from_float`.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce_range: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        reduce_range: bool = True,
+        per_sample: bool = True,
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.reduce_range = in_features, out_features, reduce_range
+        self.in_features, self.out_features = in_features, out_features
+        self.reduce_range, self.per_sample = reduce_range, per_sample
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -90,7 +102,10 @@ class Int8DynamicLinear(nn.Module):
     ) -> Int8DynamicLinear:
         """Quantize a float Linear: ``scale = max |w| / 127`` per output row, ``q = round(w / scale)``."""
         w = linear.weight.detach().float().cpu()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config.reduce_range)
+        has_bias = linear.bias is not None
+        module = cls(
+            linear.in_features, linear.out_features, has_bias, config.reduce_range, config.per_sample
+        )
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         module.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         module.weight_scale.copy_(scale)
@@ -123,13 +138,21 @@ class Int8DynamicLinear(nn.Module):
             return torch.ops.quantized.linear_prepack(qweight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in)`` float to ``(..., out)`` float32."""
+        """``(B, ..., in)`` float to ``(B, ..., out)`` float32; dimension 0 is the batch."""
         if self._packed is None:
             self._packed = self._pack()
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, self.reduce_range)
+        x = x.float().contiguous()
+        if not self.per_sample or x.dim() < 2 or x.shape[0] == 1:
+            return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
+        rows = x.split(1, dim=0)  # one activation range per sample
+        return torch.cat(
+            [torch.ops.quantized.linear_dynamic(r, self._packed, self.reduce_range) for r in rows]
+        )
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, dynamic"
+        per = "per sample" if self.per_sample else "per batch"
+        bits = 7 if self.reduce_range else 8
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {bits}-bit {per}"
 
 
 def _default_filter(module: nn.Module, name: str) -> bool:
@@ -167,7 +190,9 @@ def quantize_(
     return names
 
 
-def restore_quantized(model: nn.Module, names: list[str], reduce_range: bool = True) -> None:
+def restore_quantized(
+    model: nn.Module, names: list[str], reduce_range: bool = True, per_sample: bool = True
+) -> None:
     """Replace the named Linear layers by empty :class:`Int8DynamicLinear` layers of the same shapes, so that
     a quantized state dict loads (how bundles are read back)."""
     for name in names:
@@ -175,9 +200,8 @@ def restore_quantized(model: nn.Module, names: list[str], reduce_range: bool = T
         if not isinstance(linear, nn.Linear):
             raise CompressionError(f"the bundle quantized {name!r}, but this model has no Linear layer there")
         bias = linear.bias is not None
-        _set_submodule(
-            model, name, Int8DynamicLinear(linear.in_features, linear.out_features, bias, reduce_range)
-        )
+        empty = Int8DynamicLinear(linear.in_features, linear.out_features, bias, reduce_range, per_sample)
+        _set_submodule(model, name, empty)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

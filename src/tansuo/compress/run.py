@@ -21,14 +21,19 @@ The original and each variant are measured in a fresh process (:mod:`tansuo.comp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import shutil
+import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
@@ -60,6 +65,15 @@ class QuantizeStep(_Strict):
     mode: Literal["int8"] = "int8"
     #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
     skip: list[str] = Field(default_factory=list)
+    #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
+    #: logits on calibration batches the higher signal-to-noise ratio against fp32
+    reduce_range: Literal["auto", True, False] = "auto"
+    #: torch: fbgemm int8 Linear layers in the PyTorch model; onnxruntime: the model exported to ONNX and
+    #: quantized by ONNX Runtime (classifiers of the bert, vit and resnet families); auto: the faster here
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    #: activation ranges per sample (predictions independent of the batch) or per batch (quantize_dynamic)
+    per_sample: bool = True
+    calibration_batches: int = Field(4, gt=0, description="training batches for reduce_range=auto")
 
 
 class PruneStep(_Strict):
@@ -70,6 +84,9 @@ class PruneStep(_Strict):
     importance: Literal["magnitude", "taylor"] = "taylor"
     score_batches: int = Field(16, gt=0, description="training batches for taylor importance")
     finetune_steps: int = Field(0, ge=0, description="optimizer steps of fine-tuning after pruning")
+    distill: bool = Field(True, description="fine-tune with the unpruned model as the teacher")
+    alpha: float = Field(0.5, ge=0, le=1, description="hard-label weight when fine-tuning with a teacher")
+    temperature: float = Field(2.0, gt=0)
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the bundle's train section")
 
     @model_validator(mode="after")
@@ -186,20 +203,117 @@ def _seed(bundle: Any) -> int:
     return int(getattr(bundle.task, "seed", 0))
 
 
-def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
-    from tansuo.serve.bundle import save_bundle
+def _sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    noise = (ref - approx).float().norm().clamp(min=1e-12)
+    return float(20 * torch.log10(ref.float().norm() / noise))
 
-    quantized_engine()
-    model = bundle.model.cpu()
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _time_in_turn(models: dict[str, nn.Module], example: torch.Tensor, reps: int = 30) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each model, timed in turn."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(3):
+                m(example)
+        for _ in range(reps):
+            for k, m in models.items():
+                start = time.perf_counter()
+                m(example)
+                times[k].append(time.perf_counter() - start)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
+    """int8 on the torch (fbgemm) or the ONNX Runtime backend. ``auto`` builds both (when ONNX Runtime is
+    installed and the family exports) and keeps the faster at batch 1; within a backend, 7- or 8-bit
+    ranges are chosen by the logits' SNR against fp32 on calibration batches."""
+    from tansuo.compress.measure import example_input
+    from tansuo.serve.bundle import save_bundle
+    from tansuo.serve.onnx import IMAGE_FAMILIES, TEXT_FAMILIES
+
+    model, task = bundle.model.cpu().eval(), bundle.task
+    family = getattr(model, "family", "")
     skip = tuple(step.skip)
-    names = quantize_(
-        model, Int8DynamicConfig(), filter_fn=lambda m, name: not (skip and name.startswith(skip))
-    )
-    if not names:
-        raise CompressionError("this model has no Linear layers to quantize")
-    record = {"step": "quantize", "mode": step.mode, "modules": names, "reduce_range": True}
-    model.compression = [*getattr(model, "compression", []), record]
-    save_bundle(out, model, bundle.task, bundle.metrics, _recipe(bundle))
+    ranges = [True, False] if step.reduce_range == "auto" else [bool(step.reduce_range)]
+    batches = [b for _, b in zip(range(step.calibration_batches), task.train_batches(32, 0), strict=False)]
+    with torch.inference_mode():
+        ref = torch.cat([task.logits(model, b)[0] for b in batches])
+
+    def snr_of(m: nn.Module) -> float:
+        with torch.inference_mode():
+            return _sqnr(ref, torch.cat([task.logits(m, b)[0] for b in batches]))
+
+    backends = ["torch", "onnxruntime"] if step.backend == "auto" else [step.backend]
+    if step.backend == "auto" and not (_onnxruntime_available() and family in TEXT_FAMILIES + IMAGE_FAMILIES):
+        backends = ["torch"]
+    if step.backend == "auto" and "torch" in backends:
+        try:
+            quantized_engine()
+        except CompressionError:
+            backends.remove("torch")
+    if not backends:
+        quantized_engine()  # raises with what would work
+    candidates: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    sqnr: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        if "torch" in backends:
+            quantized_engine()
+            best = None
+            for rr in ranges:
+                m = copy.deepcopy(model)
+                names = quantize_(
+                    m,
+                    Int8DynamicConfig(rr, step.per_sample),
+                    filter_fn=lambda _, name: not (skip and name.startswith(skip)),
+                )
+                if not names:
+                    raise CompressionError("this model has no Linear layers to quantize")
+                sqnr[f"torch {8 - rr}-bit"] = value = snr_of(m)
+                if best is None or value > best[0]:
+                    best = (value, m, {"backend": "torch", "modules": names, "reduce_range": rr})
+            candidates["torch"] = best[1:]
+        if "onnxruntime" in backends:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            from tansuo.serve.onnx import OnnxModel, export_onnx
+
+            if skip:
+                raise CompressionError("skip is supported by the torch backend only; set backend: torch")
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx(model, fp32)
+            best = None
+            for rr in ranges:
+                path = Path(tmp) / f"int8-{rr}.onnx"
+                quantize_dynamic(fp32, path, per_channel=True, reduce_range=rr, weight_type=QuantType.QInt8)
+                m = OnnxModel(path, model, per_sample=step.per_sample)
+                sqnr[f"onnxruntime {8 - rr}-bit weights"] = value = snr_of(m)
+                if best is None or value > best[0]:
+                    best = (value, m, {"backend": "onnxruntime", "reduce_range": rr})
+            candidates["onnxruntime"] = best[1:]
+        record: dict[str, Any] = {"step": "quantize", "mode": step.mode, "per_sample": step.per_sample}
+        record["sqnr_db"] = sqnr
+        if len(candidates) > 1:
+            latency = _time_in_turn({k: m for k, (m, _) in candidates.items()}, example_input(model, 1, 128))
+            chosen = min(latency, key=latency.get)
+            record["latency_ms_batch1"] = latency
+            log.info("int8 backends at batch 1: %s; keeping %s", latency, chosen)
+        else:
+            chosen = next(iter(candidates))
+        qmodel, extra = candidates[chosen]
+        record.update(extra)
+        qmodel.compression = [*getattr(model, "compression", []), record]
+        if chosen == "onnxruntime":
+            qmodel.model_name = model.model_name
+        save_bundle(out, qmodel, task, bundle.metrics, _recipe(bundle))
     return out
 
 
@@ -213,6 +327,7 @@ def run_prune(bundle: Any, step: PruneStep, out: Path) -> Path:
     from tansuo.train.device import resolve_device
 
     model, task = bundle.model, bundle.task
+    teacher = copy.deepcopy(model) if step.finetune_steps and step.distill else None
     if step.unstructured is not None:
         record = prune_(model, UnstructuredPruneConfig(step.unstructured))
         record["measured_sparsity"] = sparsity(model)
@@ -236,6 +351,8 @@ def run_prune(bundle: Any, step: PruneStep, out: Path) -> Path:
         return out
     cfg = _train_config(bundle, out.with_name(out.name + "-train"), step.train, step.finetune_steps)
     handles = keep_zeros(model) if step.unstructured is not None else []
+    if teacher is not None:  # the unpruned model teaches the pruned one what it lost
+        task = DistillTask(task, teacher, model, alpha=step.alpha, temperature=step.temperature)
     try:
         best = _fit(task, model, cfg, _seed(bundle))
     finally:
@@ -338,6 +455,21 @@ def choose(variants: list[Variant], max_drop: float | None, objective: str) -> V
     return min(ok, key=lambda v: tuple(v.figures[k] for k in keyed))
 
 
+def check_quantize(model: nn.Module, step: QuantizeStep) -> None:
+    """Raise when no backend the step allows can quantize this model on this machine."""
+    from tansuo.serve.onnx import IMAGE_FAMILIES, TEXT_FAMILIES, _require_onnx, input_names
+
+    if step.backend == "torch":
+        quantized_engine()
+    elif step.backend == "onnxruntime":
+        _require_onnx()
+        input_names(getattr(model, "family", ""))  # raises for a family that does not export
+    else:
+        ort = _onnxruntime_available() and getattr(model, "family", "") in TEXT_FAMILIES + IMAGE_FAMILIES
+        if not ort:
+            quantized_engine()
+
+
 def check_steps(bundle: Any, recipe: CompressRecipe) -> None:
     """Raise :class:`CompressionError` for a step that cannot run on this bundle (checked up front; a
     student's shape is checked against the teacher, a pruning step after distillation against the student)."""
@@ -346,7 +478,7 @@ def check_steps(bundle: Any, recipe: CompressRecipe) -> None:
     model = bundle.model
     for step in recipe.steps:
         if step.step == "quantize":
-            quantized_engine()
+            check_quantize(model, step)
         elif step.step == "distill":
             model = build_student(bundle, step)
         elif step.unstructured is None:
@@ -390,6 +522,16 @@ def compress(
         if on_variant:
             on_variant(v)
         current = path
+    if len(variants) > 1:  # speed again, all variants in one process, in turn: comparable ratios
+        speed = measure_in_subprocess(
+            [v.path for v in variants],
+            threads=recipe.threads,
+            seq_len=recipe.seq_len,
+            large_batch=recipe.large_batch,
+            reps=recipe.reps,
+        )["speed"]
+        for v, figures in zip(variants, speed, strict=True):
+            v.figures.update(figures)
     chosen = choose(variants, recipe.max_drop, recipe.objective)
     report = {
         "bundle": str(bundle_path),

@@ -200,7 +200,7 @@ class Bert(nn.Module):
         x = x + segments  # no ids: every token is in segment 0
         x = self.dropout(self.emb_norm(x))
         mask = None if attention_mask is None else attention_mask.bool()
-        if mask is not None and bool(mask.all()):
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # no padding: attention without a mask takes the fused (flash) kernels
         return self.stack(x, key_padding_mask=mask)
 

@@ -3,7 +3,9 @@
 ```
 bundle/
   config.json        model name, family and config; tansuo version; origin (of an imported model)
-  model.safetensors  weights (tied weights stored once)
+  model.safetensors  weights (tied weights stored once); or
+  model.onnx         an ONNX Runtime model instead (int8 bundles of the onnxruntime backend; "runtime" in
+                     config.json says which)
   task.json          task name and its state (data source, splits, labels, normalisation)
   tokenizer.json     text tasks only (Hugging Face tokenizers format)
   metrics.json       what the model measured, by split
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +76,13 @@ def save_bundle(
             config["origin"] = origin
         if getattr(model, "compression", None):
             config["compression"] = model.compression  # replayed by load_bundle before the weights load
+        onnx_file = getattr(model, "onnx_file", None)
+        if onnx_file is not None:  # an OnnxModel: the graph is the model
+            config["runtime"] = "onnxruntime"
+            shutil.copyfile(onnx_file, tmp / "model.onnx")
+        else:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         task.save(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
         if recipe is not None:
@@ -103,7 +111,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
         old = path.with_name(path.name + ".old")
         hint = f" (an interrupted save left a complete copy at {old})" if old.is_dir() else ""
         raise BundleError(f"bundle not found: {path}{hint}; pass the folder a training run wrote")
-    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    weights = "model.safetensors"
+    if (path / "config.json").is_file():
+        weights = (
+            "model.onnx" if _read_json(path / "config.json").get("runtime") == "onnxruntime" else weights
+        )
+    missing = [name for name in (*REQUIRED[:1], weights, *REQUIRED[2:]) if not (path / name).is_file()]
     if missing:
         raise BundleError(f"{path} is not a complete bundle: missing {', '.join(missing)}")
     config = _read_json(path / "config.json")
@@ -115,13 +128,39 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
     task_name = task_info.get("task")
     if task_name not in TASKS:
         raise BundleError(f"{path}: unknown task {task_name!r}; this tansuo knows {sorted(TASKS)}")
+    if config.get("runtime") == "onnxruntime":
+        model = _load_onnx(path, config, device)
+    else:
+        model = _load_torch(path, config, device)
+    task = TASKS[task_name].from_bundle(path, data_path=data_path)
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    return Bundle(path=path, model=model, task=task, metrics=metrics, config=config)
+
+
+def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
+    from tansuo.serve.onnx import OnnxModel
+
+    if torch.device(device).type != "cpu":
+        raise BundleError(f"{path} is an ONNX Runtime (CPU) bundle; pass --device cpu")
+    with torch.device("meta"):
+        reference = create_model(config["model_name"], **config["config"])
+    reference.model_name = config["model_name"]
+    records = config.get("compression", [])
+    per_sample = any(r.get("per_sample") for r in records if r.get("step") == "quantize")
+    model = OnnxModel(path / "model.onnx", reference, per_sample=per_sample)
+    model.compression = list(records)
+    return model
+
+
+def _load_torch(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
     model = create_model(config["model_name"], **config["config"])
     if config.get("compression"):
         from tansuo.compress import restore_structure
 
+        if torch.device(device).type != "cpu" and any(
+            r.get("step") == "quantize" for r in config["compression"]
+        ):
+            raise BundleError(f"{path} holds int8 layers, which run on the CPU only; pass --device cpu")
         restore_structure(model, config["compression"])
     load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
-    model.to(device).eval()
-    task = TASKS[task_name].from_bundle(path, data_path=data_path)
-    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
-    return Bundle(path=path, model=model, task=task, metrics=metrics, config=config)
+    return model.to(device).eval()

@@ -1,0 +1,201 @@
+"""ONNX export of a bundle's model, and an ONNX Runtime model that tasks use like the PyTorch one.
+
+``export_onnx`` traces the model with ``torch.onnx.export(dynamo=True)`` into one self-contained ``.onnx``
+file (no external data) with dynamic batch (and sequence) axes, then runs it in ONNX Runtime on sample inputs
+of several shapes and refuses a file whose outputs differ from PyTorch's by more than ``tolerance``.
+
+:class:`OnnxModel` wraps an ``onnxruntime.InferenceSession`` behind ``forward`` with the same arguments as the
+PyTorch model (token ids and attention mask for BERT; images for ViT and ResNet), so ``Task.evaluate`` and
+``Task.predict`` run it unchanged. int8 bundles made by ``tansuo compress --quantize int8`` with the
+ONNX Runtime backend hold such a file (``model.onnx``) instead of ``model.safetensors``.
+
+onnx, onnxscript and onnxruntime are optional (``pip install tansuo[onnx]``) and imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tansuo.errors import TansuoError
+
+log = logging.getLogger(__name__)
+
+TEXT_FAMILIES = ("bert",)
+IMAGE_FAMILIES = ("vit", "resnet")
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise TansuoError(
+            "ONNX export and the onnxruntime backend need onnx, onnxscript and onnxruntime: "
+            "pip install 'tansuo[onnx]' (make test installs them)"
+        ) from e
+    return onnxruntime
+
+
+class _TextWrapper(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+
+def input_names(family: str) -> list[str]:
+    """The ONNX inputs of a model family."""
+    if family in TEXT_FAMILIES:
+        return ["input_ids", "attention_mask"]
+    if family in IMAGE_FAMILIES:
+        return ["pixels"]
+    raise TansuoError(
+        f"ONNX export supports the families {TEXT_FAMILIES + IMAGE_FAMILIES} (classifiers); this model is "
+        f"{family!r}"
+    )
+
+
+def _samples(model: nn.Module, family: str) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs of a few shapes: batch sizes 1-3, sequence lengths short and long, some padding."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for batch, length in ((1, 128), (3, 9), (2, 40)):
+        if family in TEXT_FAMILIES:
+            length = min(length, model.config.max_seq_len)
+            ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+            mask = torch.ones_like(ids)
+            mask[0, length // 2 :] = 0  # a padded row
+            out.append((ids, mask))
+        else:
+            c, s = model.config.in_channels, model.config.image_size
+            out.append((torch.randn(batch, c, s, s, generator=g),))
+    return out
+
+
+def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Export ``model`` (fp32, eval) to ``path`` and check it against PyTorch; returns the check's figures.
+
+    Raises :class:`TansuoError` when the family is not supported or outputs differ by more than
+    ``tolerance`` (nothing is left at ``path`` then).
+    """
+    ort = _require_onnx()
+    family = getattr(model, "family", type(model).__name__)
+    names = input_names(family)
+    model = model.float().cpu().eval()
+    wrapper = _TextWrapper(model) if family in TEXT_FAMILIES else model
+    samples = _samples(model, family)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if family in TEXT_FAMILIES:
+        seq = torch.export.Dim("seq", min=2, max=model.config.max_seq_len)
+        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    else:
+        shapes = {"x": {0: batch}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        tmp_file = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            wrapper,
+            samples[1],
+            str(tmp_file),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        session = ort.InferenceSession(str(tmp_file), providers=["CPUExecutionProvider"])
+        diff = 0.0
+        with torch.inference_mode():
+            for args in samples:
+                ref = wrapper(*args).float().numpy()
+                got = session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
+                diff = max(diff, float(abs(got - ref).max()))
+        if not diff <= tolerance:
+            raise TansuoError(
+                f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (allowed {tolerance:.0e}); "
+                "nothing was written. Please report this model"
+            )
+        tmp_file.replace(path)
+    shapes_checked = [tuple(a[0].shape) for a in samples]
+    log.info("exported %s: max abs difference %.2e on inputs %s", path, diff, shapes_checked)
+    return {"path": str(path), "max_abs_diff": diff, "inputs": names, "checked_shapes": shapes_checked}
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session that tasks call like the PyTorch model it came from (CPU, inference only).
+
+    Args:
+        path: The ``.onnx`` file.
+        reference: The PyTorch model it was exported from, built on the meta device: gives ``config``,
+            ``family``, ``model_name`` (nothing of it runs).
+        per_sample: Run one sample at a time (int8 models quantize activations per call, so a sample's result
+            then never depends on the rest of its batch).
+        threads: ONNX Runtime intra-op threads (default: torch's thread count).
+    """
+
+    def __init__(
+        self, path: Path, reference: nn.Module, *, per_sample: bool = False, threads: int | None = None
+    ) -> None:
+        super().__init__()
+        ort = _require_onnx()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = self.onnx_file = Path(path)  # save_bundle copies onnx_file
+        self.config = reference.config
+        self.family = getattr(reference, "family", "")
+        self.model_name = getattr(reference, "model_name", "")
+        self.per_sample = per_sample
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.register_buffer("_device_marker", torch.zeros(0), persistent=False)
+
+    def num_params(self) -> int:
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        total = 0
+        for init in graph.initializer:
+            n = 1
+            for d in init.dims:
+                n *= d
+            total += n
+        return total
+
+    def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
+        if self.family in TEXT_FAMILIES:
+            length = min(seq_len or 16, self.config.max_seq_len)
+            return torch.randint(0, self.config.vocab_size, (batch_size, length))
+        c, s = self.config.in_channels, self.config.image_size
+        return torch.randn(batch_size, c, s, s)
+
+    def _run(self, arrays: list[Any]) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, dict(zip(self.names, arrays, strict=True)))[0])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for token ids ``(B, T)`` (with ``attention_mask``) or images ``(B, C, H, W)``."""
+        if self.family in TEXT_FAMILIES:
+            if token_type_ids is not None and bool(token_type_ids.any()):
+                raise TansuoError("this ONNX model takes single texts; sentence pairs need the torch backend")
+            mask = torch.ones_like(x) if attention_mask is None else attention_mask
+            inputs = [x.cpu().long(), mask.cpu().long()]
+        else:
+            inputs = [x.cpu().float()]
+        if not self.per_sample or inputs[0].shape[0] == 1:
+            return self._run([t.numpy() for t in inputs])
+        rows = [self._run([t[i : i + 1].numpy() for t in inputs]) for i in range(inputs[0].shape[0])]
+        return torch.cat(rows)

@@ -1,0 +1,87 @@
+"""ONNX export matches PyTorch; ONNX Runtime int8 bundles load and run like any other bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from tansuo.errors import TansuoError  # noqa: E402
+from tansuo.models import create_model  # noqa: E402
+from tansuo.serve.bundle import load_bundle  # noqa: E402
+from tansuo.serve.onnx import OnnxModel, export_onnx  # noqa: E402
+from tests.conftest import image_recipe  # noqa: E402
+from tests.test_cli import run  # noqa: E402
+from tests.train.test_trainer import make_trainer  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["bert_test", "vit_test"])
+def test_export_matches_pytorch_on_new_shapes(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3).eval()
+    model.model_name = name
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report["max_abs_diff"] <= 1e-4 and (tmp_path / "m.onnx").is_file()
+    onnx_model = OnnxModel(tmp_path / "m.onnx", model)
+    if name == "bert_test":  # a batch and a length the export never saw, with padding
+        x = torch.randint(0, 128, (5, 23))
+        mask = torch.ones_like(x)
+        mask[2, 11:] = 0
+        with torch.no_grad():
+            ref = model(x, attention_mask=mask.bool())
+        out = onnx_model(x, attention_mask=mask.bool())
+    else:
+        x = torch.randn(7, 1, 8, 8)
+        with torch.no_grad():
+            ref = model(x)
+        out = onnx_model(x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_unsupported_family_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TansuoError, match="bert"):
+        export_onnx(create_model("gpt_test"), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture
+def image_bundle(image_npz: Path, tmp_path: Path) -> Path:
+    return Path(
+        make_trainer(image_recipe(image_npz, tmp_path / "run", max_steps=30, eval_every=30)).fit()["bundle"]
+    )
+
+
+def test_export_command(image_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, out, _ = run(["export", str(image_bundle), "--out", str(tmp_path / "m.onnx")], monkeypatch, capsys)
+    assert code == 0 and "max abs difference from PyTorch" in out and (tmp_path / "m.onnx").is_file()
+    code, _, err = run(
+        ["export", str(image_bundle), "--out", "x.onnx", "--format", "tflite"], monkeypatch, capsys
+    )
+    assert code == 2 and "--format onnx" in err
+
+
+def test_onnxruntime_int8_bundle_is_batch_invariant(
+    image_bundle: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "c"
+    args = ["compress", str(image_bundle), "--quantize", "int8", "--quantize-backend", "onnxruntime"]
+    code, text, err = run([*args, "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    config = json.loads((out / "bundle" / "config.json").read_text())
+    assert config["runtime"] == "onnxruntime" and config["compression"][-1]["backend"] == "onnxruntime"
+    assert not (out / "bundle" / "model.safetensors").exists()
+    b = load_bundle(out / "bundle")
+    assert isinstance(b.model, OnnxModel)
+    images, _ = b.task._split("test")
+    x = b.task.normalize(images[:6])
+    together = b.model(x)
+    alone = torch.cat([b.model(x[i : i + 1]) for i in range(6)])
+    assert torch.equal(together, alone)  # a sample's answer does not depend on its batch
+    report = json.loads((out / "report.json").read_text())
+    accuracy = b.task.evaluate(b.model, "test", 64, torch.device("cpu"))["accuracy"]
+    assert accuracy == pytest.approx(report["variants"][-1]["quality"])
