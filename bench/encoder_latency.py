@@ -10,8 +10,13 @@ calls each, the two models are timed alternately (so drift in machine load hits 
 - latency at batch 1 x 128 tokens: median and p95 over ``--reps`` calls;
 - throughput at batch 32 x 128 tokens: sequences per second from the median of ``--reps-large`` calls.
 
+Then, when onnxruntime is installed, the same pair again with ours exported by ``tansuo export`` and run by
+ONNX Runtime (``tansuo.serve.onnx.OnnxModel``, idle threads not spinning so that both runtimes share the
+CPU fairly), outputs compared first (the pooled output, the graph's output).
+
 Printed: both figures for both models and ours / theirs for each; the target is ours at <= 0.8x the
-latency of transformers' at batch 1 x 128. Figures also go to ``--json``.
+latency of transformers' at batch 1 x 128, judged for eager PyTorch and for the ONNX Runtime export
+separately. Figures also go to ``--json``.
 
 Run from the repository root::
 
@@ -150,7 +155,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_ratio": TARGET,
     }
     result["passed"] = result["batch1"]["ratio_p50"] <= TARGET
+    onnx = _onnx_pair(ours, call_theirs, small, large, args)
+    if onnx is not None:
+        result["onnxruntime"] = onnx
     return result
+
+
+def _onnx_pair(
+    ours: Any, call_theirs: Callable, small: tuple, large: tuple, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Ours through ONNX Runtime against transformers, timed alternately; None without onnxruntime."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        print("onnxruntime not installed: the export row is skipped (pip install 'tansuo[onnx]')")
+        return None
+    from tansuo.serve.onnx import OnnxModel, export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "minilm.onnx"
+        export_onnx(ours, path)
+        model = OnnxModel(path, ours, spinning=False)
+
+        def call(ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
+            return lambda: model(ids, attention_mask=mask)
+
+        diff = (call(*large)() - call_theirs(*large)()[1]).abs().max().item()
+        a1, b1 = _time_pair(call(*small), call_theirs(*small), args.reps, args.warmup)
+        aN, bN = _time_pair(call(*large), call_theirs(*large), args.reps_large, max(2, args.warmup // 5))
+    return {
+        "max_abs_diff_pooled": diff,
+        "ours_ms_p50": 1000 * statistics.median(a1),
+        "ours_ms_p95": 1000 * _p95(a1),
+        "theirs_ms_p50": 1000 * statistics.median(b1),
+        "ratio_p50": statistics.median(a1) / statistics.median(b1),
+        "ours_seq_per_s": args.batch / statistics.median(aN),
+        "theirs_seq_per_s": args.batch / statistics.median(bN),
+        "passed": statistics.median(a1) / statistics.median(b1) <= TARGET,
+    }
 
 
 def report(r: dict[str, Any], batch: int) -> None:
@@ -167,7 +210,19 @@ def report(r: dict[str, Any], batch: int) -> None:
         f"{big['ratio_time']:8.2f}  (time ratio)"
     )
     verdict = "PASS" if r["passed"] else "FAIL"
-    print(f"result: {verdict} (ours / transformers' latency {one['ratio_p50']:.2f}, target <= {TARGET})")
+    print(
+        f"eager PyTorch: {verdict} (ours / transformers' latency {one['ratio_p50']:.2f}, target <= {TARGET})"
+    )
+    o = r.get("onnxruntime")
+    if o is not None:
+        print(
+            f"\nours exported to ONNX Runtime (pooled output agrees to {o['max_abs_diff_pooled']:.2e}):\n"
+            f"{'batch 1 latency p50 (ms)':28}{o['ours_ms_p50']:12.2f}{o['theirs_ms_p50']:14.2f}"
+            f"{o['ratio_p50']:8.2f}\n"
+            f"{f'batch {batch} sequences/s':28}{o['ours_seq_per_s']:12.1f}{o['theirs_seq_per_s']:14.1f}"
+        )
+        verdict = "PASS" if o["passed"] else "FAIL"
+        print(f"ONNX Runtime export: {verdict} (latency ratio {o['ratio_p50']:.2f}, target <= {TARGET})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -400,14 +400,20 @@ def compress(
     from tansuo.compress.run import HEADERS, load_compress_recipe, parse_prune, rows
     from tansuo.compress.run import compress as run_compress
 
+    train = _parse_sets(train_set, "--train")
     if recipe is not None:
         if any(v is not None for v in (quantize, prune, distill_into)):
             raise TansuoError("give either --recipe or the step flags (--quantize, --prune, --distill-into)")
         spec = load_compress_recipe(recipe)
+        steps_ = [
+            s.model_copy(update={"train": {**s.train, **train}}) if hasattr(s, "train") else s
+            for s in spec.steps
+        ]
+        update: dict[str, Any] = {"steps": steps_}
         if max_drop is not None:
-            spec = spec.model_copy(update={"max_drop": max_drop})
+            update["max_drop"] = max_drop
+        spec = spec.model_copy(update=update)
     else:
-        train = _parse_sets(train_set, "--train")
         steps: list[dict[str, Any]] = []
         if distill_into is not None:
             steps.append(
@@ -462,6 +468,12 @@ def compress(
     for r in rows(report):
         table.add_row(*(escape(c) for c in r))
     console.print(table)
+    if any(getattr(s, "unstructured", None) for s in spec.steps):
+        console.print(
+            "unstructured pruning zeroes weights: the zipped size shrinks (zipped MB), but dense CPU kernels "
+            "do the same work on zeros, so neither latency nor the size on disk improves",
+            highlight=False,
+        )
     console.print(f"report: {run_dir / 'report.md'}", highlight=False)
     if report["chosen"] is None:
         console.print(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tansuo.compress.quantize import Int8DynamicLinear
 from tansuo.compress.run import Variant, choose, load_compress_recipe, parse_prune
@@ -60,10 +61,17 @@ def image_bundle(image_npz: Path, tmp_path: Path) -> Path:
 
 def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "compressed"
-    args = ["compress", str(image_bundle), "--prune", "heads=0.5,ffn=0.5", "--finetune-steps", "4"]
-    args += ["--quantize", "int8", "--quantize-backend", "torch", "--importance", "magnitude"]
-    args += ["--out", str(out), "--train", "batch_size=16"]
-    code, out_text, err = run(args, monkeypatch, capsys)
+    recipe = {
+        "steps": [
+            {"step": "prune", "heads": 0.5, "ffn": 0.5, "importance": "magnitude", "finetune_steps": 4},
+            {"step": "quantize", "backend": "torch"},
+        ],
+        "reps": 10,
+        "speed_rounds": 1,
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["compress", str(image_bundle), "--recipe", str(tmp_path / "c.yaml"), "--out", str(out)]
+    code, out_text, err = run([*args, "--train", "batch_size=16"], monkeypatch, capsys)
     assert code == 0, err
     assert "chosen: 02-quantize" in out_text and "speed-up" in out_text
     report = json.loads((out / "report.json").read_text())
@@ -83,6 +91,28 @@ def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypat
     assert accuracy == pytest.approx(quantized["quality"])
     with pytest.raises(BundleError, match="CPU only"):
         load_bundle(out / "bundle", device="meta")
+    code, text, err = run(["eval", str(out / "bundle"), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0 and "accuracy" in text, err
+
+
+def test_unstructured_pruning_says_what_it_saves(
+    image_bundle: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "sparse"
+    recipe = {"steps": [{"step": "prune", "unstructured": 0.8}], "reps": 5, "speed_rounds": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(recipe))
+    code, text, err = run(
+        ["compress", str(image_bundle), "--recipe", str(tmp_path / "c.yaml"), "--out", str(out)],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0, err
+    assert "neither latency nor the size on disk improves" in text
+    original, sparse = json.loads((out / "report.json").read_text())["variants"]
+    assert sparse["size_zipped_bytes"] < 0.6 * original["size_zipped_bytes"]
+    from tansuo.compress.prune import sparsity
+
+    assert sparsity(load_bundle(out / "bundle").model) == pytest.approx(0.8, abs=0.01)
 
 
 def test_nothing_qualifies_keeps_the_original_and_exits_non_zero(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -69,8 +70,10 @@ def test_onnxruntime_int8_bundle_is_batch_invariant(
     image_bundle: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     out = tmp_path / "c"
-    args = ["compress", str(image_bundle), "--quantize", "int8", "--quantize-backend", "onnxruntime"]
-    code, text, err = run([*args, "--out", str(out)], monkeypatch, capsys)
+    recipe = {"steps": [{"step": "quantize", "backend": "onnxruntime"}], "reps": 10, "speed_rounds": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["compress", str(image_bundle), "--recipe", str(tmp_path / "c.yaml"), "--out", str(out)]
+    code, _, err = run(args, monkeypatch, capsys)
     assert code == 0, err
     config = json.loads((out / "bundle" / "config.json").read_text())
     assert config["runtime"] == "onnxruntime" and config["compression"][-1]["backend"] == "onnxruntime"

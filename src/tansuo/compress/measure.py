@@ -5,11 +5,12 @@ bundle from disk, so the figures include the save / load round trip, and peak me
 resident set, ``VmHWM``, after the speed runs) is not inflated by whatever ran before. Quality is the task's
 default metric on the bundle's held-back split, which training never saw.
 
-Speed is compared in one more process that loads every variant and times them in turn, call by call
-(:func:`compare_speed`), so that drift in machine load hits all alike (this machine's latency for the
-same model wanders by 30% over minutes). Latency is timed after warm-up under ``torch.inference_mode`` with
-a fixed number of threads (recorded), as median and p95 of batch-1 calls; throughput is items per second at
-a larger batch.
+Speed is compared in rounds (:func:`compare_in_rounds`): each variant is timed in a fresh process, in
+rotating order, a few times over, and the calls of all rounds are pooled. Drift in machine load (this
+machine's latency for the same model wanders by 30% over minutes) then hits every variant alike, and no
+runtime's idle threads (ONNX Runtime's and OpenMP's spin after each call) slow another's. Latency is timed
+after warm-up under ``torch.inference_mode`` with a fixed number of threads (recorded), as median and p95 of
+batch-1 calls; throughput is items per second at a larger batch.
 
 Text models are timed on ``seq_len`` random tokens with no padding (batch 1 x 128 by default); image
 models on random images of their input size.
@@ -92,6 +93,29 @@ def _p95(xs: list[float]) -> float:
     return sorted(xs)[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
 
 
+def time_calls(
+    model: nn.Module, *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
+) -> tuple[list[float], list[float]]:
+    """Seconds per call at batch 1 (``reps`` calls) and at ``large_batch`` (``reps / 5``, at least 3)."""
+    model.eval()
+    one, many = example_input(model, 1, seq_len), example_input(model, large_batch, seq_len)
+    with torch.inference_mode():
+        t1 = _time(lambda: model(one), reps, warmup)
+        tn = _time(lambda: model(many), max(3, reps // 5), max(1, warmup // 2))
+    return t1, tn
+
+
+def speed_figures(t1: list[float], tn: list[float], large_batch: int, input_tokens: int) -> dict[str, float]:
+    """Latency p50 / p95 (ms) and spread at batch 1, throughput (items/s) at ``large_batch``."""
+    return {
+        "latency_ms_p50": 1000 * statistics.median(t1),
+        "latency_ms_p95": 1000 * _p95(t1),
+        "latency_spread": (_p95(t1) - statistics.median(t1)) / statistics.median(t1),
+        "throughput_per_s": large_batch / statistics.median(tn),
+        "input_tokens": input_tokens,
+    }
+
+
 def measure_speed(
     model: nn.Module, *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
 ) -> dict[str, float]:
@@ -122,48 +146,6 @@ def peak_rss_mb() -> float:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-def compare_speed(
-    paths: list[Path], *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
-) -> list[dict[str, float]]:
-    """Latency and throughput of several bundles, timed in turn call by call (rotating the order) so that
-    they share the machine's conditions. Returns one dict per path, as :func:`measure_speed`."""
-    from tansuo.serve.bundle import load_bundle
-
-    models = [load_bundle(p, device="cpu").model.eval() for p in paths]
-    ones = [example_input(m, 1, seq_len) for m in models]
-    manys = [example_input(m, large_batch, seq_len) for m in models]
-    n = len(models)
-    t1: list[list[float]] = [[] for _ in models]
-    tn: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for i in range(n):
-            for _ in range(warmup):
-                models[i](ones[i])
-            models[i](manys[i])
-        for r in range(reps):
-            for j in range(n):
-                i = (r + j) % n
-                start = time.perf_counter()
-                models[i](ones[i])
-                t1[i].append(time.perf_counter() - start)
-        for r in range(max(5, reps // 5)):
-            for j in range(n):
-                i = (r + j) % n
-                start = time.perf_counter()
-                models[i](manys[i])
-                tn[i].append(time.perf_counter() - start)
-    return [
-        {
-            "latency_ms_p50": 1000 * statistics.median(a),
-            "latency_ms_p95": 1000 * _p95(a),
-            "latency_spread": (_p95(a) - statistics.median(a)) / statistics.median(a),
-            "throughput_per_s": large_batch / statistics.median(b),
-            "input_tokens": int(x.shape[1]) if x.dim() == 2 else 0,
-        }
-        for a, b, x in zip(t1, tn, ones, strict=True)
-    ]
 
 
 def measure_bundle(
@@ -200,15 +182,32 @@ def measure_bundle(
     return result
 
 
-def measure_in_subprocess(
-    path: Path | list[Path], *, threads: int | None = None, **kwargs: Any
-) -> dict[str, Any]:
-    """:func:`measure_bundle` in a fresh Python process (honest peak memory), or with a list of paths
-    :func:`compare_speed` (``{"speed": [...]}``); raises with its stderr."""
-    paths = [path] if isinstance(path, Path | str) else list(path)
-    cmd = [sys.executable, "-m", "tansuo.compress.measure", *map(str, paths)]
-    if len(paths) > 1 or kwargs.pop("compare", False):
-        cmd.append("--compare")
+def compare_in_rounds(
+    paths: list[Path], *, rounds: int = 3, reps: int = 50, large_batch: int = 32, **kwargs: Any
+) -> list[dict[str, float]]:
+    """Speed of several bundles, each timed in its own process, in ``rounds`` rounds of ``reps / rounds``
+    calls in rotating order: drift in machine load is shared, and no runtime's idle threads (ONNX Runtime
+    and OpenMP both spin after a call) slow another's. Returns :func:`speed_figures` per path."""
+    per_round = max(5, reps // rounds)
+    t1: list[list[float]] = [[] for _ in paths]
+    tn: list[list[float]] = [[] for _ in paths]
+    tokens = [0] * len(paths)
+    for r in range(rounds):
+        for j in range(len(paths)):
+            i = (r + j) % len(paths)
+            out = measure_in_subprocess(
+                paths[i], speed_only=True, reps=per_round, large_batch=large_batch, **kwargs
+            )
+            t1[i] += out["t1"]
+            tn[i] += out["tn"]
+            tokens[i] = out["input_tokens"]
+    return [speed_figures(a, b, large_batch, n) for a, b, n in zip(t1, tn, tokens, strict=True)]
+
+
+def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`measure_bundle` in a fresh Python process (honest peak memory), or with ``speed_only=True``
+    only the raw call times; raises with its stderr."""
+    cmd = [sys.executable, "-m", "tansuo.compress.measure", str(path)]
     for key, value in kwargs.items():
         if value is None:
             continue
@@ -229,8 +228,8 @@ def measure_in_subprocess(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Measure one bundle; prints one JSON line.")
-    p.add_argument("bundles", type=Path, nargs="+")
-    p.add_argument("--compare", action="store_true", help="time the bundles in turn (speed only)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--speed-only", action="store_true", help="only time calls; print the raw seconds")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=50)
@@ -240,14 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.compare:
-        speed = compare_speed(
-            args.bundles, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps
+    if args.speed_only:
+        from tansuo.serve.bundle import load_bundle
+
+        model = load_bundle(args.bundle, device="cpu").model
+        t1, tn = time_calls(model, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps)
+        tokens = example_input(model, 1, args.seq_len)
+        print(
+            json.dumps({"t1": t1, "tn": tn, "input_tokens": int(tokens.shape[1]) if tokens.dim() == 2 else 0})
         )
-        print(json.dumps({"threads": torch.get_num_threads(), "speed": speed}))
         return
     result = measure_bundle(
-        args.bundles[0],
+        args.bundle,
         seq_len=args.seq_len,
         large_batch=args.large_batch,
         reps=args.reps,

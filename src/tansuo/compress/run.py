@@ -26,9 +26,7 @@ import dataclasses
 import json
 import logging
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,7 +38,7 @@ from torch import nn
 
 from tansuo.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 from tansuo.compress.distill import DistillTask, init_from_teacher
-from tansuo.compress.measure import measure_in_subprocess
+from tansuo.compress.measure import compare_in_rounds, measure_in_subprocess
 from tansuo.compress.prune import (
     StructuredPruneConfig,
     UnstructuredPruneConfig,
@@ -120,7 +118,8 @@ class CompressRecipe(_Strict):
     objective: Literal["latency", "size"] = "latency"
     seq_len: int = Field(128, gt=0, description="tokens per input when timing text models")
     large_batch: int = Field(32, gt=0, description="batch of the throughput measurement")
-    reps: int = Field(50, gt=0, description="timed batch-1 calls per variant")
+    reps: int = Field(60, gt=0, description="timed batch-1 calls per variant, over all rounds")
+    speed_rounds: int = Field(3, gt=0, description="rounds of fresh processes the calls are spread over")
     threads: int | None = Field(None, gt=0, description="torch threads while measuring (default torch's)")
 
     @model_validator(mode="after")
@@ -217,26 +216,10 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-def _time_in_turn(models: dict[str, nn.Module], example: torch.Tensor, reps: int = 30) -> dict[str, float]:
-    """Median batch-1 latency (ms) of each model, timed in turn."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(3):
-                m(example)
-        for _ in range(reps):
-            for k, m in models.items():
-                start = time.perf_counter()
-                m(example)
-                times[k].append(time.perf_counter() - start)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
-
-
 def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
     """int8 on the torch (fbgemm) or the ONNX Runtime backend. ``auto`` builds both (when ONNX Runtime is
     installed and the family exports) and keeps the faster at batch 1; within a backend, 7- or 8-bit
     ranges are chosen by the logits' SNR against fp32 on calibration batches."""
-    from tansuo.compress.measure import example_input
     from tansuo.serve.bundle import save_bundle
     from tansuo.serve.onnx import IMAGE_FAMILIES, TEXT_FAMILIES
 
@@ -284,7 +267,7 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
         if "onnxruntime" in backends:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            from tansuo.serve.onnx import OnnxModel, export_onnx
+            from tansuo.serve.onnx import OnnxModel, export_onnx, quiet
 
             if skip:
                 raise CompressionError("skip is supported by the torch backend only; set backend: torch")
@@ -293,7 +276,10 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
             best = None
             for rr in ranges:
                 path = Path(tmp) / f"int8-{rr}.onnx"
-                quantize_dynamic(fp32, path, per_channel=True, reduce_range=rr, weight_type=QuantType.QInt8)
+                with quiet():
+                    quantize_dynamic(
+                        fp32, path, per_channel=True, reduce_range=rr, weight_type=QuantType.QInt8
+                    )
                 m = OnnxModel(path, model, per_sample=step.per_sample)
                 sqnr[f"onnxruntime {8 - rr}-bit weights"] = value = snr_of(m)
                 if best is None or value > best[0]:
@@ -301,19 +287,20 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
             candidates["onnxruntime"] = best[1:]
         record: dict[str, Any] = {"step": "quantize", "mode": step.mode, "per_sample": step.per_sample}
         record["sqnr_db"] = sqnr
-        if len(candidates) > 1:
-            latency = _time_in_turn({k: m for k, (m, _) in candidates.items()}, example_input(model, 1, 128))
+        paths = {}
+        for name, (qmodel, extra) in candidates.items():
+            if name == "onnxruntime":
+                qmodel.model_name = model.model_name
+            qmodel.compression = [*getattr(model, "compression", []), {**record, **extra}]
+            paths[name] = save_bundle(Path(tmp) / name, qmodel, task, bundle.metrics, _recipe(bundle))
+        chosen = next(iter(paths))
+        if len(paths) > 1:  # each in its own processes, in rounds: see measure.compare_in_rounds
+            speed = compare_in_rounds(list(paths.values()), rounds=2, reps=40)
+            latency = {name: s["latency_ms_p50"] for name, s in zip(paths, speed, strict=True)}
             chosen = min(latency, key=latency.get)
-            record["latency_ms_batch1"] = latency
-            log.info("int8 backends at batch 1: %s; keeping %s", latency, chosen)
-        else:
-            chosen = next(iter(candidates))
-        qmodel, extra = candidates[chosen]
-        record.update(extra)
-        qmodel.compression = [*getattr(model, "compression", []), record]
-        if chosen == "onnxruntime":
-            qmodel.model_name = model.model_name
-        save_bundle(out, qmodel, task, bundle.metrics, _recipe(bundle))
+            log.info("int8 at batch 1: %s ms; keeping %s", latency, chosen)
+            candidates[chosen][0].compression[-1]["latency_ms_batch1"] = latency
+        save_bundle(out, candidates[chosen][0], task, bundle.metrics, _recipe(bundle))
     return out
 
 
@@ -522,14 +509,15 @@ def compress(
         if on_variant:
             on_variant(v)
         current = path
-    if len(variants) > 1:  # speed again, all variants in one process, in turn: comparable ratios
-        speed = measure_in_subprocess(
+    if len(variants) > 1:  # speed again, every variant in rounds of fresh processes: comparable ratios
+        speed = compare_in_rounds(
             [v.path for v in variants],
+            rounds=recipe.speed_rounds,
             threads=recipe.threads,
             seq_len=recipe.seq_len,
             large_batch=recipe.large_batch,
             reps=recipe.reps,
-        )["speed"]
+        )
         for v, figures in zip(variants, speed, strict=True):
             v.figures.update(figures)
     chosen = choose(variants, recipe.max_drop, recipe.objective)
@@ -591,6 +579,12 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     lines.append("")
+    if any(s.get("unstructured") for s in report["recipe"]["steps"]):
+        lines += [
+            "Unstructured pruning zeroes weights: the zipped size shrinks, but dense CPU kernels do the same "
+            "work on zeros, so neither latency nor the size on disk improves.",
+            "",
+        ]
     max_drop = report["recipe"]["max_drop"]
     if report["chosen"] is None:
         lines.append(f"No variant stays within {max_drop} points of the original; the original stays.")

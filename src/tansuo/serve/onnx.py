@@ -14,8 +14,11 @@ onnx, onnxscript and onnxruntime are optional (``pip install tansuo[onnx]``) and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,23 @@ log = logging.getLogger(__name__)
 
 TEXT_FAMILIES = ("bert",)
 IMAGE_FAMILIES = ("vit", "resnet")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporter's and ONNX Runtime quantization's chatter (torchvision ops it skips, advice to
+    pre-process, deprecation notices); errors still raise."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _require_onnx() -> Any:
@@ -89,7 +109,7 @@ def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[s
     family = getattr(model, "family", type(model).__name__)
     names = input_names(family)
     model = model.float().cpu().eval()
-    wrapper = _TextWrapper(model) if family in TEXT_FAMILIES else model
+    wrapper = (_TextWrapper(model) if family in TEXT_FAMILIES else model).eval()
     samples = _samples(model, family)
     batch = torch.export.Dim("batch", min=1, max=4096)
     if family in TEXT_FAMILIES:
@@ -101,18 +121,10 @@ def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_file = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            wrapper,
-            samples[1],
-            str(tmp_file),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=shapes,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+        with quiet():
+            _export(wrapper, samples[1], tmp_file, names, shapes)
         session = ort.InferenceSession(str(tmp_file), providers=["CPUExecutionProvider"])
+
         diff = 0.0
         with torch.inference_mode():
             for args in samples:
@@ -130,6 +142,20 @@ def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[s
     return {"path": str(path), "max_abs_diff": diff, "inputs": names, "checked_shapes": shapes_checked}
 
 
+def _export(wrapper: nn.Module, args: tuple, path: Path, names: list[str], shapes: dict) -> None:
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(path),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_shapes=shapes,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+
+
 class OnnxModel(nn.Module):
     """An ONNX Runtime session that tasks call like the PyTorch model it came from (CPU, inference only).
 
@@ -140,16 +166,26 @@ class OnnxModel(nn.Module):
         per_sample: Run one sample at a time (int8 models quantize activations per call, so a sample's result
             then never depends on the rest of its batch).
         threads: ONNX Runtime intra-op threads (default: torch's thread count).
+        spinning: Let ONNX Runtime's idle threads spin between calls (lowest latency when it has the CPU to
+            itself; turn off when other work shares the process, as in a benchmark against PyTorch).
     """
 
     def __init__(
-        self, path: Path, reference: nn.Module, *, per_sample: bool = False, threads: int | None = None
+        self,
+        path: Path,
+        reference: nn.Module,
+        *,
+        per_sample: bool = False,
+        threads: int | None = None,
+        spinning: bool = True,
     ) -> None:
         super().__init__()
         ort = _require_onnx()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = self.onnx_file = Path(path)  # save_bundle copies onnx_file
         self.config = reference.config
