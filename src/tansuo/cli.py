@@ -462,11 +462,24 @@ def compress(
         )
 
     report = run_compress(bundle, spec, run_dir, data_path=data, on_variant=show)
-    table = Table(title=f"compression of {bundle}", show_header=True)
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h in ("variant", "steps") else "right")
+    # a narrow terminal gets the main columns under short names; report.md has every column
+    shown = {"variant": "variant", "steps": "steps", "quality": "quality", "p50 ms": "p50 ms"}
+    shown |= {
+        "speed-up": "speed",
+        "drop (pts)": "drop",
+        "size MB": "MB",
+        "params": "params",
+        "peak MB": "RSS MB",
+    }
+    keep = [HEADERS.index(h) for h in shown]
+    table = Table(title=f"compression of {bundle}", show_header=True, box=None, pad_edge=False)
+    for h, title in shown.items():
+        if h == "steps":
+            table.add_column(title, overflow="fold", min_width=10, ratio=1)
+        else:
+            table.add_column(title, justify="left" if h == "variant" else "right", no_wrap=True)
     for r in rows(report):
-        table.add_row(*(escape(c) for c in r))
+        table.add_row(*(escape(r[i]) for i in keep))
     console.print(table)
     if any(getattr(s, "unstructured", None) for s in spec.steps):
         console.print(

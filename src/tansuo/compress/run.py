@@ -298,7 +298,8 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
             speed = compare_in_rounds(list(paths.values()), rounds=2, reps=40)
             latency = {name: s["latency_ms_p50"] for name, s in zip(paths, speed, strict=True)}
             chosen = min(latency, key=latency.get)
-            log.info("int8 at batch 1: %s ms; keeping %s", latency, chosen)
+            shown = ", ".join(f"{k} {v:.2f} ms" for k, v in latency.items())
+            log.info("int8 at batch 1: %s; keeping %s", shown, chosen)
             candidates[chosen][0].compression[-1]["latency_ms_batch1"] = latency
         save_bundle(out, candidates[chosen][0], task, bundle.metrics, _recipe(bundle))
     return out
