@@ -73,7 +73,7 @@ def test_compress_chain_end_to_end(image_bundle: Path, tmp_path: Path, monkeypat
     args = ["compress", str(image_bundle), "--recipe", str(tmp_path / "c.yaml"), "--out", str(out)]
     code, out_text, err = run([*args, "--train", "batch_size=16"], monkeypatch, capsys)
     assert code == 0, err
-    assert "chosen: 02-quantize" in out_text and "speed-up" in out_text
+    assert "chosen: 02-quantize" in out_text and "speed" in out_text and "RSS MB" in out_text
     report = json.loads((out / "report.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["original", "01-prune", "02-quantize"]
     for v in report["variants"]:
