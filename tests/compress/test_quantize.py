@@ -82,3 +82,16 @@ def test_missing_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr("tansuo.compress.quantize.supported_engines", lambda: ["qnnpack"])
     with pytest.raises(CompressionError, match="x86 engines"):
         quantize_(create_model("bert_test"))
+
+
+def test_quantized_gpt_still_generates_with_its_cache() -> None:
+    torch.manual_seed(0)
+    model = create_model("gpt_test").eval()
+    idx = model.example_input(1, seq_len=8)
+    with torch.no_grad():
+        ref = model.generate(idx, max_new_tokens=6, temperature=0.0)
+    names = quantize_(model)
+    assert names and all("tok_emb" not in n for n in names)
+    with torch.no_grad():
+        out = model.generate(idx, max_new_tokens=6, temperature=0.0)
+    assert out.shape == ref.shape and torch.equal(out[:, :8], idx)

@@ -173,10 +173,14 @@ class Variant:
 def _train_config(bundle: Any, out_dir: Path, overrides: dict[str, Any], max_steps: int | None) -> Any:
     from tansuo.recipe import TrainConfig
 
-    base = {}
+    # the recipe that trained the bundle; an imported bundle has none: fine-tuning settings for a
+    # pretrained model then, not TrainConfig's defaults (lr 1e-3 suits small models trained from scratch)
+    base: dict[str, Any] = {"lr": 5e-5, "weight_decay": 0.01, "warmup_steps": 100, "batch_size": 32}
     recipe_file = bundle.path / "recipe.json"
     if recipe_file.is_file():
         base = dict(json.loads(recipe_file.read_text(encoding="utf-8")).get("train", {}))
+    else:
+        log.info("%s has no recipe.json: training with %s unless --train says otherwise", bundle.path, base)
     base.update({"out_dir": str(out_dir), "early_stop_patience": 0})
     if max_steps is not None:
         base.update({"max_steps": max_steps, "epochs": None, "eval_every": max(1, max_steps // 4)})
