@@ -63,6 +63,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.1, ge=0, description="applied to matrices only, not biases or norms")
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="layer-wise lr decay: layer i of L learns at lr * layer_decay^(L+1-i)"
+    )
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")

@@ -8,31 +8,68 @@ needs only the step number.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices (decayed) and everything else (not decayed)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise learning-rate decay: 0 below the first layer (embeddings), i + 1
+    inside layer i (``...layers.<i>....``), ``num_layers + 1`` above the last (heads, final norm)."""
+    m = _LAYER.search(name)
+    if m is not None:
+        return int(m.group(1)) + 1
+    if any(part in name for part in ("emb", "stem", "cls_token")):
+        return 0
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: matrices (decayed) and everything else (not decayed); with ``layer_decay`` < 1 each of
+    them is split by depth, with ``lr_scale = layer_decay ** (top - depth)`` (ELECTRA's layer-wise decay:
+    the embeddings learn slowest, the head at the full rate). The trainer multiplies lr by ``lr_scale``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layer_decay == 1.0:
+        decay = [p for _, p in named if p.dim() >= 2]
+        no_decay = [p for _, p in named if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        ]
+    depths = [int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))]
+    num_layers = max(depths) + 1 if depths else 0
+    top = num_layers + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        depth, decayed = layer_depth(name, num_layers), p.dim() >= 2
+        group = groups.setdefault(
+            (depth, decayed),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decayed else 0.0,
+                "lr_scale": layer_decay ** (top - depth),
+            },
+        )
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device: torch.device
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device: torch.device,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups` with the fused kernel (on the CPU too: 9x faster than the default
     for-loop over a 23M-parameter encoder here, 14 ms against 125 ms a step)."""
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    groups = param_groups(model, weight_decay, layer_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_at(

@@ -103,7 +103,9 @@ class Trainer:
         self.extra = None if extra is None else extra.to(self.device)
         self.trained = model if extra is None else nn.ModuleList([model, self.extra])
         betas = (cfg.beta1, cfg.beta2)
-        self.optimizer = build_optimizer(self.trained, cfg.lr, cfg.weight_decay, betas, self.device)
+        self.optimizer = build_optimizer(
+            self.trained, cfg.lr, cfg.weight_decay, betas, self.device, layer_decay=cfg.layer_decay
+        )
         self.plan = make_plan(cfg, task)
         self.metric = cfg.best_metric or task.default_metric
         self.mode = cfg.best_mode or metric_mode(self.metric)
@@ -194,7 +196,7 @@ class Trainer:
                 schedule=cfg.schedule,
             )
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 batch = _to_device(next(batches), self.device)
