@@ -116,22 +116,18 @@ def speed_figures(t1: list[float], tn: list[float], large_batch: int, input_toke
     }
 
 
+def input_tokens(model: nn.Module, seq_len: int) -> int:
+    """Tokens per timing input (0 for images)."""
+    x = example_input(model, 1, seq_len)
+    return int(x.shape[1]) if x.dim() == 2 else 0
+
+
 def measure_speed(
     model: nn.Module, *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
 ) -> dict[str, float]:
     """Latency p50 / p95 (ms) at batch 1 and throughput (items/s) at ``large_batch``, on the CPU."""
-    model.eval()
-    one, many = example_input(model, 1, seq_len), example_input(model, large_batch, seq_len)
-    with torch.inference_mode():
-        t1 = _time(lambda: model(one), reps, warmup)
-        tn = _time(lambda: model(many), max(5, reps // 5), max(1, warmup // 2))
-    return {
-        "latency_ms_p50": 1000 * statistics.median(t1),
-        "latency_ms_p95": 1000 * _p95(t1),
-        "latency_spread": (_p95(t1) - statistics.median(t1)) / statistics.median(t1),
-        "throughput_per_s": large_batch / statistics.median(tn),
-        "input_tokens": int(one.shape[1]) if one.dim() == 2 else 0,
-    }
+    t1, tn = time_calls(model, seq_len=seq_len, large_batch=large_batch, reps=reps, warmup=warmup)
+    return speed_figures(t1, tn, large_batch, input_tokens(model, seq_len))
 
 
 def peak_rss_mb() -> float:
@@ -244,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
         model = load_bundle(args.bundle, device="cpu").model
         t1, tn = time_calls(model, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps)
-        tokens = example_input(model, 1, args.seq_len)
-        print(
-            json.dumps({"t1": t1, "tn": tn, "input_tokens": int(tokens.shape[1]) if tokens.dim() == 2 else 0})
-        )
+        print(json.dumps({"t1": t1, "tn": tn, "input_tokens": input_tokens(model, args.seq_len)}))
         return
     result = measure_bundle(
         args.bundle,
