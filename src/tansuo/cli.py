@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -202,6 +203,9 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to sample")] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; higher = more random")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=1, help="sample only among the k likeliest tokens")] = 50,
+    top_p: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="sample among the likeliest tokens worth top_p")
+    ] = None,
     num_samples: Annotated[int, typer.Option(min=1, help="independent samples")] = 1,
     seed: Annotated[int | None, typer.Option(help="seed for reproducible samples")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -222,6 +226,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
             seed=None if seed is None else seed + i,
             device=dev,
         )
@@ -529,6 +534,264 @@ def export(
         highlight=False,
         markup=False,
     )
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
+    backend: Annotated[str, typer.Option(help="torch (eager PyTorch, int8 too) or onnxruntime")] = "torch",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (torch backend)")] = "auto",
+    max_batch: Annotated[int, typer.Option(min=1, help="most items per model call; 1 = no batching")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for more")] = 5.0,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="require 'Authorization: Bearer KEY' with the key in this file")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 1_000_000,
+    max_text_chars: Annotated[int, typer.Option(min=1, help="longest text or prompt")] = 10_000,
+    max_items: Annotated[int, typer.Option(min=1, help="most inputs in one request")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="most tokens one request may generate")] = 256,
+    timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait")] = 30.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="PyTorch threads (default: all cores)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every request")] = False,
+) -> None:
+    """Serve a bundle over HTTP: the task's endpoint, /v1/model, /health, /ready, /metrics, a try-it page.
+
+    The API key may also come from the TANSUO_API_KEY environment variable.
+    """
+    _setup_logging(verbose)
+    import torch
+    import uvicorn
+
+    from tansuo.serve.app import ServeConfig, Server, create_app
+    from tansuo.serve.bundle import load_bundle
+    from tansuo.serve.endpoints import Limits
+    from tansuo.train.device import resolve_device
+
+    api_key = os.environ.get("TANSUO_API_KEY") or None
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TansuoError(f"cannot read --api-key-file {api_key_file}: {e}") from e
+        if not api_key:
+            raise TansuoError(f"--api-key-file {api_key_file} is empty; write the key in it")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
+    b = load_bundle(bundle, device=dev)
+    limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout)
+    config = ServeConfig(backend, max_batch, max_wait_ms, api_key=api_key, limits=limits)
+    server = Server(b, config, dev)
+    asgi = create_app(server)
+    url = f"http://{host}:{port}"
+    console.print(
+        f"serving {bundle} ({b.task.name}, {backend}) at {url}  POST {server.endpoint.path}, "
+        f"try it at {url}/, docs at {url}/docs" + ("  (API key required)" if api_key else ""),
+        highlight=False,
+        markup=False,
+    )
+    uvicorn.run(asgi, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+
+
+def _recipe_sets(set_: list[str] | None, data: str | None, device: str | None) -> list[str]:
+    sets = list(set_ or [])
+    if data is not None:
+        sets.append(f"data.path={json.dumps(data)}")
+    if device is not None:
+        sets.append(f"train.device={device}")
+    return sets
+
+
+def _finish_study(study: Any, spec: Any, storage: str, *, copy: bool = True) -> None:
+    """Collect the study's results, write report.html/md and results.json, copy the pick, print the front."""
+    from tansuo.explore.report import TABLE, TITLES, describe, fmt, pareto_rows, write_report
+    from tansuo.explore.results import collect, copy_best
+
+    results = collect(study, spec, storage)
+    paths = write_report(results, spec.study_dir)
+    best = copy_best(results, spec.study_dir) if copy else None
+    c = results["counts"]
+    measured = sum(r["status"] == "ok" for r in results["variants"])
+    console.print(
+        f"study {results['study']}: {c['complete']} trials complete, {c['fail']} failed, {c['running']} "
+        f"running; {measured} variants measured",
+        highlight=False,
+        markup=False,
+    )
+    table = Table(title="Pareto front (feasible variants)", box=None, pad_edge=False)
+    table.add_column("id")
+    table.add_column("model", overflow="fold", ratio=1)
+    table.add_column("variant")
+    for n in TABLE[:5]:
+        table.add_column(TITLES[n], justify="right", no_wrap=True)
+    for r in pareto_rows(results):
+        mark = " *" if r["id"] == results["recommended"] else ""
+        cells = [r["id"] + mark, describe(r), r["variant"], *(fmt(n, r["values"].get(n)) for n in TABLE[:5])]
+        table.add_row(*(escape(x) for x in cells))
+    console.print(table)
+    if results["recommended"] is None:
+        console.print(f"no recommendation: {results['why']}", highlight=False, markup=False)
+    else:
+        console.print(f"recommended (*): {results['recommended']}: {results['why']}", highlight=False, markup=False)
+        if best is not None:
+            console.print(f"bundle copied to [bold]{escape(str(best))}[/]", highlight=False)
+    console.print(f"report: {paths['html']} (also {paths['md'].name}, {paths['json'].name})", highlight=False)
+
+
+@app.command()
+def explore(
+    recipe: Annotated[Path, typer.Argument(help="a recipe with an explore: section, e.g. recipes/quickstart.yaml")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a recipe field, explore.* included: --set explore.budget.trials=4"),
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="folder in which relative data file names are looked up")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="study folder; same as --set explore.study=DIR")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite in the folder)"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the study: finished trials are kept, cut-short ones rerun")
+    ] = False,
+    worker: Annotated[
+        bool, typer.Option("--worker", help="join the study in --storage (create it if absent) and run trials")
+    ] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto (CUDA if present), cpu, cuda")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Search models x sizes x training x compression; report the Pareto front and the bundle to ship."""
+    _setup_logging(verbose)
+    import warnings
+
+    import optuna
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    from tansuo.explore.pareto import pareto_front, value
+    from tansuo.explore.schema import METRICS, load_explore_recipe
+    from tansuo.explore.search import budget_used, open_study, redact, run_study
+    from tansuo.recipe import apply_overrides, read_recipe_file
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sets = _recipe_sets(set_, data, device)
+    if out is not None:
+        sets.append(f"explore.study={json.dumps(str(out))}")
+    spec = load_explore_recipe(recipe, sets, data_dir)
+    raw = apply_overrides(read_recipe_file(recipe), sets)
+    study = open_study(spec, raw, storage=storage, resume=resume, worker=worker)
+    label = redact(storage) if storage else str(spec.study_dir / "optuna.db")
+    objectives = spec.explore.objectives
+    seen: list[list[float]] = []  # objective values of the feasible variants finished so far
+    best_q: list[float] = []
+
+    def add(record: dict[str, Any]) -> None:
+        for v in record.get("variants", []):
+            if v["status"] == "ok" and v["feasible"]:
+                seen.append([value(v["figures"], o) for o in objectives])
+                best_q.append(value(v["figures"], "quality"))
+
+    for t in study.get_trials(deepcopy=False):
+        if "record" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE:
+            add(t.user_attrs["record"])
+    used, waiting = budget_used(study)
+    total = spec.explore.budget.trials
+    if spec.sampler == "grid":
+        total = used + waiting if total is None else min(total, used + waiting)
+    console.print(
+        f"study [bold]{escape(study.study_name)}[/] in {escape(label)} · sampler {spec.sampler} · objectives "
+        f"{', '.join(objectives)} · {len(spec.explore.candidates)} candidates x {len(spec.explore.variants)} "
+        f"variants · budget {total if total is not None else '-'} trials"
+        + (f", {spec.explore.budget.minutes:g} min" if spec.explore.budget.minutes else "")
+        + (f" · {used} trials already done" if used else ""),
+        highlight=False,
+    )
+
+    def best_text() -> str:
+        if not seen:
+            return "no feasible model yet"
+        q = f"best {METRICS['quality'].title} {100 * max(best_q):.2f}" if best_q else ""
+        if len(objectives) == 1:
+            return q
+        front = pareto_front(seen, [METRICS[o].direction for o in objectives])
+        return f"{q} · front {len(front)} models"
+
+    progress = Progress(
+        TextColumn("explore"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[best]}"),
+        TextColumn("{task.fields[now]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+
+    with progress:
+        job = progress.add_task("explore", total=total, completed=used, best=best_text(), now="")
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "start":
+                s = info["settings"]
+                shown = " ".join(f"{k}={v}" for k, v in {**s["overrides"], **s["train"]}.items())
+                progress.update(job, now=f"trial {info['number']}: {s['candidate']} {shown}")
+                return
+            if kind == "done":
+                add(info["record"])
+            progress.update(job, advance=1, best=best_text(), now="")
+            if kind == "failed":
+                err_console.print(f"trial {info['number']} failed: {escape(info['reason'])}", highlight=False)
+
+        try:
+            ran = run_study(spec, study, on_event=on_event)
+        except KeyboardInterrupt:
+            progress.stop()
+            err_console.print(
+                "interrupted: finished trials are stored; the cut-short one runs again on "
+                f"`tansuo explore {recipe} --resume`",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
+    if worker:
+        console.print(
+            f"this worker ran {ran} trials; `tansuo report {spec.study_dir}` writes the report", highlight=False
+        )
+        return
+    _finish_study(study, spec, label)
+
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="a study folder written by tansuo explore")],
+    storage: Annotated[
+        str | None, typer.Option(help="the storage URL, when the study is not in the folder's SQLite file")
+    ] = None,
+) -> None:
+    """Write a study's report.html, report.md and results.json again; copy the recommended bundle to best/."""
+    _setup_logging(False)
+    import warnings
+
+    import optuna
+
+    from tansuo.explore.schema import load_explore
+    from tansuo.explore.search import load_study_folder, redact
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study, info = load_study_folder(study_dir, storage)
+    spec = load_explore(info["recipe"], study_dir)
+    spec.study_dir = Path(study_dir)
+    _finish_study(study, spec, redact(storage) if storage else info["storage"])
 
 
 @app.command()

@@ -12,6 +12,7 @@ Flat pixel rows (CSV rows, flat arrays) with more than one channel are read chan
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
 import zipfile
@@ -450,15 +451,10 @@ def load_image_file(path: str | Path, *, image_size: int, channels: int, pixel_m
             f"cannot read {path} as an image array ({error}); save numbers with numpy.save, or write them "
             "as comma-separated text (Python objects are never loaded)"
         ) from error
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{path} holds {array.dtype} values; an image must be numbers")
-    image = _image_to_chw(array, image_size, channels, path)
-    if not np.all(np.isfinite(image)):
-        raise DataError(f"{path} holds NaN or infinite values; an image must be finite numbers")
-    return image
+    return image_from_array(array, image_size=image_size, channels=channels, name=str(path))
 
 
-def _image_to_chw(array: np.ndarray, size: int, channels: int, path: Path) -> np.ndarray:
+def _image_to_chw(array: np.ndarray, size: int, channels: int, path: Path | str) -> np.ndarray:
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if array.ndim == 1 and array.size == channels * size * size:
@@ -476,18 +472,42 @@ def _image_to_chw(array: np.ndarray, size: int, channels: int, path: Path) -> np
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _load_picture(path: Path, size: int, channels: int, pixel_max: float) -> np.ndarray:
+def decode_picture(data: bytes, *, image_size: int, channels: int, pixel_max: float, name: str) -> np.ndarray:
+    """A picture file's bytes (PNG, JPEG, BMP, ...) as the model's input, as :func:`load_image_file` reads
+    a picture file; ``name`` says which input it is in error messages. Returns (C, H, W) float32."""
+    if channels not in (1, 3, 4):
+        raise DataError(f"images must have 1, 3 or 4 channels, got {channels}")
+    return _load_picture(io.BytesIO(data), image_size, channels, pixel_max, name=name)
+
+
+def image_from_array(array: np.ndarray, *, image_size: int, channels: int, name: str) -> np.ndarray:
+    """An array of pixel values in the training data's units as the model's input (shapes as
+    :func:`load_image_file` accepts them); ``name`` says which input it is in error messages."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{name} holds {array.dtype} values; an image must be numbers")
+    image = _image_to_chw(array, image_size, channels, name)
+    if not np.all(np.isfinite(image)):
+        raise DataError(f"{name} holds NaN or infinite values; an image must be finite numbers")
+    return image
+
+
+def _load_picture(
+    source: Path | io.BytesIO, size: int, channels: int, pixel_max: float, name: str | None = None
+) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError  # only when a picture is read
 
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
     try:
-        with Image.open(path) as picture:
+        with Image.open(source) as picture:
             picture = picture.convert(mode)
             if picture.size != (size, size):
                 picture = picture.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(picture, dtype=np.float32)  # (H, W) or (H, W, C)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise DataError(f"cannot read {path} as a picture ({error}); use a PNG, JPEG or BMP file") from error
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        reason = "not a picture format Pillow reads" if isinstance(error, UnidentifiedImageError) else error
+        raise DataError(
+            f"cannot read {name or source} as a picture ({reason}); use a PNG, JPEG or BMP file"
+        ) from error
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W)
     return np.ascontiguousarray(array * (pixel_max / 255.0), dtype=np.float32)
 

@@ -175,7 +175,9 @@ class GPT(nn.Module):
             for _ in range(self.config.num_layers)
         ]
 
-    def forward_features(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward_features(
+        self, idx: torch.Tensor, cache: list[KVCache] | None = None, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids ``(B, T)`` to final-norm hidden states ``(B, T, C)``; see :meth:`forward`."""
         T = idx.shape[1]
         offset = 0 if cache is None else cache[0].length
@@ -185,26 +187,39 @@ class GPT(nn.Module):
                 "crop the context (generate does) or build the model with a larger max_seq_len"
             )
         x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
+        mask = None
+        if pad is not None:  # left-padded rows: row b's real tokens start at column pad[b]
+            columns = torch.arange(offset + T, device=idx.device)
+            mask = columns[None, :] >= pad[:, None]  # (B, S): keys that are real tokens
+            if self.pos_emb is not None:  # each row counts its positions from its first real token
+                x = x + self.pos_emb((columns[None, offset:] - pad[:, None]).clamp(min=0))
+            # rotary positions need no shift: a row's scores depend only on distances between its tokens
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(T, offset)  # positions continue after the cached ones
-        return self.stack(self.dropout(x), causal=True, caches=cache)
+        return self.stack(self.dropout(x), causal=True, key_padding_mask=mask, caches=cache)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(B, T, C)`` to logits ``(B, T, V)``."""
         return self.lm_head(features)
 
-    def forward(self, idx: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: list[KVCache] | None = None, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Next-token logits.
 
         Args:
             idx: Token ids ``(B, T)``.
             cache: From :meth:`init_cache`; the tokens continue the cached sequence, and the caches are
                 updated.
+            pad: ``(B,)`` long, for a batch of sequences of different lengths padded on the left: the number
+                of padding tokens in front of each row (the same for every chunk fed into one cache). Padding
+                is masked out of attention and each row's positions start at its first real token, so a
+                row's logits match those of the sequence decoded alone (up to float rounding).
 
         Returns:
             Logits ``(B, T, V)``.
         """
-        return self.forward_head(self.forward_features(idx, cache))
+        return self.forward_head(self.forward_features(idx, cache, pad))
 
     def _last_logits(self, idx: torch.Tensor, cache: list[KVCache] | None) -> torch.Tensor:
         return self.forward_head(self.forward_features(idx, cache)[:, -1])  # (B, V), the head on one position
@@ -218,6 +233,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        top_p: float | None = None,
     ) -> torch.Tensor:
         """Continues each sequence by sampling one token at a time. Call ``model.eval()`` first.
 
@@ -232,6 +248,7 @@ class GPT(nn.Module):
             top_k: Sample only among the k most likely tokens.
             generator: Random generator for reproducible sampling.
             use_cache: Use a KV cache (faster; same result up to float rounding).
+            top_p: Sample only among the likeliest tokens whose probabilities add up to top_p.
 
         Returns:
             ``(B, T + max_new_tokens)``: the prompt followed by the new tokens.
@@ -244,7 +261,7 @@ class GPT(nn.Module):
         cache = self.init_cache(idx.shape[0]) if use_cache else None
         logits = self._last_logits(idx[:, -L:], cache)
         for step in range(max_new_tokens):
-            next_token = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            next_token = sample_logits(logits, temperature, top_k, generator, top_p)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
             if step == max_new_tokens - 1:
                 break
@@ -257,16 +274,30 @@ class GPT(nn.Module):
         return idx
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
-    """Picks one token id per row of ``logits`` (B, V); returns ``(B, 1)``."""
+    """Picks one token id per row of ``logits`` (B, V); returns ``(B, 1)``.
+
+    ``temperature`` 0 is greedy; otherwise the logits are divided by it, cut to the ``top_k`` likeliest
+    tokens and then to the smallest set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al.
+    2019), and one token is drawn.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of likelier tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the likeliest always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 

@@ -214,19 +214,28 @@ class ImageTask:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
+        """Label each image file (pictures or arrays, see :func:`load_image_file`)."""
         c, h, _ = self.image_shape
         x = np.stack([load_image_file(p, image_size=h, channels=c, pixel_max=self.pixel_max) for p in inputs])
+        return self.predict_arrays(model, x, inputs, device)
+
+    @torch.no_grad()
+    def predict_arrays(
+        self, model: nn.Module, x: np.ndarray, names: list[str], device: torch.device
+    ) -> list[dict[str, Any]]:
+        """Label images already read: ``x`` (N, C, H, W) in the training data's units; ``names`` label
+        the rows of the answer."""
         model.eval()
         probs = model(self.normalize(torch.from_numpy(x).float()).to(device)).float().softmax(-1).cpu()
         out = []
-        for path, p in zip(inputs, probs, strict=True):
+        for name, p in zip(names, probs, strict=True):
             top = int(p.argmax())
             out.append(
                 {
-                    "input": path,
+                    "input": name,
                     "label": self.class_names[top],
                     "probability": float(p[top]),
-                    "probabilities": {name: float(v) for name, v in zip(self.class_names, p, strict=True)},
+                    "probabilities": {n: float(v) for n, v in zip(self.class_names, p, strict=True)},
                 }
             )
         return out

@@ -183,6 +183,7 @@ class LMTask:
         max_new_tokens: int = 200,
         temperature: float = 0.8,
         top_k: int | None = 50,
+        top_p: float | None = None,
         seed: int | None = None,
         device: torch.device | str = "cpu",
     ) -> str:
@@ -194,7 +195,9 @@ class LMTask:
         g = None
         if seed is not None:
             g = torch.Generator(device=device).manual_seed(seed)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
+        out = model.generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, top_p=top_p
+        )
         text = decode(self.tokenizer, out[0].tolist())
         return text if prompt else text[len(decode(self.tokenizer, ids)) :]
 

@@ -1,0 +1,362 @@
+"""``tansuo serve``: a bundle behind HTTP (FastAPI on Uvicorn).
+
+Routes: the task's endpoint (``POST /v1/predict`` or ``POST /v1/generate``, see ``endpoints.py``),
+``GET /v1/model`` (the bundle's card), ``GET /health`` (the process answers), ``GET /ready`` (the model is
+loaded and warmed up), ``GET /metrics`` (Prometheus text), ``GET /`` (a page to try the model), and
+FastAPI's OpenAPI docs at ``/docs``. With an API key every ``/v1`` route needs
+``Authorization: Bearer KEY`` (compared in constant time). Every error is JSON ``{"error": message}`` with a
+4xx status for bad requests; the server keeps serving whatever a request holds.
+
+Requests pass through one outer ASGI layer (:class:`_Guard`) that refuses bodies over the limit before they
+are parsed and records each request's status and latency.
+"""
+
+import asyncio
+import hmac
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tansuo import __version__
+from tansuo.errors import TansuoError
+from tansuo.serve.batching import Batcher, BusyError
+from tansuo.serve.bundle import Bundle
+from tansuo.serve.endpoints import ENDPOINTS, ApiError, Endpoint, Generate, Limits
+from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass
+class ServeConfig:
+    """How the server runs; the command line's flags."""
+
+    backend: str = "torch"
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class Server:
+    """The loaded model, its endpoint, batcher and metrics (one per process)."""
+
+    def __init__(self, bundle: Bundle, config: ServeConfig, device: torch.device) -> None:
+        task_name = bundle.task.name
+        if task_name not in ENDPOINTS:
+            raise TansuoError(
+                f"{task_name!r} bundles cannot be served yet; served tasks: {sorted(ENDPOINTS)}"
+            )
+        if config.backend not in BACKENDS:
+            raise TansuoError(f"--backend {config.backend!r} is unknown; use {' or '.join(BACKENDS)}")
+        self.bundle, self.config, self.device = bundle, config, device
+        self._tmp: Path | None = None
+        model = self._backend_model(bundle, config.backend, device)
+        self.endpoint: Endpoint = ENDPOINTS[task_name](bundle.task, model, device, config.limits)
+        self.metrics = _metrics()
+        self.batcher = Batcher(
+            self._run,
+            max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms,
+            fits=self.endpoint.fits,
+            on_batch=lambda n: self.metrics.observe("tansuo_batch_size", n, endpoint=self.endpoint.path),
+            max_queue=config.max_queue,
+            name="tansuo-model",
+        )
+        self.ready = False
+
+    def _backend_model(self, bundle: Bundle, backend: str, device: torch.device) -> torch.nn.Module:
+        is_onnx = getattr(bundle.model, "onnx_file", None) is not None
+        if backend == "torch":
+            if is_onnx:
+                raise TansuoError(
+                    f"{bundle.path} is an ONNX Runtime bundle; serve it with --backend onnxruntime"
+                )
+            return bundle.model
+        if bundle.task.name == "lm":
+            raise TansuoError("generation runs on the torch backend (KV cache); use --backend torch")
+        if is_onnx:
+            return bundle.model
+        if device.type != "cpu":
+            raise TansuoError("--backend onnxruntime runs on the CPU; pass --device cpu")
+        if any(r.get("step") == "quantize" for r in getattr(bundle.model, "compression", None) or []):
+            raise TansuoError(
+                f"{bundle.path} holds int8 torch layers, which do not export; serve it with --backend torch, "
+                "or compress with --quantize-backend onnxruntime"
+            )
+        from tansuo.serve.onnx import OnnxModel, export_onnx
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))
+        report = export_onnx(bundle.model, self._tmp / "model.onnx")
+        log.info("exported to ONNX (max abs difference from PyTorch %.1e)", report["max_abs_diff"])
+        return OnnxModel(self._tmp / "model.onnx", bundle.model)
+
+    def _run(self, items: list[Any]) -> list[Any]:
+        with torch.inference_mode():
+            results = self.endpoint.run(items)
+        if isinstance(self.endpoint, Generate):
+            self.metrics.inc("tansuo_generated_tokens_total", sum(len(r) for r in results))
+        self.metrics.inc("tansuo_items_total", len(items), endpoint=self.endpoint.path)
+        return results
+
+    def start(self) -> None:
+        """Warms the model up (first calls are slow) and starts the worker; then the server is ready."""
+        started = time.perf_counter()
+        self._run(self.endpoint.warm_up_items())
+        self.batcher.start()
+        self.ready = True
+        log.info("ready in %.2f s", time.perf_counter() - started)
+
+    def stop(self) -> None:
+        self.ready = False
+        self.batcher.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.bundle.config
+        return {
+            "task": self.bundle.task.name,
+            "endpoint": self.endpoint.path,
+            "input": self.endpoint.input_kind,
+            "model_name": cfg.get("model_name"),
+            "family": cfg.get("family"),
+            "num_params": cfg.get("num_params"),
+            "config": cfg.get("config"),
+            "compression": cfg.get("compression", []),
+            "runtime": cfg.get("runtime", "torch"),
+            "backend": self.config.backend,
+            "device": str(self.device),
+            "metrics": self.bundle.metrics,
+            "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms},
+            "limits": asdict(self.config.limits),
+            "auth": self.config.api_key is not None,
+            "tansuo_version": __version__,
+            **self.endpoint.card(),
+        }
+
+
+def _metrics() -> Metrics:
+    m = Metrics()
+    m.counter("tansuo_requests_total", "HTTP requests answered, by route and status.")
+    m.counter("tansuo_request_errors_total", "Requests answered with a 4xx or 5xx status, by route.")
+    m.histogram(
+        "tansuo_request_duration_seconds", "Time from request to the end of the answer.", LATENCY_BUCKETS
+    )
+    m.histogram("tansuo_batch_size", "Items per model call (micro-batching).", BATCH_BUCKETS)
+    m.counter("tansuo_items_total", "Items (texts, images, prompts) run through the model.")
+    m.counter("tansuo_generated_tokens_total", "Tokens generated.")
+    return m
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for e in error.errors()[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        if e.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})")
+        else:
+            parts.append(f"{where}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
+def create_app(server: Server) -> Any:
+    """The ASGI application serving ``server`` (FastAPI inside the body-limit and metrics layer)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.get_running_loop().run_in_executor(None, server.start)
+        yield
+        server.stop()
+
+    app = FastAPI(
+        title=f"tansuo: {server.bundle.config.get('model_name')} ({server.bundle.task.name})",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"Serving {server.bundle.path.name}. Errors are JSON objects with an 'error' message.",
+    )
+    endpoint = server.endpoint
+    timeout = server.config.limits.timeout_s
+
+    async def authorize(request: Request) -> None:
+        key = server.config.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return _error(e.status, e.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    @app.exception_handler(TansuoError)
+    async def _bad_input(request: Request, e: TansuoError) -> JSONResponse:
+        return _error(422, str(e))
+
+    @app.exception_handler(BusyError)
+    async def _busy(request: Request, e: BusyError) -> JSONResponse:
+        return _error(503, f"server busy: {e}", {"Retry-After": "1"})
+
+    async def run(items: list[Any]) -> list[Any]:
+        if not server.ready:
+            raise ApiError(503, "the model is not ready yet; poll GET /ready")
+        try:
+            return await asyncio.wait_for(server.batcher.submit(items), timeout)
+        except TimeoutError:
+            raise ApiError(504, f"the model did not answer within {timeout:g} s (--timeout)") from None
+
+    request_model = endpoint.request_model
+
+    if isinstance(endpoint, Generate):
+
+        @app.post(endpoint.path, dependencies=[Depends(authorize)], summary="Continue a prompt")
+        async def generate(body: request_model) -> Any:  # type: ignore[valid-type]
+            (job,) = endpoint.items(body)
+            if not body.stream:
+                (new,) = await run([job])
+                return {"completion": endpoint.text(job, new), "tokens": len(new)}
+            if not server.ready:
+                raise ApiError(503, "the model is not ready yet; poll GET /ready")
+            loop = asyncio.get_running_loop()
+            tokens: asyncio.Queue[int] = asyncio.Queue()
+            job.on_token = lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)
+            done = asyncio.ensure_future(asyncio.wait_for(server.batcher.submit([job]), timeout))
+            return StreamingResponse(
+                endpoint.stream(job, done, tokens),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+
+    else:
+
+        @app.post(endpoint.path, dependencies=[Depends(authorize)], summary="Predict")
+        async def predict(body: request_model) -> Any:  # type: ignore[valid-type]
+            items = endpoint.items(body)
+            return endpoint.respond(body, await run(items))
+
+    @app.get("/v1/model", dependencies=[Depends(authorize)], summary="The bundle's card")
+    async def model_card() -> dict[str, Any]:
+        return server.card()
+
+    @app.get("/health", summary="The process is up")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="The model is loaded and warmed up")
+    async def ready() -> JSONResponse:
+        if server.ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    page = resources.files("tansuo.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def try_it() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    routes = {endpoint.path, "/v1/model", "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json"}
+    return _Guard(app, server.metrics, server.config.limits.max_body_bytes, routes)
+
+
+class _Guard:
+    """Outer ASGI layer: refuses bodies over ``max_body_bytes`` (413, before the app parses anything) and
+    records every request's status and duration."""
+
+    def __init__(self, app: FastAPI, metrics: Metrics, max_body_bytes: int, routes: set[str]) -> None:
+        self.app, self.metrics, self.max_body_bytes, self.routes = app, metrics, max_body_bytes, routes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = 500
+
+        async def send_and_record(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._record(route, status, time.perf_counter() - started)
+
+        body = await self._read_body(scope, receive)
+        if body is None:
+            limit = self.max_body_bytes
+            response = _error(413, f"the request body is over {limit} bytes (--max-body-bytes)")
+            await response(scope, receive, send_and_record)
+            return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            response = _error(400, f"the body is not valid UTF-8 (byte {e.start}); send JSON in UTF-8")
+            await response(scope, receive, send_and_record)
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as Starlette expects
+
+        await self.app(scope, replay, send_and_record)
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
+        """The whole body, or None once it is known to be over the limit."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _record(self, route: str, status: int, seconds: float) -> None:
+        self.metrics.inc("tansuo_requests_total", endpoint=route, status=str(status))
+        if status >= 400:
+            self.metrics.inc("tansuo_request_errors_total", endpoint=route)
+        self.metrics.observe("tansuo_request_duration_seconds", seconds, endpoint=route)
