@@ -110,6 +110,10 @@ class TextPredict(Endpoint):
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(422, f"inputs[{i}] is an empty text; send some words")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" is valid JSON
+                raise ApiError(422, f"inputs[{i}]: lone surrogate at {e.start}; send valid Unicode") from e
             if len(text) > self.limits.max_text_chars:
                 raise ApiError(
                     413,
@@ -239,7 +243,7 @@ class GenerateRequest(BaseModel):
     top_p: Annotated[
         StrictFloat | StrictInt | None, Field(gt=0, le=1, description="sample among tokens worth top_p")
     ] = None
-    seed: StrictInt | None = Field(None, description="for reproducible samples")
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1, description="for reproducible samples")
     stream: StrictBool = Field(False, description="send tokens as server-sent events as they are made")
 
 
