@@ -109,7 +109,7 @@ class Server:
         with torch.inference_mode():
             results = self.endpoint.run(items)
         if isinstance(self.endpoint, Generate):
-            self.metrics.inc("tansuo_generated_tokens_total", sum(len(r) for r in results))
+            self.metrics.inc("tansuo_generated_tokens_total", sum(r["tokens"] for r in results))
         self.metrics.inc("tansuo_items_total", len(items), endpoint=self.endpoint.path)
         return results
 
@@ -241,8 +241,7 @@ def create_app(server: Server) -> Any:
         async def generate(body: request_model) -> Any:  # type: ignore[valid-type]
             (job,) = endpoint.items(body)
             if not body.stream:
-                (new,) = await run([job])
-                return {"completion": endpoint.text(job, new), "tokens": len(new)}
+                return endpoint.respond(body, await run([job]))
             if not server.ready:
                 raise ApiError(503, "the model is not ready yet; poll GET /ready")
             loop = asyncio.get_running_loop()

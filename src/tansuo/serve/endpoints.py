@@ -289,8 +289,12 @@ class Generate(Endpoint):
     def fits(self, items: list[GenerationJob], more: list[GenerationJob]) -> bool:
         return batch_fits(items + more, self.model.config.max_seq_len)
 
-    def run(self, items: list[GenerationJob]) -> list[list[int]]:
-        return generate_batch(self.model, items, self.device)
+    def run(self, items: list[GenerationJob]) -> list[dict[str, Any]]:
+        new = generate_batch(self.model, items, self.device)
+        return [
+            {"completion": self.text(job, ids), "tokens": len(ids)}
+            for job, ids in zip(items, new, strict=True)
+        ]
 
     def text(self, job: GenerationJob, new: list[int]) -> str:
         """The continuation's text (decoded with the prompt, so merged tokens come out right)."""
@@ -298,7 +302,7 @@ class Generate(Endpoint):
         return decode(tok, job.ids + new)[len(decode(tok, job.ids)) :]
 
     def respond(self, request: GenerateRequest, results: list[Any]) -> dict[str, Any]:
-        raise NotImplementedError  # the app calls text() with the job it built
+        return results[0]
 
     def warm_up_items(self) -> list[GenerationJob]:
         return [GenerationJob(ids=[0], max_new_tokens=2, temperature=0.0)]
