@@ -634,7 +634,9 @@ def _finish_study(study: Any, spec: Any, storage: str, *, copy: bool = True) -> 
     if results["recommended"] is None:
         console.print(f"no recommendation: {results['why']}", highlight=False, markup=False)
     else:
-        console.print(f"recommended (*): {results['recommended']}: {results['why']}", highlight=False, markup=False)
+        console.print(
+            f"recommended (*): {results['recommended']}: {results['why']}", highlight=False, markup=False
+        )
         if best is not None:
             console.print(f"bundle copied to [bold]{escape(str(best))}[/]", highlight=False)
     console.print(f"report: {paths['html']} (also {paths['md'].name}, {paths['json'].name})", highlight=False)
@@ -642,12 +644,18 @@ def _finish_study(study: Any, spec: Any, storage: str, *, copy: bool = True) -> 
 
 @app.command()
 def explore(
-    recipe: Annotated[Path, typer.Argument(help="a recipe with an explore: section, e.g. recipes/quickstart.yaml")],
+    recipe: Annotated[
+        Path, typer.Argument(help="a recipe with an explore: section, e.g. recipes/quickstart.yaml")
+    ],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a recipe field, explore.* included: --set explore.budget.trials=4"),
+        typer.Option(
+            "--set", help="override a recipe field, explore.* included: --set explore.budget.trials=4"
+        ),
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")
+    ] = None,
     data_dir: Annotated[
         str | None, typer.Option("--data-dir", help="folder in which relative data file names are looked up")
     ] = None,
@@ -656,13 +664,17 @@ def explore(
     ] = None,
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite in the folder)"),
+        typer.Option(
+            help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite in the folder)"
+        ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="continue the study: finished trials are kept, cut-short ones rerun")
+        bool,
+        typer.Option("--resume", help="continue the study: finished trials are kept, cut-short ones rerun"),
     ] = False,
     worker: Annotated[
-        bool, typer.Option("--worker", help="join the study in --storage (create it if absent) and run trials")
+        bool,
+        typer.Option("--worker", help="join the study in --storage (create it if absent) and run trials"),
     ] = False,
     device: Annotated[str | None, typer.Option("--device", help="auto (CUDA if present), cpu, cuda")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
@@ -673,8 +685,14 @@ def explore(
     import warnings
 
     import optuna
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.progress import TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from tansuo.explore.pareto import pareto_front, value
     from tansuo.explore.schema import METRICS, load_explore_recipe
@@ -683,6 +701,9 @@ def explore(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not verbose:  # the explore progress display replaces the trainer's and compressor's per-step lines
+        for name in ("tansuo.train", "tansuo.compress"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     sets = _recipe_sets(set_, data, device)
     if out is not None:
         sets.append(f"explore.study={json.dumps(str(out))}")
@@ -764,7 +785,8 @@ def explore(
             raise typer.Exit(130) from None
     if worker:
         console.print(
-            f"this worker ran {ran} trials; `tansuo report {spec.study_dir}` writes the report", highlight=False
+            f"this worker ran {ran} trials; `tansuo report {spec.study_dir}` writes the report",
+            highlight=False,
         )
         return
     _finish_study(study, spec, label)

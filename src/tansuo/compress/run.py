@@ -27,7 +27,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -477,6 +477,26 @@ def check_steps(bundle: Any, recipe: CompressRecipe) -> None:
             prunable(model)
 
 
+def run_steps(
+    bundle_path: Path, steps: list[Any], variants_dir: Path, *, data_path: str | None = None
+) -> Iterator[tuple[str, Path, list[str]]]:
+    """Apply ``steps`` in order, each to the previous step's bundle, writing ``variants_dir/NN-step``.
+
+    Yields (folder name, bundle path, descriptions of the steps applied so far) after each step.
+    """
+    from tansuo.serve.bundle import load_bundle
+
+    current = Path(bundle_path)
+    done: list[str] = []
+    for i, step in enumerate(steps, 1):
+        name = f"{i:02d}-{step.step}"
+        log.info("step %d/%d: %s", i, len(steps), describe(step))
+        b = load_bundle(current, device="cpu", data_path=data_path)
+        current = STEP_RUNNERS[step.step](b, step, variants_dir / name)
+        done.append(describe(step))
+        yield name, current, list(done)
+
+
 def compress(
     bundle_path: Path,
     recipe: CompressRecipe,
@@ -500,20 +520,12 @@ def compress(
     variants[0].figures = measure_in_subprocess(bundle_path, threads=recipe.threads, **measure)
     if on_variant:
         on_variant(variants[0])
-    current = bundle_path
-    done: list[str] = []
-    for i, step in enumerate(recipe.steps, 1):
-        name = f"{i:02d}-{step.step}"
-        log.info("step %d/%d: %s", i, len(recipe.steps), describe(step))
-        b = load_bundle(current, device="cpu", data_path=data_path)
-        path = STEP_RUNNERS[step.step](b, step, variants_dir / name)
-        done.append(describe(step))
-        v = Variant(name, path, list(done))
+    for name, path, done in run_steps(bundle_path, recipe.steps, variants_dir, data_path=data_path):
+        v = Variant(name, path, done)
         v.figures = measure_in_subprocess(path, threads=recipe.threads, **measure)
         variants.append(v)
         if on_variant:
             on_variant(v)
-        current = path
     if len(variants) > 1:  # speed again, every variant in rounds of fresh processes: comparable ratios
         speed = compare_in_rounds(
             [v.path for v in variants],

@@ -1,0 +1,489 @@
+"""The study's report: ``report.html`` (one self-contained file: inline SVG plots, a sortable table, no
+network), ``report.md`` and ``results.json``, all written from :func:`tansuo.explore.results.collect`'s
+mapping.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tansuo.atomic import atomic_write_json, atomic_write_text
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def write_report(results: dict[str, Any], study_dir: Path) -> dict[str, Path]:
+    """Write results.json, report.md and report.html into the study folder; returns their paths."""
+    study_dir = Path(study_dir)
+    paths = {
+        "json": study_dir / "results.json",
+        "md": study_dir / "report.md",
+        "html": study_dir / "report.html",
+    }
+    atomic_write_json(paths["json"], results)
+    atomic_write_text(paths["md"], markdown(results))
+    atomic_write_text(paths["html"], render_html(results))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ formatting
+def fmt(name: str, v: float | None) -> str:
+    """A metric's value for tables: quality x100, latency in ms, size in MB, ..."""
+    if v is None:
+        return "-"
+    if name == "quality":
+        return f"{100 * v:.2f}"
+    if name in ("latency", "latency_p95"):
+        return f"{v:.3f}"
+    if name in ("size", "memory", "train_time"):
+        return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+    if name == "params":
+        return f"{v:.3f}M"
+    return f"{v:.3g}"
+
+
+def describe(row: dict[str, Any]) -> str:
+    """Candidate settings in one line: ``vit_digits embed_dim=32 · lr=0.003``."""
+    parts = [row["candidate"]]
+    parts += [
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.get("overrides", {}).items()
+    ]
+    train = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.get("train", {}).items()]
+    return " ".join(parts) + (" · " + " ".join(train) if train else "")
+
+
+TABLE = ("quality", "latency", "latency_p95", "size", "params", "memory", "train_time")
+TITLES = {
+    "quality": "quality",
+    "latency": "p50 ms",
+    "latency_p95": "p95 ms",
+    "size": "size MB",
+    "params": "params",
+    "memory": "peak MB",
+    "train_time": "train s",
+}
+
+
+def pareto_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Pareto-front variants, best quality first."""
+    by_id = {r["id"]: r for r in results["variants"]}
+    front = [by_id[i] for i in results["pareto"]]
+    return sorted(front, key=lambda r: -r["values"].get("quality", 0.0))
+
+
+def _recommended(results: dict[str, Any]) -> dict[str, Any] | None:
+    rid = results.get("recommended")
+    return next((r for r in results["variants"] if r["id"] == rid), None)
+
+
+def _settings_line(results: dict[str, Any]) -> str:
+    m = results["measure"]
+    threads = ", ".join(map(str, m["threads_recorded"])) or str(m["threads"])
+    return (
+        f"Quality: {results['metric']} on the held-back `{results.get('split') or 'test'}` split (x100), "
+        f"which training never saw. Latency: batch 1, median (p50) and p95 of {m['reps']} calls after "
+        f"warm-up, {threads} thread(s), each model in a fresh process. Size: the bundle folder on disk."
+    )
+
+
+# ------------------------------------------------------------------------------------------ markdown
+def markdown(results: dict[str, Any]) -> str:
+    """report.md: summary, recommendation, Pareto table, every variant, failures."""
+    c = results["counts"]
+    lines = [
+        f"# Study {results['study']}",
+        "",
+        f"Task `{results['task']}`; objectives: {', '.join(results['objectives'])}; constraints: "
+        f"{', '.join(results['constraints']) or 'none'}; sampler {results['sampler']}. Trials: "
+        f"{c['complete']} complete, {c['fail']} failed, {c['running']} running.",
+        "",
+        _settings_line(results),
+        "",
+        "## Recommendation",
+        "",
+    ]
+    rec = _recommended(results)
+    if rec is None:
+        lines.append(f"None: {results['why']}.")
+    else:
+        lines += [
+            f"**{rec['id']}**: {describe(rec)}, variant `{rec['variant']}` "
+            f"({' + '.join(rec['steps']) or 'as trained'}). "
+            + ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n))}" for n in TABLE),
+            "",
+            f"Why: {results['why']}.",
+        ]
+    lines += ["", "## Pareto front", "", *_md_table(pareto_rows(results)), "", "## Every variant", ""]
+    lines += _md_table([r for r in results["variants"] if r["status"] == "ok"])
+    failed = [t for t in results["trials"] if t["state"] == "fail"]
+    bad = [r for r in results["variants"] if r["status"] != "ok"]
+    if failed or bad:
+        lines += ["", "## Failures", ""]
+        lines += [f"- trial {t['number']} ({t.get('candidate') or '?'}): {t['reason']}" for t in failed]
+        lines += [f"- {r['id']}: {r['reason']}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["id", "model", "variant", *(TITLES[n] for n in TABLE), "feasible", "front"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["id"], describe(r), r["variant"], *(fmt(n, r["values"].get(n)) for n in TABLE)]
+        cells += ["yes" if r["feasible"] else "no", "yes" if r.get("pareto") else ""]
+        out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ SVG plots
+def _empty(plot_id: str, width: int) -> str:
+    no_data = '<text x="10" y="30">no data</text>'
+    return f'<svg id="{plot_id}" class="plot" width="{width}" height="60">{no_data}</svg>'
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * step:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
+
+
+def _label(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def scatter(
+    plot_id: str,
+    points: list[dict[str, Any]],
+    xlabel: str,
+    ylabel: str,
+    *,
+    front_line: bool = True,
+    size_note: str = "",
+) -> str:
+    """An SVG scatter plot: points {x, y, r, color, title, pareto, feasible, recommended}; the upper-left
+    staircase of the non-dominated points (lower x, higher y) drawn when ``front_line``."""
+    W, H, L, R, T, B = 720, 420, 70, 20, 20, 55
+    if not points:
+        return _empty(plot_id, W)
+    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+    logx = min(xs) > 0 and max(xs) / min(xs) > 20
+    fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
+    x0, x1 = fx(min(xs)), fx(max(xs))
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.08 or 0.5, (y1 - y0) * 0.1 or 0.01
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+
+    def sx(v: float) -> float:
+        return L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
+
+    def sy(v: float) -> float:
+        return T + (y1 - v) / (y1 - y0) * (H - T - B)
+
+    out = [f'<svg id="{plot_id}" class="plot" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">']
+    out.append(
+        f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="#fafafa" stroke="#ccc"/>'
+    )
+    xt = [10**e for e in range(math.floor(x0), math.ceil(x1) + 1)] if logx else _ticks(x0, x1)
+    for v in xt:
+        if x0 <= fx(v) <= x1:
+            x = sx(v)
+            out.append(f'<line x1="{x:.1f}" y1="{T}" x2="{x:.1f}" y2="{H - B}" stroke="#eee"/>')
+            out.append(
+                f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="middle" font-size="11">{_label(v)}</text>'
+            )
+    for v in _ticks(y0, y1):
+        y = sy(v)
+        out.append(f'<line x1="{L}" y1="{y:.1f}" x2="{W - R}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_label(v)}</text>')
+    out.append(
+        f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle" font-size="12">'
+        f"{html.escape(xlabel)}{' (log scale)' if logx else ''}</text>"
+    )
+    out.append(
+        f'<text transform="translate(16,{(T + H - B) / 2}) rotate(-90)" text-anchor="middle" font-size="12">'
+        f"{html.escape(ylabel)}</text>"
+    )
+    if front_line:  # the 2-D front of these axes among feasible points: lower x and higher y are better
+        best, stairs = -math.inf, []
+        for p in sorted((p for p in points if p["feasible"]), key=lambda p: (p["x"], -p["y"])):
+            if p["y"] > best:
+                best = p["y"]
+                stairs.append(p)
+        if len(stairs) > 1:
+            d = " ".join(f"{sx(p['x']):.1f},{sy(p['y']):.1f}" for p in stairs)
+            out.append(
+                f'<polyline class="front" points="{d}" fill="none" stroke="#555" stroke-dasharray="4 3"/>'
+            )
+    for p in sorted(points, key=lambda p: -p["r"]):  # big markers first, small ones stay visible on top
+        fill = p["color"] if p["feasible"] else "none"
+        stroke = "#000" if p.get("pareto") else (p["color"] if p["feasible"] else "#999")
+        width = 2 if p.get("pareto") else 1
+        out.append(
+            f'<circle class="point{" pareto" if p.get("pareto") else ""}" cx="{sx(p["x"]):.1f}" '
+            f'cy="{sy(p["y"]):.1f}" r="{p["r"]:.1f}" fill="{fill}" fill-opacity="0.55" stroke="{stroke}" '
+            f'stroke-width="{width}"><title>{html.escape(p["title"])}</title></circle>'
+        )
+        if p.get("recommended"):
+            out.append(
+                f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="{p["r"] + 5:.1f}" fill="none" '
+                'stroke="#e6a700" stroke-width="3"/>'
+            )
+    if size_note:
+        out.append(
+            f'<text x="{W - R - 4}" y="{T + 14}" text-anchor="end" font-size="11" fill="#555">'
+            f"{size_note}</text>"
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def lines_plot(plot_id: str, series: list[dict[str, Any]], xlabel: str, ylabel: str) -> str:
+    """An SVG line chart: series {points: [[x, y]...], color, title}."""
+    W, H, L, R, T, B = 720, 300, 70, 20, 20, 50
+    pts = [xy for s in series for xy in s["points"]]
+    if not pts:
+        return _empty(plot_id, W)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+
+    def sx(v: float) -> float:
+        return L + (v - x0) / (x1 - x0) * (W - L - R)
+
+    def sy(v: float) -> float:
+        return T + (y1 - v) / (y1 - y0) * (H - T - B)
+
+    out = [f'<svg id="{plot_id}" class="plot" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">']
+    out.append(
+        f'<rect x="{L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="#fafafa" stroke="#ccc"/>'
+    )
+    for v in _ticks(x0, x1):
+        out.append(
+            f'<text x="{sx(v):.1f}" y="{H - B + 16}" text-anchor="middle" font-size="11">{_label(v)}</text>'
+        )
+    for v in _ticks(y0, y1):
+        out.append(f'<line x1="{L}" y1="{sy(v):.1f}" x2="{W - R}" y2="{sy(v):.1f}" stroke="#eee"/>')
+        out.append(
+            f'<text x="{L - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11">{_label(v)}</text>'
+        )
+    out.append(
+        f'<text x="{(L + W - R) / 2}" y="{H - 10}" text-anchor="middle" font-size="12">{xlabel}</text>'
+    )
+    out.append(
+        f'<text transform="translate(16,{(T + H - B) / 2}) rotate(-90)" text-anchor="middle" font-size="12">'
+        f"{html.escape(ylabel)}</text>"
+    )
+    for s in series:
+        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s["points"])
+        out.append(
+            f'<polyline class="curve" points="{d}" fill="none" stroke="{s["color"]}" stroke-width="1.5" '
+            f'stroke-opacity="0.8"><title>{html.escape(s["title"])}</title></polyline>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------------------------ HTML
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px}
+.rec{background:#fff8e1;border:1px solid #e6a700;padding:10px 14px;border-radius:6px}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ddd;padding:3px 6px;text-align:right}
+th{background:#f0f0f0;cursor:pointer;user-select:none}td.l,th.l{text-align:left}
+tr.pareto td{font-weight:600}tr.infeasible td{color:#999}tr.failed td{color:#b00}
+.legend span{display:inline-block;margin-right:14px;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}
+.muted{color:#666;font-size:13px}
+"""
+
+# click a header to sort by it (numbers by their data-v value), again to reverse
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, col){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0];
+    var asc = th.getAttribute('data-dir') !== 'asc';
+    table.querySelectorAll('th').forEach(function(h){ h.removeAttribute('data-dir'); });
+    th.setAttribute('data-dir', asc ? 'asc' : 'desc');
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function(a, b){
+      var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+      var nx = parseFloat(x), ny = parseFloat(y), r;
+      if (!isNaN(nx) && !isNaN(ny)) { r = nx - ny; }
+      else if (isNaN(nx) !== isNaN(ny)) { r = isNaN(nx) ? 1 : -1; }
+      else { r = String(x).localeCompare(String(y)); }
+      return asc ? r : -r;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+  });
+});
+"""
+
+
+def _colors(results: dict[str, Any]) -> dict[str, str]:
+    names = sorted(
+        {r["candidate"] for r in results["variants"]}
+        | {t["candidate"] for t in results["trials"] if t["candidate"]}
+    )
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
+def _points(results: dict[str, Any], x: str, colors: dict[str, str]) -> list[dict[str, Any]]:
+    rows = [r for r in results["variants"] if r["status"] == "ok"]
+    sizes = [r["values"]["size"] for r in rows]
+    smax = max(sizes) if sizes else 1.0
+    out = []
+    for r in rows:
+        v = r["values"]
+        title = (
+            f"{r['id']}: {describe(r)} [{r['variant']}] quality {fmt('quality', v['quality'])}, "
+            f"p50 {fmt('latency', v['latency'])} ms, {fmt('size', v['size'])} MB"
+            + ("" if r["feasible"] else " (breaks a constraint)")
+        )
+        out.append(
+            {
+                "x": v[x],
+                "y": 100 * v["quality"],
+                "r": 4 + 14 * math.sqrt(v["size"] / smax),  # marker area follows size
+                "color": colors[r["candidate"]],
+                "title": title,
+                "pareto": r.get("pareto"),
+                "feasible": r["feasible"],
+                "recommended": r["id"] == results.get("recommended"),
+            }
+        )
+    return out
+
+
+def _cell(text: str, sort: Any = None, left: bool = False) -> str:
+    v = html.escape(str(text if sort is None else sort), quote=True)
+    return f'<td{" class=l" if left else ""} data-v="{v}">{html.escape(str(text))}</td>'
+
+
+def render_html(results: dict[str, Any]) -> str:
+    """The whole report as one HTML string (inline CSS, SVG and JavaScript; nothing fetched)."""
+    colors = _colors(results)
+    c = results["counts"]
+    rec = _recommended(results)
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>tansuo study {esc(results['study'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>Study {esc(results['study'])}</h1>",
+        f"<p>Task <b>{esc(str(results['task']))}</b>"
+        f" · objectives <b>{esc(', '.join(results['objectives']))}</b>"
+        f" · constraints <b>{esc(', '.join(results['constraints']) or 'none')}</b>"
+        f" · sampler {esc(results['sampler'])}"
+        f" · trials: {c['complete']} complete, {c['fail']} failed, {c['running']} running"
+        f" · {sum(r['status'] == 'ok' for r in results['variants'])} measured variants</p>",
+        f"<p class=muted>{esc(_settings_line(results).replace('`', ''))}</p>",
+        '<h2>Recommendation</h2><div class="rec" id="recommendation">',
+    ]
+    if rec is None:
+        parts.append(f"<p>None: {esc(results['why'])}.</p>")
+    else:
+        figures = ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n))}" for n in TABLE)
+        parts.append(
+            f"<p><b>{esc(rec['id'])}</b>: {esc(describe(rec))}, variant <b>{esc(rec['variant'])}</b> "
+            f"({esc(' + '.join(rec['steps']) or 'as trained')}). {esc(figures)}.</p>"
+            f"<p>Why: {esc(results['why'])}.</p><p class=muted>Copied to best/ in the study folder "
+            f"(from {esc(str(rec['path']))}).</p>"
+        )
+    parts.append("</div>")
+    legend = "".join(f'<span><i style="background:{col}"></i>{esc(n)}</span>' for n, col in colors.items())
+    parts.append(
+        f'<div class="legend">{legend}<span>black outline: Pareto front · gold ring: recommended · hollow: '
+        "breaks a constraint · marker area: size on disk</span></div>"
+    )
+    parts.append("<h2>Quality against latency</h2>")
+    parts.append(
+        scatter(
+            "plot-quality-latency",
+            _points(results, "latency", colors),
+            "latency p50 at batch 1 (ms)",
+            f"{results['metric']} x100",
+            size_note="marker area: size",
+        )
+    )
+    parts.append("<h2>Quality against size</h2>")
+    parts.append(
+        scatter(
+            "plot-quality-size",
+            _points(results, "size", colors),
+            "size on disk (MB)",
+            f"{results['metric']} x100",
+        )
+    )
+    parts.append("<h2>Training curves</h2>")
+    trained = [t for t in results["trials"] if t["curves"]]
+    val_key = f"val_{results['metric']}"
+    for key, label in (("train_loss", "training loss"), (val_key, f"validation {results['metric']}")):
+        series = [
+            {
+                "points": t["curves"].get(key, []),
+                "color": colors.get(t["candidate"], "#777"),
+                "title": f"trial {t['number']} {t['candidate']}",
+            }
+            for t in trained
+        ]
+        parts.append(lines_plot(f"plot-curves-{key}", series, "step", label))
+    parts.append("<h2>Every trial and variant</h2><p class=muted>Click a column to sort.</p>")
+    head = ["id", "trial", "model and settings", "variant", "steps", *(TITLES[n] for n in TABLE)]
+    head += ["spread", "feasible", "front", "status"]
+    parts.append('<table id="variants" class="sortable"><thead><tr>')
+    parts += [
+        f'<th class="{"l" if i in (0, 2, 3, 4) or h == "status" else ""}">{esc(h)}</th>'
+        for i, h in enumerate(head)
+    ]
+    parts.append("</tr></thead><tbody>")
+    for r in results["variants"]:
+        ok = r["status"] == "ok"
+        cls = (
+            "failed" if not ok else ("pareto" if r.get("pareto") else ("" if r["feasible"] else "infeasible"))
+        )
+        cells = [
+            _cell(r["id"], left=True),
+            _cell(r["trial"]),
+            _cell(describe(r), left=True),
+            _cell(r["variant"], left=True),
+        ]
+        cells.append(_cell(" + ".join(r["steps"]) or "as trained", left=True))
+        for n in TABLE:
+            v = r.get("values", {}).get(n)
+            cells.append(_cell(fmt(n, v), "" if v is None else v))
+        spread = r.get("figures", {}).get("latency_spread")
+        cells.append(_cell("-" if spread is None else f"{100 * spread:.0f}%", spread))
+        cells.append(_cell("yes" if r.get("feasible") else "no" if ok else "-"))
+        cells.append(_cell("yes" if r.get("pareto") else ""))
+        cells.append(_cell("ok" if ok else f"failed: {r['reason']}", left=True))
+        parts.append(f'<tr class="{cls}">' + "".join(cells) + "</tr>")
+    for t in results["trials"]:
+        if t["state"] != "complete":
+            cells = [
+                _cell(f"{t['number']}/-", left=True),
+                _cell(t["number"]),
+                _cell(t.get("candidate") or "?", left=True),
+            ]
+            cells += [_cell("-", left=True), _cell("-", left=True)] + [_cell("-", "") for _ in TABLE]
+            cells += [_cell("-", ""), _cell("-"), _cell("")]
+            cells.append(_cell(f"trial {t['state']}: {t.get('reason') or ''}", left=True))
+            parts.append('<tr class="failed">' + "".join(cells) + "</tr>")
+    parts.append("</tbody></table>")
+    parts.append(f"<script>{SORT_JS}</script>")
+    parts.append(f'<script type="application/json" id="results-data">{_json_for_html(results)}</script>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _json_for_html(results: dict[str, Any]) -> str:
+    slim = {k: v for k, v in results.items() if k != "trials"}
+    return json.dumps(slim).replace("</", "<\\/")
