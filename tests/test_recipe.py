@@ -18,11 +18,37 @@ def test_recipes_exist() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads_and_instantiates(path: Path) -> None:
+    if path.read_text().startswith("# tansuo explore "):
+        return _check_explore_recipe(path)
     recipe, data = load_recipe(path)
     model = create_model(recipe.model.name, **recipe.model.overrides)
     assert model.num_params() > 0
     # each recipe is headed by the command that runs it
     assert path.read_text().startswith("# tansuo train " + "recipes/" + path.name)
+
+
+def _check_explore_recipe(path: Path) -> None:
+    """An explore recipe: headed by `tansuo explore`, valid, and every candidate builds at every grid point
+    (or, for a sampled search, with the first choice / low end of each searched field)."""
+    from tansuo.explore.schema import Range, load_explore_recipe
+
+    assert path.read_text().startswith("# tansuo explore " + "recipes/" + path.name)
+    spec = load_explore_recipe(path)
+    for c in spec.explore.candidates:
+        if spec.sampler == "grid":
+            points = [p for p in spec.grid() if p["candidate"] == c.name]
+            fields = [
+                {k.split(".", 1)[1]: v for k, v in p.items() if k.startswith(c.name + ".")} for p in points
+            ]
+        else:
+            fields = [
+                {
+                    k: v[0] if isinstance(v, list) else v.low if isinstance(v, Range) else v
+                    for k, v in c.space.items()
+                }
+            ]
+        for f in fields:
+            assert create_model(c.model, **{**c.overrides, **f}).num_params() > 0
 
 
 def test_set_overrides_nested_field_with_yaml_value() -> None:

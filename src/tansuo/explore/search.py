@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import warnings
@@ -60,18 +61,33 @@ def default_storage(study_dir: Path) -> str:
     return f"sqlite:///{(Path(study_dir) / 'optuna.db').resolve()}"
 
 
-def _storage(url: str) -> optuna.storages.RDBStorage:
+def _with_driver(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; with only psycopg2 installed (tansuo[postgres]),
+    name that driver."""
+    import importlib.util
+
+    plain = url.startswith("postgresql://")
+    if plain and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's SQL storage for ``url``, with a heartbeat that fails (and requeues) a dead worker's trial."""
+    url = _with_driver(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}  # workers on one machine wait for the file lock
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=lambda study, trial: requeue(study, trial, "worker stopped"),
-        )
+        with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=lambda study, trial: requeue(study, trial, "worker stopped"),
+            )
     except ImportError as e:
         raise StudyError(
             f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL install "
@@ -110,7 +126,7 @@ def open_study(
     """Create the study (or continue it with ``resume``, or join it with ``worker``) and write study.json."""
     url = storage or default_storage(spec.study_dir)
     spec.study_dir.mkdir(parents=True, exist_ok=True)
-    store = _storage(url)
+    store = open_storage(url)
     name = study_name(spec)
     seed = spec.explore.seed if spec.explore.seed is not None else int(spec.base.get("seed", 1337))
     exists = name in {s.study_name for s in optuna.get_all_study_summaries(store)}
@@ -198,8 +214,10 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # another process finished or failed it first
-    if trial.params:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    # a trial cut short before it sampled anything still holds its enqueued (grid) parameters
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    if params:
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
     log.warning("trial %d %s; its parameters are queued again", trial.number, reason)
 
 
@@ -242,6 +260,7 @@ def run_study(
             trial = study.ask()
         folder = (spec.study_dir / "trials" / f"{trial.number:04d}").resolve()
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("folder", str(folder))
         with get_heartbeat_thread(trial._trial_id, study._storage):
             try:
@@ -264,7 +283,8 @@ def run_study(
             trial.set_user_attr("record", record)
             trial.set_user_attr("representative", rep["name"])
             if spec.constraints:
-                trial.set_constraint(rep["violations"])
+                for c, amount in zip(spec.constraints, rep["violations"], strict=True):
+                    trial.set_constraint(str(c), amount)  # > 0: infeasible (steers TPE / NSGA-II away)
             study.tell(trial, objective_values(spec, rep))
             ran += 1
             emit("done", {"number": trial.number, "record": record, "representative": rep})
@@ -297,7 +317,7 @@ def load_study_folder(study_dir: Path, storage: str | None = None) -> tuple[optu
         else:
             storage = default_storage(study_dir)
     try:
-        study = optuna.load_study(storage=_storage(storage), study_name=info["study_name"])
+        study = optuna.load_study(storage=open_storage(storage), study_name=info["study_name"])
     except KeyError:
         raise StudyError(f"no study {info['study_name']!r} in {redact(storage)}") from None
     return study, info

@@ -1,0 +1,83 @@
+"""The study's bookkeeping without training: sampling settings, trial recipes, requeueing cut-short trials,
+the budget count, and the storage checks of create / resume / join."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FixedTrial, TrialState
+
+from tansuo.explore.search import StudyError, budget_used, open_study, redact, requeue
+from tansuo.explore.trial import suggest, trial_recipe
+
+from .conftest import explore_raw, spec_for
+
+
+def test_suggest_and_trial_recipe_merge_candidate_settings(tmp_path: Path) -> None:
+    spec = spec_for(
+        tmp_path,
+        candidates=[{"model": "vit_test", "space": {"embed_dim": [8, 16]}, "train": {"max_steps": 7}}],
+        train={"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "epochs": [1, 2]},
+        sampler="tpe",
+        budget={"trials": 2},
+    )
+    params = {"candidate": "vit_test", "vit_test.embed_dim": 16, "train.lr": 0.004, "train.epochs": 2}
+    settings = suggest(FixedTrial(params), spec)
+    assert settings == {
+        "candidate": "vit_test",
+        "model": "vit_test",
+        "overrides": {"embed_dim": 16},
+        "train": {"max_steps": 7, "lr": 0.004, "epochs": 2},
+    }
+    raw = trial_recipe(spec, settings, tmp_path / "t")
+    assert raw["model"] == {"name": "vit_test", "overrides": {"embed_dim": 16}}
+    assert raw["train"]["lr"] == 0.004 and raw["train"]["out_dir"] == str(tmp_path / "t")
+    assert raw["train"]["batch_size"] == 16  # the base recipe's
+    assert "explore" not in raw
+
+
+def test_requeue_fails_the_trial_and_queues_its_parameters_once() -> None:
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("candidate", ["a", "b"])
+    frozen = study._storage.get_trial(trial._trial_id)
+    requeue(study, frozen, "interrupted")
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    failed, waiting = study.get_trials()
+    assert failed.user_attrs == {"fail_reason": "interrupted", "interrupted": True}
+    assert waiting.user_attrs["retry_of"] == 0
+    assert budget_used(study) == (0, 1)  # the interrupted trial does not count; its retry is waiting
+    again = study.ask()  # the retry is popped first, with the same parameters
+    assert (
+        again.number == 1 and again.suggest_categorical("candidate", ["a", "b"]) == frozen.params["candidate"]
+    )
+    study.tell(again, 1.0)
+    study.tell(study.ask(), state=TrialState.FAIL)  # an ordinary failure counts
+    assert budget_used(study) == (2, 0)
+
+
+def test_create_resume_and_join_rules(tmp_path: Path) -> None:
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study")
+    spec = spec_for(tmp_path)
+    with pytest.raises(StudyError, match="no study"):
+        open_study(spec, raw, resume=True)
+    study = open_study(spec, raw)
+    assert budget_used(study) == (0, 3)  # the 3-point grid is enqueued
+    with pytest.raises(StudyError, match="--resume"):
+        open_study(spec, raw)
+    running = study.ask()  # a trial that was running when its process died
+    resumed = open_study(spec, raw, resume=True)
+    assert [t.state for t in resumed.get_trials()][running.number] == TrialState.FAIL
+    assert budget_used(resumed) == (0, 3)  # its grid point is waiting again
+    changed = explore_raw(tmp_path / "bars.npz", tmp_path / "study", objectives=["quality"])
+    with pytest.raises(StudyError, match="explore.objectives differs"):
+        open_study(spec, changed, worker=True)
+    assert (tmp_path / "study" / "study.json").is_file()
+
+
+def test_storage_urls_lose_their_password() -> None:
+    assert redact("postgresql://ann:secret@db:5432/tansuo") == "postgresql://ann:***@db:5432/tansuo"
+    assert "secret" not in redact("postgresql://ann:secret@db/x")
