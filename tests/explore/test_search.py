@@ -81,3 +81,59 @@ def test_create_resume_and_join_rules(tmp_path: Path) -> None:
 def test_storage_urls_lose_their_password() -> None:
     assert redact("postgresql://ann:secret@db:5432/tansuo") == "postgresql://ann:***@db:5432/tansuo"
     assert "secret" not in redact("postgresql://ann:secret@db/x")
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch) -> None:
+    import tansuo.explore.search as search
+    from tansuo.explore.trial import TrialFailed
+
+    from .conftest import record
+
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study")
+    spec = spec_for(tmp_path)
+    bundle = tmp_path / "bundle"
+
+    def fake_run_trial(spec, settings, folder):
+        if settings["overrides"].get("embed_dim") == 8:
+            raise TrialFailed("NaN loss: loss became nan at step 3")
+        if settings["candidate"] == "resnet_test":
+            raise ValueError("a bug")  # unforeseen errors are recorded too, with their type
+        return record(spec, "vit_test", settings["overrides"], {"plain": (0.9, 1.0, 0.1)}, bundle)
+
+    monkeypatch.setattr(search, "run_trial", fake_run_trial)
+    events = []
+    study = open_study(spec, raw)
+    assert search.run_study(spec, study, on_event=lambda kind, info: events.append(kind)) == 3
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"].startswith("NaN loss")
+    assert trials[2].user_attrs["fail_reason"] == "ValueError: a bug"
+    assert trials[1].values == pytest.approx([0.9, 1.0])
+    assert events == ["start", "failed", "start", "done", "start", "failed"]
+
+
+def test_training_failures_become_trial_failures(image_npz: Path, tmp_path: Path, monkeypatch) -> None:
+    from tansuo.errors import TrainingDiverged
+    from tansuo.explore.trial import TrialFailed, _train
+    from tansuo.train.trainer import Trainer
+
+    spec = spec_for(tmp_path)
+    spec.base["data"]["path"] = str(image_npz)
+    settings = {"candidate": "vit_test", "model": "vit_test", "overrides": {"num_heads": 3}, "train": {}}
+    with pytest.raises(TrialFailed, match="invalid combination.*divisible"):
+        _train(spec, trial_recipe(spec, settings, tmp_path / "a"))
+    settings["overrides"] = {}
+    for error, reason in (
+        (TrainingDiverged("loss became nan at step 2"), "NaN loss"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"),
+            "out of memory",
+        ),
+    ):
+
+        def fit(self, resume=False, error=error):
+            raise error
+
+        monkeypatch.setattr(Trainer, "fit", fit)
+        with pytest.raises(TrialFailed, match=reason):
+            _train(spec, trial_recipe(spec, settings, tmp_path / "b"))

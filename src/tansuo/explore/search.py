@@ -246,7 +246,9 @@ def run_study(
     ran = 0
     emit = on_event or (lambda kind, info: None)
     while True:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed and requeued
         used, waiting = budget_used(study)
         if budget.trials is not None and used >= budget.trials and not waiting:
             break

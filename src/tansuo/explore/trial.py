@@ -104,7 +104,13 @@ def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
         result = trainer.fit()
     except TrainingDiverged as e:
         raise TrialFailed(f"NaN loss: {e}") from None
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise TrialFailed(
+            f"out of memory while training: {str(e).splitlines()[0] if str(e) else e!r}"
+        ) from None
+    except RuntimeError as e:  # the CPU allocator reports running out of memory as a RuntimeError
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
         raise TrialFailed(f"out of memory while training: {str(e).splitlines()[0]}") from None
     seconds = time.perf_counter() - started
     trainer.checkpoint_path.unlink(missing_ok=True)  # the bundle is what the study keeps
