@@ -150,6 +150,19 @@ def digit_images() -> tuple[list[list[list[int]]], str]:
 
 
 # ------------------------------------------------------------------------------------------- server
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes have used (from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process (the load generator) and its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -292,6 +305,8 @@ class Cell:
     errors: int
     mean_batch: float
     server_cpu_ms_per_req: float
+    client_cpu: float  # CPUs the load generator (this process) kept busy
+    others_cpu: float  # CPUs other processes kept busy: noise
 
 
 def bench_model(
@@ -310,8 +325,14 @@ def bench_model(
             try:
                 for n in clients:
                     cpu0, (b0, i0) = server.cpu_seconds(), server.batch_sizes()
+                    all0, own0, wall0 = _machine_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
                     r = _run_async(_load(server.port, requests, n, args.warmup, args.duration))
                     cpu1, (b1, i1) = server.cpu_seconds(), server.batch_sizes()
+                    all1, own1, wall = (
+                        _machine_busy_seconds(),
+                        _own_cpu_seconds(),
+                        time.perf_counter() - wall0,
+                    )
                     total = max(1, i1 - i0)  # items over warm-up and window (CPU covers both)
                     cell = Cell(
                         model=name,
@@ -327,6 +348,8 @@ def bench_model(
                         errors=r["errors"],
                         mean_batch=(i1 - i0) / max(1, b1 - b0),
                         server_cpu_ms_per_req=1000 * (cpu1 - cpu0) / total,
+                        client_cpu=(own1 - own0) / wall,
+                        others_cpu=max(0.0, (all1 - all0) - (cpu1 - cpu0) - (own1 - own0)) / wall,
                     )
                     cells.append(cell)
                     if r["errors"]:
@@ -352,7 +375,7 @@ def print_table(title: str, cells: list[Cell]) -> None:
     print(f"\n{title}")
     head = (
         f"{'backend':<12} {'batching':<9} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'mean batch':>10} {'srv CPU ms/req':>14} {'errors':>6}"
+        f"{'mean batch':>10} {'srv CPU ms/req':>14} {'errors':>6} {'client CPUs':>11} {'other CPUs':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -360,7 +383,7 @@ def print_table(title: str, cells: list[Cell]) -> None:
         print(
             f"{c.backend:<12} {c.batching + f' ({c.max_batch})':<9} {c.clients:>7} {c.req_per_s:>8.1f} "
             f"{c.p50_ms:>8.1f} {c.p95_ms:>8.1f} {c.mean_batch:>10.1f} {c.server_cpu_ms_per_req:>14.2f} "
-            f"{c.errors:>6}"
+            f"{c.errors:>6} {c.client_cpu:>11.2f} {c.others_cpu:>10.2f}"
         )
     for backend, r in ratios(cells).items():
         verdict = "PASS" if r >= TARGET else "FAIL"
