@@ -702,8 +702,8 @@ def explore(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if not verbose:  # the explore progress display replaces the trainer's and compressor's per-step lines
-        for name in ("tansuo.train", "tansuo.compress"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("tansuo").setLevel(logging.WARNING)
+        logging.getLogger("tansuo.explore").setLevel(logging.INFO)
     sets = _recipe_sets(set_, data, device)
     if out is not None:
         sets.append(f"explore.study={json.dumps(str(out))}")

@@ -25,7 +25,7 @@ var probe = {plots: {}, rows: document.querySelectorAll('#variants tbody tr').le
 document.querySelectorAll('svg.plot').forEach(function(svg){
   var box = svg.getBoundingClientRect();
   probe.plots[svg.id] = {width: box.width, height: box.height,
-                         points: svg.querySelectorAll('circle.point').length,
+                         points: svg.querySelectorAll('.point').length,
                          curves: svg.querySelectorAll('polyline.curve').length};
 });
 var heads = Array.prototype.slice.call(document.querySelectorAll('#variants th'));

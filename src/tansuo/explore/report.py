@@ -228,11 +228,11 @@ def scatter(
         fill = p["color"] if p["feasible"] else "none"
         stroke = "#000" if p.get("pareto") else (p["color"] if p["feasible"] else "#999")
         width = 2 if p.get("pareto") else 1
-        out.append(
-            f'<circle class="point{" pareto" if p.get("pareto") else ""}" cx="{sx(p["x"]):.1f}" '
-            f'cy="{sy(p["y"]):.1f}" r="{p["r"]:.1f}" fill="{fill}" fill-opacity="0.55" stroke="{stroke}" '
-            f'stroke-width="{width}"><title>{html.escape(p["title"])}</title></circle>'
+        attrs = (
+            f'class="point{" pareto" if p.get("pareto") else ""}" fill="{fill}" fill-opacity="0.55" '
+            f'stroke="{stroke}" stroke-width="{width}"'
         )
+        out.append(marker(p.get("shape", "circle"), sx(p["x"]), sy(p["y"]), p["r"], attrs, p["title"]))
         if p.get("recommended"):
             out.append(
                 f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="{p["r"] + 5:.1f}" fill="none" '
@@ -245,6 +245,28 @@ def scatter(
         )
     out.append("</svg>")
     return "".join(out)
+
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+
+
+def marker(shape: str, x: float, y: float, r: float, attrs: str, title: str = "") -> str:
+    """An SVG marker of about the area of a circle of radius ``r`` centred on (x, y)."""
+    tip = f"<title>{html.escape(title)}</title>" if title else ""
+    if shape == "square":
+        a = r * 0.886  # same area as the circle
+        box = f'x="{x - a:.1f}" y="{y - a:.1f}" width="{2 * a:.1f}" height="{2 * a:.1f}"'
+        return f"<rect {box} {attrs}>{tip}</rect>"
+    if shape in ("triangle", "diamond"):
+        if shape == "triangle":
+            a = r * 1.35
+            pts = [(x, y - a), (x + 0.866 * a, y + 0.5 * a), (x - 0.866 * a, y + 0.5 * a)]
+        else:
+            a = r * 1.25
+            pts = [(x, y - a), (x + a, y), (x, y + a), (x - a, y)]
+        d = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+        return f'<polygon points="{d}" {attrs}>{tip}</polygon>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {attrs}>{tip}</circle>'
 
 
 def lines_plot(plot_id: str, series: list[dict[str, Any]], xlabel: str, ylabel: str) -> str:
@@ -329,15 +351,30 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
 """
 
 
+def model_key(item: dict[str, Any]) -> str:
+    """What was trained: the candidate with its settings (a variant row or a trial)."""
+    settings = item.get("settings")
+    if settings is None and "overrides" in item:
+        settings = item
+    if not settings:
+        return str(item.get("candidate") or "?")
+    keys = ("candidate", "overrides", "train")
+    return describe({k: settings[k] for k in keys})
+
+
 def _colors(results: dict[str, Any]) -> dict[str, str]:
-    names = sorted(
-        {r["candidate"] for r in results["variants"]}
-        | {t["candidate"] for t in results["trials"] if t["candidate"]}
-    )
+    keys = [model_key(r) for r in results["variants"]] + [model_key(t) for t in results["trials"]]
+    names = list(dict.fromkeys(keys))
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
 
 
+def _shapes(results: dict[str, Any]) -> dict[str, str]:
+    names = list(dict.fromkeys(r["variant"] for r in results["variants"]))
+    return {n: SHAPES[i % len(SHAPES)] for i, n in enumerate(names)}
+
+
 def _points(results: dict[str, Any], x: str, colors: dict[str, str]) -> list[dict[str, Any]]:
+    shapes = _shapes(results)
     rows = [r for r in results["variants"] if r["status"] == "ok"]
     sizes = [r["values"]["size"] for r in rows]
     smax = max(sizes) if sizes else 1.0
@@ -354,7 +391,8 @@ def _points(results: dict[str, Any], x: str, colors: dict[str, str]) -> list[dic
                 "x": v[x],
                 "y": 100 * v["quality"],
                 "r": 4 + 14 * math.sqrt(v["size"] / smax),  # marker area follows size
-                "color": colors[r["candidate"]],
+                "color": colors[model_key(r)],
+                "shape": shapes[r["variant"]],
                 "title": title,
                 "pareto": r.get("pareto"),
                 "feasible": r["feasible"],
@@ -400,8 +438,14 @@ def render_html(results: dict[str, Any]) -> str:
         )
     parts.append("</div>")
     legend = "".join(f'<span><i style="background:{col}"></i>{esc(n)}</span>' for n, col in colors.items())
+    grey = 'fill="#888"'
+    legend += "<br>" + "".join(
+        f'<span><svg width="14" height="14">{marker(shape, 7, 7, 5, grey)}</svg> {esc(name)}</span>'
+        for name, shape in _shapes(results).items()
+    )
     parts.append(
-        f'<div class="legend">{legend}<span>black outline: Pareto front · gold ring: recommended · hollow: '
+        f'<div class="legend">{legend}<br><span>colour: trained model · shape: variant · black outline: '
+        "Pareto front · gold ring: recommended · hollow: "
         "breaks a constraint · marker area: size on disk</span></div>"
     )
     parts.append("<h2>Quality against latency</h2>")
@@ -430,7 +474,7 @@ def render_html(results: dict[str, Any]) -> str:
         series = [
             {
                 "points": t["curves"].get(key, []),
-                "color": colors.get(t["candidate"], "#777"),
+                "color": colors.get(model_key(t), "#777"),
                 "title": f"trial {t['number']} {t['candidate']}",
             }
             for t in trained
