@@ -137,3 +137,57 @@ def test_training_failures_become_trial_failures(image_npz: Path, tmp_path: Path
         monkeypatch.setattr(Trainer, "fit", fit)
         with pytest.raises(TrialFailed, match=reason):
             _train(spec, trial_recipe(spec, settings, tmp_path / "b"))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_sampled_studies_spend_their_trial_budget_with_constraints(
+    tmp_path: Path, monkeypatch, sampler: str
+) -> None:
+    import tansuo.explore.search as search
+
+    from .conftest import record
+
+    extra = {
+        "sampler": sampler,
+        "budget": {"trials": 4},
+        "constraints": ["latency <= 1.5"],
+        "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+    }
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
+    spec = spec_for(tmp_path, **extra)
+
+    def fake_run_trial(spec, settings, folder):  # slower models for larger lr: some break the constraint
+        latency = 1.0 + 100 * settings["train"]["lr"]
+        return record(
+            spec, settings["candidate"], settings["overrides"], {"plain": (0.9, latency, 0.1)}, folder
+        )
+
+    monkeypatch.setattr(search, "run_trial", fake_run_trial)
+    study = open_study(spec, raw)
+    assert search.run_study(spec, study) == 4
+    assert search.run_study(spec, study) == 0  # the budget counts the whole study, not one run
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        (violation,) = [v for k, v in t.system_attrs.items() if k.startswith("constraints")]
+        assert violation == pytest.approx(max(0.0, 100 * t.params["train.lr"] - 0.5))
+
+
+def test_the_minutes_budget_stops_new_trials(tmp_path: Path, monkeypatch) -> None:
+    import tansuo.explore.search as search
+
+    from .conftest import record
+
+    extra = {"sampler": "tpe", "budget": {"minutes": 1}}
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
+    spec = spec_for(tmp_path, **extra)
+    clock = iter([0.0, 30.0, 61.0, 62.0])  # start, before trial 0, before trial 1 (past the minute), ...
+    monkeypatch.setattr(search, "_now", lambda: next(clock))
+    monkeypatch.setattr(
+        search,
+        "run_trial",
+        lambda spec, s, folder: record(
+            spec, s["candidate"], s["overrides"], {"plain": (0.9, 1.0, 0.1)}, folder
+        ),
+    )
+    assert search.run_study(spec, open_study(spec, raw)) == 1

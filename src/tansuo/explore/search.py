@@ -234,6 +234,10 @@ def budget_used(study: optuna.Study) -> tuple[int, int]:
     return used, waiting
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
 def run_study(
     spec: ExploreSpec,
     study: optuna.Study,
@@ -242,7 +246,7 @@ def run_study(
 ) -> int:
     """Run trials until the budget is spent (or, for a grid, none is waiting); returns trials run here."""
     budget = spec.explore.budget
-    started = time.monotonic()
+    started = _now()
     ran = 0
     emit = on_event or (lambda kind, info: None)
     while True:
@@ -254,7 +258,7 @@ def run_study(
             break
         if spec.sampler == "grid" and not waiting:
             break
-        if budget.minutes is not None and time.monotonic() - started >= 60 * budget.minutes:
+        if budget.minutes is not None and _now() - started >= 60 * budget.minutes:
             log.info("the %g-minute budget is spent", budget.minutes)
             break
         with warnings.catch_warnings():  # ask/tell with a heartbeat is what study.optimize does inside
