@@ -15,6 +15,7 @@ count before it asks for a trial); a grid never is.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -78,23 +79,38 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}  # workers on one machine wait for the file lock
-    try:
-        with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=lambda study, trial: requeue(study, trial, "worker stopped"),
-            )
-    except ImportError as e:
-        raise StudyError(
-            f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL install "
-            "tansuo[postgres] (psycopg2-binary)"
-        ) from None
-    except Exception as e:  # SQLAlchemy's OperationalError and friends: the database cannot be reached
-        raise StudyError(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in itertools.count():
+        try:
+            with warnings.catch_warnings():  # the heartbeat arguments are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=lambda study, trial: requeue(
+                        study, trial, "worker stopped"
+                    ),
+                )
+        except ImportError as e:
+            raise StudyError(
+                f"storage {redact(url)}: a database driver is missing ({e}); for PostgreSQL install "
+                "tansuo[postgres] (psycopg2-binary)"
+            ) from None
+        except (IntegrityError, ProgrammingError):
+            # workers starting together on an empty database race to create Optuna's tables; the loser
+            # finds them made on its next attempt
+            if attempt >= 4:
+                raise
+            log.info("storage tables are being created by another process; trying again")
+            time.sleep(1.0 + attempt)
+        except Exception as e:  # SQLAlchemy's OperationalError and friends: the database cannot be reached
+            if "already exists" in str(e) and attempt < 4:  # SQLite's form of the same race
+                time.sleep(1.0 + attempt)
+                continue
+            raise StudyError(f"cannot open storage {redact(url)}: {str(e).splitlines()[0]}") from None
 
 
 def _sampler(spec: ExploreSpec, seed: int | None) -> optuna.samplers.BaseSampler:
