@@ -748,12 +748,13 @@ def explore(
 
     progress = Progress(
         TextColumn("explore"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[best]}"),
         TextColumn("{task.fields[now]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
         console=err_console,
         disable=quiet,
     )
@@ -764,7 +765,10 @@ def explore(
         def on_event(kind: str, info: dict[str, Any]) -> None:
             if kind == "start":
                 s = info["settings"]
-                shown = " ".join(f"{k}={v}" for k, v in {**s["overrides"], **s["train"]}.items())
+                shown = " ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in {**s["overrides"], **s["train"]}.items()
+                )
                 progress.update(job, now=f"trial {info['number']}: {s['candidate']} {shown}")
                 return
             if kind == "done":
@@ -779,7 +783,7 @@ def explore(
             progress.stop()
             err_console.print(
                 "interrupted: finished trials are stored; the cut-short one runs again on "
-                f"`tansuo explore {recipe} --resume`",
+                f"`tansuo explore {recipe} --resume` (with the same options)",
                 highlight=False,
             )
             raise typer.Exit(130) from None
