@@ -191,3 +191,30 @@ def test_the_minutes_budget_stops_new_trials(tmp_path: Path, monkeypatch) -> Non
         ),
     )
     assert search.run_study(spec, open_study(spec, raw)) == 1
+
+
+def test_a_resumed_seeded_study_does_not_propose_its_first_trials_again(tmp_path: Path, monkeypatch) -> None:
+    import tansuo.explore.search as search
+
+    from .conftest import record
+
+    extra = {
+        "sampler": "tpe",
+        "budget": {"trials": 2},
+        "train": {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
+    }
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
+    spec = spec_for(tmp_path, **extra)
+    monkeypatch.setattr(
+        search,
+        "run_trial",
+        lambda spec, s, folder: record(
+            spec, s["candidate"], s["overrides"], {"plain": (0.9, 1.0, 0.1)}, folder
+        ),
+    )
+    assert search.run_study(spec, open_study(spec, raw)) == 2
+    spec.explore.budget.trials = 4
+    study = open_study(spec, raw, resume=True)
+    assert search.run_study(spec, study) == 2
+    lrs = [t.params["train.lr"] for t in study.get_trials()]
+    assert len(set(lrs)) == 4, lrs

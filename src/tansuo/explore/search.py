@@ -2,7 +2,7 @@
 
 Storage is SQLite in the study folder by default (``STUDY/optuna.db``); any SQLAlchemy URL works, and
 ``postgresql://`` lets workers on many machines share one study. The study is created once; ``--resume``
-continues it in the same process role, ``--worker`` joins it (creating it if no one has yet).
+continues it (nothing else may be running it), ``--worker`` joins it (creating it if no one has yet).
 
 A grid study enqueues every grid point when it is created; workers pop waiting trials atomically (the
 storage's row update), so no grid point runs twice however many workers there are. A trial interrupted
@@ -173,10 +173,11 @@ def open_study(
             log.info("grid of %d points enqueued", len(points))
         study.set_user_attr("ready", True)
     else:
-        # workers draw their own random streams; the process that created the study keeps the recipe's seed
-        study = optuna.load_study(
-            storage=store, study_name=name, sampler=_sampler(spec, None if worker else seed)
-        )
+        # workers draw their own random streams; a resumed study moves the recipe's seed on by the trials
+        # already run, so that a seeded sampler does not propose its first trials' parameters again
+        previous = optuna.load_study(storage=store, study_name=name)
+        seed = None if worker else seed + len(previous.get_trials(deepcopy=False))
+        study = optuna.load_study(storage=store, study_name=name, sampler=_sampler(spec, seed))
         _wait_ready(study)
         _check_same_search(study, raw_recipe)
         if resume and not worker:  # nothing else runs this study: every running trial was cut short
