@@ -59,6 +59,7 @@ def test_requeue_fails_the_trial_and_queues_its_parameters_once() -> None:
     assert budget_used(study) == (2, 0)
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # this test asks for a trial itself
 def test_create_resume_and_join_rules(tmp_path: Path) -> None:
     raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study")
     spec = spec_for(tmp_path)
