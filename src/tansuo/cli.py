@@ -628,7 +628,13 @@ def _finish_study(study: Any, spec: Any, storage: str, *, copy: bool = True) -> 
         table.add_column(TITLES[n], justify="right", no_wrap=True)
     for r in pareto_rows(results):
         mark = " *" if r["id"] == results["recommended"] else ""
-        cells = [r["id"] + mark, describe(r), r["variant"], *(fmt(n, r["values"].get(n)) for n in TABLE[:5])]
+        q = results["quality_direction"]
+        cells = [
+            r["id"] + mark,
+            describe(r),
+            r["variant"],
+            *(fmt(n, r["values"].get(n), q) for n in TABLE[:5]),
+        ]
         table.add_row(*(escape(x) for x in cells))
     console.print(table)
     if results["recommended"] is None:
@@ -694,7 +700,7 @@ def explore(
         TimeRemainingColumn,
     )
 
-    from tansuo.explore.pareto import pareto_front, value
+    from tansuo.explore.pareto import pareto_front, quality_text, value
     from tansuo.explore.schema import METRICS, load_explore_recipe
     from tansuo.explore.search import budget_used, open_study, redact, run_study
     from tansuo.recipe import apply_overrides, read_recipe_file
@@ -740,10 +746,11 @@ def explore(
     def best_text() -> str:
         if not seen:
             return "no feasible model yet"
-        q = f"best {METRICS['quality'].title} {100 * max(best_q):.2f}" if best_q else ""
+        best = max(best_q) if spec.quality == "maximize" else min(best_q)
+        q = f"best {METRICS['quality'].title} {quality_text(best, spec.quality)}" if best_q else ""
         if len(objectives) == 1:
             return q
-        front = pareto_front(seen, [METRICS[o].direction for o in objectives])
+        front = pareto_front(seen, spec.directions)
         return f"{q} · front {len(front)} models"
 
     progress = Progress(

@@ -88,3 +88,32 @@ def test_recommendation_trades_quality_for_speed_only_within_max_drop() -> None:
     assert recommend(points, ["quality"], 5.0)[0] == 0
     assert recommend(points, ["size", "latency"], 0.0)[0] == 2
     assert recommend([], ["quality"], 1.0) is None
+
+
+def test_a_loss_quality_is_minimised_and_its_drop_is_in_its_own_units() -> None:
+    def loss(value: float, latency: float) -> dict:
+        return {**figures(0.0, latency, 1.0), "quality": value}
+
+    points = [loss(1.20, 9.0), loss(1.45, 2.0), loss(2.50, 0.5)]
+    assert recommend(points, ["quality", "latency"], 0.3, "minimize")[0] == 1  # 0.25 worse, 4.5x faster
+    assert recommend(points, ["quality", "latency"], 0.1, "minimize")[0] == 0
+    assert recommend(points, ["quality"], 5.0, "minimize")[0] == 0
+    index, why = recommend(points, ["quality", "latency"], 0.3, "minimize")
+    assert "best (1.2)" in why and "within 0.3 in quality" in why
+
+
+def test_language_model_studies_minimise_their_loss(tmp_path) -> None:
+    from tansuo.explore.schema import load_explore
+
+    raw = {
+        "task": "lm",
+        "data": {"path": str(tmp_path / "corpus.txt"), "block_size": 16},
+        "train": {"max_steps": 5},
+        "explore": {
+            "candidates": [{"model": "gpt_test"}],
+            "objectives": ["quality", "latency"],
+            "budget": {"trials": 2},
+        },
+    }
+    spec = load_explore(raw, "lm.yaml")
+    assert spec.quality == "minimize" and spec.directions == ["minimize", "minimize"]

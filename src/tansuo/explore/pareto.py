@@ -51,15 +51,27 @@ def feasible(figures: dict[str, Any], constraints: Sequence[Constraint]) -> bool
     return not any(violations(figures, constraints))
 
 
+def quality_text(v: float, quality: str = "maximize") -> str:
+    """A quality value as reports show it: x100 for metrics to maximise (accuracy), as is for losses."""
+    return f"{100 * v:.2f}" if quality == "maximize" else f"{v:.4g}"
+
+
+def quality_drop(best: float, v: float, quality: str = "maximize") -> float:
+    """How much worse ``v`` is than ``best``: in points (x100) for metrics to maximise, in the metric's own
+    units for losses (the unit of ``recommend.max_drop``)."""
+    return 100 * (best - v) if quality == "maximize" else v - best
+
+
 def recommend(
-    points: Sequence[dict[str, Any]], objectives: Sequence[str], max_drop: float
+    points: Sequence[dict[str, Any]], objectives: Sequence[str], max_drop: float, quality: str = "maximize"
 ) -> tuple[int, str] | None:
     """The point to ship, and why, among ``points`` (figures dicts, already filtered to the feasible ones).
 
-    With quality among the objectives: the points within ``max_drop`` quality points (x100) of the best
-    quality qualify; among them the best by the other objectives in the order listed, then by quality. Without
-    quality: the best by the objectives in order. Either way the pick is on the Pareto front of ``points``.
-    Returns (index, reason), or None when there are no points.
+    ``quality`` is the quality metric's direction (the task's: accuracy is maximised, a loss minimised).
+    With quality among the objectives: the points within ``max_drop`` of the best quality (points x100, or the
+    loss's units) qualify; among them the best by the other objectives in the order listed, then by quality.
+    Without quality: the best by the objectives in order. Either way the pick is on the Pareto front of
+    ``points``. Returns (index, reason), or None when there are no points.
     """
     if not points:
         return None
@@ -69,25 +81,29 @@ def recommend(
         out = []
         for o in [*others, "quality"] if "quality" in objectives else list(objectives):
             v = value(points[i], o)
-            out.append(-v if METRICS[o].direction == "maximize" else v)
+            direction = quality if o == "quality" else METRICS[o].direction
+            out.append(-v if direction == "maximize" else v)
         return tuple(out)
 
     indices = list(range(len(points)))
     if "quality" in objectives:
-        best_q = max(value(p, "quality") for p in points)
-        indices = [i for i in indices if 100 * (best_q - value(points[i], "quality")) <= max_drop + 1e-9]
+        qs = [value(p, "quality") for p in points]
+        best_q = max(qs) if quality == "maximize" else min(qs)
+        indices = [i for i in indices if quality_drop(best_q, qs[i], quality) <= max_drop + 1e-9]
     pick = min(indices, key=key)
     p = points[pick]
+    units = "quality points" if quality == "maximize" else "in quality"
     if "quality" in objectives and others:
-        drop = 100 * (best_q - value(p, "quality"))
+        drop = quality_drop(best_q, value(p, "quality"), quality)
         first = others[0]
         why = (
-            f"{len(indices)} of {len(points)} feasible models are within {max_drop:g} quality points of the "
-            f"best ({100 * best_q:.2f}); this one gives up {drop:.2f} points and has the lowest "
+            f"{len(indices)} of {len(points)} feasible models are within {max_drop:g} {units} of the "
+            f"best ({quality_text(best_q, quality)}); this one gives up {drop:.3g} and has the lowest "
             f"{METRICS[first].title} among them ({value(p, first):.3g} {METRICS[first].unit})"
         )
     elif "quality" in objectives:
-        why = f"the highest quality among {len(points)} feasible models ({100 * value(p, 'quality'):.2f})"
+        shown = quality_text(value(p, "quality"), quality)
+        why = f"the best quality among {len(points)} feasible models ({shown})"
     else:
         first = objectives[0]
         why = (

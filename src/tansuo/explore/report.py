@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tansuo.atomic import atomic_write_json, atomic_write_text
+from tansuo.explore.pareto import quality_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -31,12 +32,12 @@ def write_report(results: dict[str, Any], study_dir: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------ formatting
-def fmt(name: str, v: float | None) -> str:
-    """A metric's value for tables: quality x100, latency in ms, size in MB, ..."""
+def fmt(name: str, v: float | None, quality: str = "maximize") -> str:
+    """A metric's value for tables: quality x100 (a loss as is), latency in ms, size in MB, ..."""
     if v is None:
         return "-"
     if name == "quality":
-        return f"{100 * v:.2f}"
+        return quality_text(v, quality)
     if name in ("latency", "latency_p95"):
         return f"{v:.3f}"
     if name in ("size", "memory", "train_time"):
@@ -80,11 +81,16 @@ def _recommended(results: dict[str, Any]) -> dict[str, Any] | None:
     return next((r for r in results["variants"] if r["id"] == rid), None)
 
 
+def _q(results: dict[str, Any]) -> str:
+    return results.get("quality_direction", "maximize")
+
+
 def _settings_line(results: dict[str, Any]) -> str:
     m = results["measure"]
     threads = ", ".join(map(str, m["threads_recorded"])) or str(m["threads"])
+    scale = " (x100)" if _q(results) == "maximize" else ""
     return (
-        f"Quality: {results['metric']} on the held-back `{results.get('split') or 'test'}` split (x100), "
+        f"Quality: {results['metric']} on the held-back `{results.get('split') or 'test'}` split{scale}, "
         f"which training never saw. Latency: batch 1, median (p50) and p95 of {m['reps']} calls after "
         f"warm-up, {threads} thread(s), each model in a fresh process. Size: the bundle folder on disk."
     )
@@ -113,12 +119,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"**{rec['id']}**: {describe(rec)}, variant `{rec['variant']}` "
             f"({' + '.join(rec['steps']) or 'as trained'}). "
-            + ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n))}" for n in TABLE),
+            + ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in TABLE),
             "",
             f"Why: {results['why']}.",
         ]
-    lines += ["", "## Pareto front", "", *_md_table(pareto_rows(results)), "", "## Every variant", ""]
-    lines += _md_table([r for r in results["variants"] if r["status"] == "ok"])
+    lines += [
+        "",
+        "## Pareto front",
+        "",
+        *_md_table(pareto_rows(results), _q(results)),
+        "",
+        "## Every variant",
+        "",
+    ]
+    lines += _md_table([r for r in results["variants"] if r["status"] == "ok"], _q(results))
     failed = [t for t in results["trials"] if t["state"] == "fail"]
     bad = [r for r in results["variants"] if r["status"] != "ok"]
     if failed or bad:
@@ -128,11 +142,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+def _md_table(rows: list[dict[str, Any]], quality: str) -> list[str]:
     head = ["id", "model", "variant", *(TITLES[n] for n in TABLE), "feasible", "front"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["id"], describe(r), r["variant"], *(fmt(n, r["values"].get(n)) for n in TABLE)]
+        cells = [r["id"], describe(r), r["variant"], *(fmt(n, r["values"].get(n), quality) for n in TABLE)]
         cells += ["yes" if r["feasible"] else "no", "yes" if r.get("pareto") else ""]
         out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return out
@@ -168,10 +182,12 @@ def scatter(
     ylabel: str,
     *,
     front_line: bool = True,
+    higher_is_better: bool = True,
     size_note: str = "",
 ) -> str:
     """An SVG scatter plot: points {x, y, r, color, title, pareto, feasible, recommended}; the upper-left
-    staircase of the non-dominated points (lower x, higher y) drawn when ``front_line``."""
+    staircase of the non-dominated points (lower x, and higher y unless ``higher_is_better`` is False)
+    drawn when ``front_line``."""
     W, H, L, R, T, B = 720, 420, 70, 20, 20, 55
     if not points:
         return _empty(plot_id, W)
@@ -213,11 +229,12 @@ def scatter(
         f'<text transform="translate(16,{(T + H - B) / 2}) rotate(-90)" text-anchor="middle" font-size="12">'
         f"{html.escape(ylabel)}</text>"
     )
-    if front_line:  # the 2-D front of these axes among feasible points: lower x and higher y are better
+    if front_line:  # the 2-D front of these axes among feasible points: lower x is better
+        sign = 1 if higher_is_better else -1
         best, stairs = -math.inf, []
-        for p in sorted((p for p in points if p["feasible"]), key=lambda p: (p["x"], -p["y"])):
-            if p["y"] > best:
-                best = p["y"]
+        for p in sorted((p for p in points if p["feasible"]), key=lambda p: (p["x"], -sign * p["y"])):
+            if sign * p["y"] > best:
+                best = sign * p["y"]
                 stairs.append(p)
         if len(stairs) > 1:
             d = " ".join(f"{sx(p['x']):.1f},{sy(p['y']):.1f}" for p in stairs)
@@ -382,14 +399,14 @@ def _points(results: dict[str, Any], x: str, colors: dict[str, str]) -> list[dic
     for r in rows:
         v = r["values"]
         title = (
-            f"{r['id']}: {describe(r)} [{r['variant']}] quality {fmt('quality', v['quality'])}, "
+            f"{r['id']}: {describe(r)} [{r['variant']}] quality {fmt('quality', v['quality'], _q(results))}, "
             f"p50 {fmt('latency', v['latency'])} ms, {fmt('size', v['size'])} MB"
             + ("" if r["feasible"] else " (breaks a constraint)")
         )
         out.append(
             {
                 "x": v[x],
-                "y": 100 * v["quality"],
+                "y": 100 * v["quality"] if _q(results) == "maximize" else v["quality"],
                 "r": 4 + 14 * math.sqrt(v["size"] / smax),  # marker area follows size
                 "color": colors[model_key(r)],
                 "shape": shapes[r["variant"]],
@@ -429,7 +446,7 @@ def render_html(results: dict[str, Any]) -> str:
     if rec is None:
         parts.append(f"<p>None: {esc(results['why'])}.</p>")
     else:
-        figures = ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n))}" for n in TABLE)
+        figures = ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in TABLE)
         parts.append(
             f"<p><b>{esc(rec['id'])}</b>: {esc(describe(rec))}, variant <b>{esc(rec['variant'])}</b> "
             f"({esc(' + '.join(rec['steps']) or 'as trained')}). {esc(figures)}.</p>"
@@ -448,13 +465,17 @@ def render_html(results: dict[str, Any]) -> str:
         "Pareto front · gold ring: recommended · hollow: "
         "breaks a constraint · marker area: size on disk</span></div>"
     )
+    ylabel = (
+        f"{results['metric']} x100" if _q(results) == "maximize" else f"{results['metric']} (lower is better)"
+    )
     parts.append("<h2>Quality against latency</h2>")
     parts.append(
         scatter(
             "plot-quality-latency",
             _points(results, "latency", colors),
             "latency p50 at batch 1 (ms)",
-            f"{results['metric']} x100",
+            ylabel,
+            higher_is_better=_q(results) == "maximize",
             size_note="marker area: size",
         )
     )
@@ -464,7 +485,8 @@ def render_html(results: dict[str, Any]) -> str:
             "plot-quality-size",
             _points(results, "size", colors),
             "size on disk (MB)",
-            f"{results['metric']} x100",
+            ylabel,
+            higher_is_better=_q(results) == "maximize",
         )
     )
     parts.append("<h2>Training curves</h2>")
@@ -503,7 +525,7 @@ def render_html(results: dict[str, Any]) -> str:
         cells.append(_cell(" + ".join(r["steps"]) or "as trained", left=True))
         for n in TABLE:
             v = r.get("values", {}).get(n)
-            cells.append(_cell(fmt(n, v), "" if v is None else v))
+            cells.append(_cell(fmt(n, v, _q(results)), "" if v is None else v))
         spread = r.get("figures", {}).get("latency_spread")
         cells.append(_cell("-" if spread is None else f"{100 * spread:.0f}%", spread))
         cells.append(_cell("yes" if r.get("feasible") else "no" if ok else "-"))

@@ -82,13 +82,13 @@ def collect(study: optuna.Study, spec: ExploreSpec, storage: str) -> dict[str, A
             rows.append(row)
     measured = [r for r in rows if r["status"] == "ok"]
     ok = [r for r in measured if r["feasible"]]
-    directions = [METRICS[o].direction for o in objectives]
+    directions = spec.directions
     front = pareto_front([[r["values"][o] for o in objectives] for r in ok], directions)
     for r in measured:
         r["pareto"] = False
     for i in front:
         ok[i]["pareto"] = True
-    picked = recommend([r["figures"] for r in ok], objectives, spec.explore.recommend.max_drop)
+    picked = recommend([r["figures"] for r in ok], objectives, spec.explore.recommend.max_drop, spec.quality)
     recommended, why = None, None
     if picked is not None:
         recommended, why = ok[picked[0]]["id"], picked[1]
@@ -106,6 +106,7 @@ def collect(study: optuna.Study, spec: ExploreSpec, storage: str) -> dict[str, A
         "split": first.get("split"),
         "objectives": objectives,
         "directions": directions,
+        "quality_direction": spec.quality,
         "constraints": [str(c) for c in spec.constraints],
         "sampler": spec.sampler,
         "max_drop": spec.explore.recommend.max_drop,

@@ -18,7 +18,7 @@ from) plus an ``explore:`` section::
       constraints: ["latency <= 5", "size <= 10", "quality >= 0.97"]
       sampler: auto                      # tpe (one objective), nsga2 (several), or grid
       budget: {trials: 20, minutes: 30}
-      recommend: {max_drop: 1.0}         # quality points the recommendation may give up for speed/size
+      recommend: {max_drop: 1.0}         # quality the pick may give up for speed/size (points; loss units)
 
 A searched field is a list of choices or a range ``{low, high, step, log}`` (integers when ``low`` and
 ``high`` are). Steps are ``tansuo compress`` steps (:mod:`tansuo.compress.run`); a ``distill`` step without
@@ -55,7 +55,7 @@ class Metric:
 
 #: The vocabulary of objectives and constraints. Quality is the task's default metric on the held-back split.
 METRICS: dict[str, Metric] = {
-    "quality": Metric("quality", "", "maximize", 1.0, "quality"),
+    "quality": Metric("quality", "", "maximize", 1.0, "quality"),  # a loss quality: ExploreSpec.quality
     "latency": Metric("latency_ms_p50", "ms", "minimize", 1.0, "latency p50 at batch 1"),
     "latency_p95": Metric("latency_ms_p95", "ms", "minimize", 1.0, "latency p95 at batch 1"),
     "size": Metric("size_bytes", "MB", "minimize", 1e-6, "size on disk"),
@@ -204,6 +204,15 @@ class ExploreSpec:
     constraints: list[Constraint]
     study_dir: Path
     families: dict[str, str] = dataclasses.field(default_factory=dict)  # candidate name -> model family
+    quality: str = "maximize"  # the direction of the task's quality metric (accuracy up, a loss down)
+
+    def direction(self, metric: str) -> str:
+        """Whether ``metric`` is maximised or minimised in this study."""
+        return self.quality if metric == "quality" else METRICS[metric].direction
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction(o) for o in self.explore.objectives]
 
     @property
     def sampler(self) -> str:
@@ -363,6 +372,7 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
         base, explore, constraints, Path(explore.study or f"runs/explore-{Path(recipe_path).stem}")
     )
     spec.families = families
+    spec.quality = quality_direction(str(base["task"]))
     if spec.sampler == "grid":
         for i, c in enumerate(explore.candidates):
             for field, p in c.space.items():
@@ -383,6 +393,14 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
             "every combination)"
         )
     return spec
+
+
+def quality_direction(task: str) -> str:
+    """The direction of a task's quality metric, as the trainer judges it: losses and perplexity go down."""
+    from tansuo.tasks import TASKS
+    from tansuo.train.trainer import metric_mode
+
+    return "maximize" if metric_mode(TASKS[task].default_metric) == "max" else "minimize"
 
 
 def load_explore_recipe(

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tansuo.atomic import atomic_write_json
 from tansuo.errors import TansuoError
-from tansuo.explore.schema import METRICS, ExploreSpec
+from tansuo.explore.schema import ExploreSpec
 from tansuo.explore.trial import TrialFailed, objective_values, representative, run_trial, suggest
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,6 @@ def _sampler(spec: ExploreSpec, seed: int | None) -> optuna.samplers.BaseSampler
     return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is enqueued; never asked to sample
 
 
-def _directions(spec: ExploreSpec) -> list[str]:
-    return [METRICS[o].direction for o in spec.explore.objectives]
-
-
 def study_name(spec: ExploreSpec) -> str:
     return spec.study_dir.resolve().name
 
@@ -157,7 +153,7 @@ def open_study(
     if not exists:
         try:
             study = optuna.create_study(
-                storage=store, study_name=name, directions=_directions(spec), sampler=_sampler(spec, seed)
+                storage=store, study_name=name, directions=spec.directions, sampler=_sampler(spec, seed)
             )
             created = True
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago

@@ -222,7 +222,8 @@ def representative(spec: ExploreSpec, record: dict[str, Any]) -> dict[str, Any]:
     if not pool:
         least = min(sum(e["violations"]) for e in ok)
         pool = [e for e in ok if sum(e["violations"]) == least]
-    picked = recommend([e["figures"] for e in pool], spec.explore.objectives, spec.explore.recommend.max_drop)
+    figures = [e["figures"] for e in pool]
+    picked = recommend(figures, spec.explore.objectives, spec.explore.recommend.max_drop, spec.quality)
     assert picked is not None
     return pool[picked[0]]
 
