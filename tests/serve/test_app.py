@@ -136,6 +136,14 @@ def test_bad_requests_get_a_4xx_that_says_why(
         assert c.post("/v1/predict", json={"inputs": "still serving"}).status_code == 200
 
 
+def test_a_body_that_is_not_json_says_so(text_bundle: Path) -> None:
+    with client(text_bundle) as c:
+        r = c.post("/v1/predict", data={"inputs": "good"})  # a form, as curl -d sends by default
+        assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
+        no_type = c.post("/v1/predict", content=b'{"inputs": "good"}')
+        assert no_type.status_code == 415
+
+
 def test_body_over_the_limit_is_refused_before_parsing(text_bundle: Path) -> None:
     with client(text_bundle, limits=Limits(max_body_bytes=1000)) as c:
         r = c.post("/v1/predict", content=b"x" * 10_000_000, headers={"content-type": "application/json"})

@@ -342,7 +342,7 @@ TEXT_CASES: list[tuple[str, dict[str, Any], int | None, str]] = [
     ),
     ("invalid UTF-8", {"content": b'{"inputs": "caf\xe9 \xff"}', "headers": JSON}, 400, "UTF-8"),
     ("a lone surrogate", {"content": b'{"inputs": "bad \\ud800 text"}', "headers": JSON}, 422, "surrogate"),
-    ("form encoding", {"content": b"inputs=good", "headers": {"Content-Type": "text/plain"}}, 422, "body"),
+    ("not JSON", {"content": b"inputs=good", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type"),
 ]
 
 

@@ -204,6 +204,10 @@ def create_app(server: Server) -> Any:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'")
 
+    guarded = (
+        [Depends(authorize)] if server.config.api_key is not None else []
+    )  # no per-request cost without a key
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -237,7 +241,7 @@ def create_app(server: Server) -> Any:
 
     if isinstance(endpoint, Generate):
 
-        @app.post(endpoint.path, dependencies=[Depends(authorize)], summary="Continue a prompt")
+        @app.post(endpoint.path, dependencies=guarded, summary="Continue a prompt")
         async def generate(body: request_model) -> Any:  # type: ignore[valid-type]
             (job,) = endpoint.items(body)
             if not body.stream:
@@ -256,12 +260,12 @@ def create_app(server: Server) -> Any:
 
     else:
 
-        @app.post(endpoint.path, dependencies=[Depends(authorize)], summary="Predict")
+        @app.post(endpoint.path, dependencies=guarded, summary="Predict")
         async def predict(body: request_model) -> Any:  # type: ignore[valid-type]
             items = endpoint.items(body)
             return endpoint.respond(body, await run(items))
 
-    @app.get("/v1/model", dependencies=[Depends(authorize)], summary="The bundle's card")
+    @app.get("/v1/model", dependencies=guarded, summary="The bundle's card")
     async def model_card() -> dict[str, Any]:
         return server.card()
 
@@ -287,6 +291,14 @@ def create_app(server: Server) -> Any:
 
     routes = {endpoint.path, "/v1/model", "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json"}
     return _Guard(app, server.metrics, server.config.limits.max_body_bytes, routes)
+
+
+def _is_json(scope: dict) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            return kind == b"application/json" or kind.endswith(b"+json")
+    return False
 
 
 class _Guard:
@@ -316,6 +328,10 @@ class _Guard:
         if body is None:
             limit = self.max_body_bytes
             response = _error(413, f"the request body is over {limit} bytes (--max-body-bytes)")
+            await response(scope, receive, send_and_record)
+            return
+        if body and scope["method"] == "POST" and not _is_json(scope):
+            response = _error(415, "send the body as JSON, with the header 'Content-Type: application/json'")
             await response(scope, receive, send_and_record)
             return
         try:

@@ -1,7 +1,8 @@
 """Micro-batching: requests that arrive close together run as one model call, on one worker thread.
 
 Each request submits a list of items and awaits their results. The worker takes the oldest waiting request,
-then keeps taking requests for up to ``max_wait_ms`` while the batch holds fewer than ``max_batch`` items
+then (under concurrent load: the last batch held several requests, or more are waiting) keeps taking
+requests for up to ``max_wait_ms`` while the batch holds fewer than ``max_batch`` items
 (and, when a ``fits`` rule is given, while the next request fits with the others), runs the batch function on
 all items at once and hands each request back exactly its own slice of the results, in order. A request
 larger than ``max_batch`` runs alone. If a batch fails, each of its requests is run again alone, so one
@@ -87,6 +88,7 @@ class Batcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._carry: _Job | None = None  # a request that did not fit the last batch: it starts the next
+        self._last_jobs = 0  # requests in the last batch
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._started = False
 
@@ -133,7 +135,10 @@ class Batcher:
             if first is None or first is False:
                 return
             jobs, items = [first], list(first.items)
-            deadline = time.perf_counter() + self.max_wait
+            # Wait for more only under concurrent load (the last batch held several requests, or more are
+            # queued): a lone client never pays max_wait, a busy server still fills its batches.
+            concurrent = self._last_jobs > 1 or self._carry is not None or not self._queue.empty()
+            deadline = time.perf_counter() + (self.max_wait if concurrent else 0.0)
             stop = False
             while len(items) < self.max_batch:
                 nxt = self._next(deadline - time.perf_counter())
@@ -149,6 +154,7 @@ class Batcher:
                     break
                 jobs.append(nxt)
                 items += nxt.items
+            self._last_jobs = len(jobs)
             self._run(jobs, items)
             if stop:
                 return
