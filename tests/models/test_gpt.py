@@ -117,3 +117,14 @@ def test_config_errors_say_what_to_change(overrides, message):
     fields = dict(vocab_size=10, num_layers=1, num_heads=2, embed_dim=8)
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{**fields, **overrides})
+
+
+def test_top_p_keeps_the_smallest_set_worth_p() -> None:
+    from tansuo.models.gpt import sample_logits
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_logits(probs.log(), 1.0, None, g, top_p=0.75)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 alone is short of 0.75; 0.5 + 0.3 reaches it
+    assert {int(sample_logits(probs.log(), 1.0, None, g, top_p=0.4)) for _ in range(50)} == {0}
+    assert {int(sample_logits(probs.log(), 1.0, None, g, top_p=1.0)) for _ in range(500)} == {0, 1, 2, 3}

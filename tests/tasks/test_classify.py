@@ -231,3 +231,28 @@ def test_byte_level_bpe_tokenizer_is_trained_on_the_training_text(
     raw["data"]["vocab_size"] = 100
     with pytest.raises(DataError, match="vocab_size >= 261"):
         _task(raw)
+
+
+def test_prediction_runs_length_sorted_token_bounded_calls_and_keeps_the_input_order(
+    sentiment_tsv: Path, tmp_path: Path
+) -> None:
+    from tansuo.tasks.classify import PREDICT_BATCH, _length_chunks
+
+    ids = [[0] * n for n in (5, 1, 9, 3, 3, 40, 2)]
+    chunks = _length_chunks(ids, max_tokens=12)
+    assert sorted(i for c in chunks for i in c) == list(range(len(ids)))
+    flat = [i for c in chunks for i in c]
+    assert [len(ids[i]) for i in flat] == sorted(len(x) for x in ids)  # shortest first
+    assert all(len(c) == 1 or len(c) * max(len(ids[i]) for i in c) <= 12 for c in chunks)
+    assert [5] in chunks  # longer than the budget: alone
+    assert all(len(c) <= PREDICT_BATCH for c in _length_chunks([[0]] * 200, max_tokens=10**6))
+
+    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    torch.manual_seed(0)
+    model = create_model("bert_test", **task.model_overrides()).eval()
+    texts = ["good " * n + "film" for n in (7, 1, 12, 3, 0, 20, 2)]
+    together = task.predict(model, texts, torch.device("cpu"))
+    for text, row in zip(texts, together, strict=True):
+        alone = task.predict(model, [text], torch.device("cpu"))[0]
+        assert row["input"] == text and row["label"] == alone["label"]
+        assert row["probability"] == pytest.approx(alone["probability"], abs=1e-5)

@@ -295,8 +295,9 @@ def sample_logits(
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of likelier tokens
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the likeliest always stays
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # the probability of all likelier tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the likeliest stays
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
 

@@ -51,6 +51,10 @@ SPLITS = ("train", "val", "test")
 #: training batches are sorted by length within chunks of this many batches
 BUCKET_BATCHES = 50
 PREDICT_BATCH = 64
+#: prediction runs texts sorted by length in calls of at most this many tokens (padding included): on a CPU,
+#: short calls of similar lengths are 1.8x faster per text than one padded call of 32 SST-2 sentences
+PREDICT_TOKENS = {"cpu": 256}
+PREDICT_TOKENS_OTHER = 16384
 DATA_HINT = "pass --data PATH to a .csv, .tsv or .jsonl file of labelled texts (e.g. SST-2's train.tsv)"
 
 
@@ -347,22 +351,33 @@ class ClassifyTask:
             encodings = self.tokenizer.encode_batch([tuple((t.split("\t", 1) + [""])[:2]) for t in inputs])
         part = _Encoded([e.ids for e in encodings], [e.type_ids for e in encodings], [0] * len(inputs))
         model.eval()
-        out = []
-        for i in range(0, len(inputs), PREDICT_BATCH):
-            idx = list(range(i, min(i + PREDICT_BATCH, len(inputs))))
+        out: list[dict[str, Any]] = [{} for _ in inputs]
+        for idx in _length_chunks(
+            part.ids, PREDICT_TOKENS.get(torch.device(device).type, PREDICT_TOKENS_OTHER)
+        ):
             batch = {k: v.to(device) for k, v in self._collate(part, idx).items()}
             probs = self._logits(model, batch).float().softmax(-1).cpu()
             for j, p in zip(idx, probs, strict=True):
                 top = int(p.argmax())
-                out.append(
-                    {
-                        "input": inputs[j],
-                        "label": self.labels[top],
-                        "probability": float(p[top]),
-                        "probabilities": {name: float(v) for name, v in zip(self.labels, p, strict=True)},
-                    }
-                )
+                out[j] = {
+                    "input": inputs[j],
+                    "label": self.labels[top],
+                    "probability": float(p[top]),
+                    "probabilities": {name: float(v) for name, v in zip(self.labels, p, strict=True)},
+                }
         return out
+
+
+def _length_chunks(ids: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Indices of the texts sorted by length, cut into calls of at most ``PREDICT_BATCH`` texts and
+    ``max_tokens`` padded tokens (a text longer than that gets a call of its own)."""
+    chunks: list[list[int]] = [[]]
+    for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+        current = chunks[-1]
+        if current and (len(current) == PREDICT_BATCH or (len(current) + 1) * len(ids[i]) > max_tokens):
+            chunks.append([])
+        chunks[-1].append(i)
+    return [c for c in chunks if c]
 
 
 def _read(data: ClassifyDataConfig, path: str | None) -> tuple[Path, list[LabelledRow]]:
