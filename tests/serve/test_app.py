@@ -283,3 +283,20 @@ def test_serve_command_refuses_bad_setups_with_exit_2(
     for args, message in cases:
         code, out, err = run(["serve", *args, "--port", "0"], monkeypatch, capsys)
         assert code == 2 and message in err, (args, err)
+
+
+def test_fill_mask_model_serves_predict(tmp_path: Path) -> None:
+    from tests.tasks.test_mlm import mlm_recipe
+
+    corpus = tmp_path / "counting.txt"
+    corpus.write_text("\n".join(" ".join(str(i + j) for j in range(8)) for i in range(60)) + "\n")
+    bundle = untrained_bundle(mlm_recipe(corpus, tmp_path / "run"), tmp_path / "mlm")
+    b = load_bundle(bundle)
+    expected = b.task.predict(b.model, ["3 4 [MASK] 6"], CPU)[0]
+    with client(bundle) as c:
+        r = c.post("/v1/predict", json={"inputs": "3 4 [MASK] 6"})
+        no_mask = c.post("/v1/predict", json={"inputs": "3 4 5 6"})
+        card = c.get("/v1/model").json()
+    assert r.status_code == 200 and r.json()["predictions"][0]["masks"] == expected["masks"]
+    assert no_mask.status_code == 422 and "[MASK]" in no_mask.json()["error"]
+    assert card["task"] == "mlm" and card["input"] == "masked-text"
