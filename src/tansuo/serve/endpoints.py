@@ -11,6 +11,7 @@ request can name a file path.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import binascii
@@ -49,7 +50,7 @@ class ApiError(Exception):
         self.message = message
 
 
-class Endpoint:
+class Endpoint(abc.ABC):
     """Base class. Subclasses set ``path``, ``input_kind``, ``request_model`` and implement the methods."""
 
     path: str
@@ -59,19 +60,21 @@ class Endpoint:
     def __init__(self, task: Any, model: torch.nn.Module, device: torch.device, limits: Limits) -> None:
         self.task, self.model, self.device, self.limits = task, model, device, limits
 
+    @abc.abstractmethod
     def items(self, request: BaseModel) -> list[Any]:
         """The request's items, validated against the limits."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run(self, items: list[Any]) -> list[Any]:
         """One result per item; runs on the worker thread."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def respond(self, request: BaseModel, results: list[Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The answer to one request, from its results."""
 
+    @abc.abstractmethod
     def warm_up_items(self) -> list[Any]:
-        raise NotImplementedError
+        """Items to run once before the server is ready."""
 
     def fits(self, items: list[Any], more: list[Any]) -> bool:
         return True
