@@ -5,14 +5,17 @@ What is measured: all-MiniLM-L6-v2 (6 layers, width 384) loaded twice from one H
 ``tansuo.models.hf.import_bert``; both in eval mode, fp32, under ``torch.inference_mode``, on the same
 random token ids (seeded) with an all-ones attention mask, each returning the last hidden states and the
 pooled output. The outputs are compared first (max abs difference printed). Then, after ``--warmup``
-calls each, the two models are timed alternately (so drift in machine load hits both alike):
+calls each, the two models are timed in alternating blocks of ten calls (so drift in machine load hits both
+alike; the first call of a block is not timed, so that one runtime's idle threads do not slow the other):
 
 - latency at batch 1 x 128 tokens: median and p95 over ``--reps`` calls;
 - throughput at batch 32 x 128 tokens: sequences per second from the median of ``--reps-large`` calls.
 
 Then, when onnxruntime is installed, the same pair again with ours exported by ``tansuo export`` and run by
-ONNX Runtime (``tansuo.serve.onnx.OnnxModel``, idle threads not spinning so that both runtimes share the
-CPU fairly), outputs compared first (the pooled output, the graph's output).
+ONNX Runtime (``tansuo.serve.onnx.OnnxModel`` as ``tansuo serve --backend onnxruntime`` runs it: graph fused
+into ONNX Runtime's transformer operators, idle threads spinning between calls as PyTorch's OpenMP threads
+do; a block's untimed first call absorbs the other runtime's spin), outputs compared first (the pooled
+output, the graph's output).
 
 Printed: both figures for both models and ours / theirs for each; the target is ours at <= 0.8x the
 latency of transformers' at batch 1 x 128, judged for eager PyTorch and for the ONNX Runtime export
@@ -56,19 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _time_pair(
-    ours: Callable[[], Any], theirs: Callable[[], Any], reps: int, warmup: int
+    ours: Callable[[], Any], theirs: Callable[[], Any], reps: int, warmup: int, block: int = 10
 ) -> tuple[list[float], list[float]]:
-    """Seconds per call of each, timed alternately after ``warmup`` untimed calls of each."""
+    """Seconds per call of each: ``reps`` timed calls of each after ``warmup`` untimed ones, in alternating
+    blocks of ``block`` calls (which one goes first alternates too), so drift in machine load hits both
+    alike. The first call of every block is not timed: a runtime's idle threads (OpenMP's spin after a
+    PyTorch call) would otherwise slow the other's first call and count against it."""
     for _ in range(warmup):
         ours()
         theirs()
-    a, b = [], []
-    for i in range(reps):
-        order = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        for fn in order:
-            start = time.perf_counter()
+    a: list[float] = []
+    b: list[float] = []
+    rounds = -(-reps // block)
+    for i in range(rounds):
+        order = ((ours, a), (theirs, b)) if i % 2 == 0 else ((theirs, b), (ours, a))
+        for fn, times in order:
             fn()
-            (a if fn is ours else b).append(time.perf_counter() - start)
+            for _ in range(min(block, reps - len(times))):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
     return a, b
 
 
@@ -176,7 +186,7 @@ def _onnx_pair(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "minilm.onnx"
         export_onnx(ours, path)
-        model = OnnxModel(path, ours, spinning=False)
+        model = OnnxModel(path, ours)
 
         def call(ids: torch.Tensor, mask: torch.Tensor) -> Callable[[], Any]:
             return lambda: model(ids, attention_mask=mask)

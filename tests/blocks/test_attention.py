@@ -46,6 +46,35 @@ def test_padding_mask_matches_hand_computation(attn):
     torch.testing.assert_close(attn(x, key_padding_mask=padding), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_form_is_the_same_function(bias):
+    # what torch.export traces (three projections, additive mask) against the eager path, with padding, a
+    # row of padding only, and heads of different count than width / head_dim (as after pruning)
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, bias=bias).eval()
+    attn.q_proj, attn.num_heads = torch.nn.Linear(16, 8, bias=bias), 2
+    attn.kv_proj = torch.nn.Linear(16, 16, bias=bias)
+    attn.out_proj = torch.nn.Linear(8, 16, bias=bias)
+    x = torch.randn(3, 5, 16)
+    padding = torch.tensor([[True] * 5, [True, True, True, False, False], [False] * 5])
+    for mask in (None, padding):
+        eager = attn(x, key_padding_mask=mask)
+        exported = attn._exported_self_attention(x, mask)
+        torch.testing.assert_close(exported[:2], eager[:2], atol=ATOL, rtol=0)
+        assert torch.isfinite(exported).all()
+
+
+def test_export_takes_the_export_form(attn, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn, "_exported_self_attention", lambda x, m: calls.append(m) or x)
+    x = torch.randn(2, 5, 16)
+    torch.export.export(attn, (x,))
+    assert len(calls) == 1
+    attn(x)
+    torch.export.export(attn, (x,), kwargs={"causal": True})  # causal keeps the general form
+    assert len(calls) == 1
+
+
 def test_causal_matches_hand_computation(attn):
     x = torch.randn(2, 5, 16)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()

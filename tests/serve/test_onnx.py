@@ -21,13 +21,28 @@ from tests.test_cli import run  # noqa: E402
 from tests.train.test_trainer import make_trainer  # noqa: E402
 
 
+def _op_types(path: Path) -> set[tuple[str, str]]:
+    import onnx
+
+    return {(n.domain or "ai.onnx", n.op_type) for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("name", ["bert_test", "vit_test"])
-def test_export_matches_pytorch_on_new_shapes(name: str, tmp_path: Path) -> None:
+def test_export_matches_pytorch_on_new_shapes(name: str, fuse: bool, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=3).eval()
     model.model_name = name
-    report = export_onnx(model, tmp_path / "m.onnx")
+    report = export_onnx(model, tmp_path / "m.onnx", fuse=fuse)
     assert report["max_abs_diff"] <= 1e-4 and (tmp_path / "m.onnx").is_file()
+    ops = _op_types(tmp_path / "m.onnx")
+    contrib = {op for domain, op in ops if domain == "com.microsoft"}
+    if fuse:  # each layer's attention one node, its residual norms and biased GELU fused too
+        assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= contrib
+        assert report["fused"]["attention"] == model.config.num_layers
+        assert not {op for _, op in ops} & {"Softmax", "Erf"}
+    else:
+        assert not contrib and report["fused"] == {}
     onnx_model = OnnxModel(tmp_path / "m.onnx", model)
     if name == "bert_test":  # a batch and a length the export never saw, with padding
         x = torch.randint(0, 128, (5, 23))
@@ -60,6 +75,11 @@ def image_bundle(image_npz: Path, tmp_path: Path) -> Path:
 def test_export_command(image_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     code, out, _ = run(["export", str(image_bundle), "--out", str(tmp_path / "m.onnx")], monkeypatch, capsys)
     assert code == 0 and "max abs difference from PyTorch" in out and (tmp_path / "m.onnx").is_file()
+    assert "fused for ONNX Runtime: 2 attention" in out  # vit_test: two layers
+    args = ["export", str(image_bundle), "--out", str(tmp_path / "p.onnx"), "--portable"]
+    code, out, _ = run(args, monkeypatch, capsys)
+    assert code == 0 and "standard ONNX operators only" in out
+    assert all(domain == "ai.onnx" for domain, _ in _op_types(tmp_path / "p.onnx"))
     code, _, err = run(
         ["export", str(image_bundle), "--out", "x.onnx", "--format", "tflite"], monkeypatch, capsys
     )

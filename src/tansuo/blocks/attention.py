@@ -162,6 +162,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"this attention reads keys and values of width {self.kv_dim}; pass memory")
         if memory is not None and cache is not None:
             raise ValueError("a KV cache is for self-attention; cross-attention memory is not cached")
+        exporting = torch.compiler.is_exporting()
+        if exporting and memory is None and cache is None and not causal and self.rotary is None:
+            return self._exported_self_attention(x, key_padding_mask)
         q = self._heads(self.q_proj(x))  # (B, H, T, D)
         k, v = (self._heads(t) for t in self.kv_proj(x if memory is None else memory).chunk(2, dim=-1))
         offset = 0 if cache is None else cache.length
@@ -179,4 +182,28 @@ class MultiHeadAttention(nn.Module):
             )
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
         # heads side by side: H * D wide, narrower than C once heads are pruned
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _exported_self_attention(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Bidirectional self-attention written for export: the same function as :meth:`forward`, in the
+        shape ONNX Runtime's transformer fusions recognise (``tansuo.serve.onnx`` turns it into one
+        ``com.microsoft`` Attention node): three projections (keys and values sliced out of ``kv_proj``; the
+        slices of the weights are folded into constants after export) and an additive mask, ``(B, 1, 1, S)``
+        with the dtype's minimum at padding, instead of a boolean one. A row of padding only sees padding, so
+        its output is finite, as with :func:`attention_mask`'s guard."""
+        B, T, _ = x.shape
+        width = self.kv_proj.out_features // 2
+        w, b = self.kv_proj.weight, self.kv_proj.bias
+        q = self.q_proj(x)
+        k = F.linear(x, w[:width], None if b is None else b[:width])
+        v = F.linear(x, w[width:], None if b is None else b[width:])
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if key_padding_mask is not None:
+            real = key_padding_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+            mask = torch.zeros(real.shape, dtype=q.dtype, device=x.device)
+            mask = mask.masked_fill(~real, torch.finfo(q.dtype).min).expand(B, 1, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -30,6 +30,7 @@ from tansuo.errors import TansuoError
 log = logging.getLogger(__name__)
 
 TEXT_FAMILIES = ("bert",)
+_FOLD_LIMIT = 1 << 28  # elements: fold constant expressions of any weight (slices of kv_proj's)
 IMAGE_FAMILIES = ("vit", "resnet")
 
 
@@ -99,8 +100,14 @@ def _samples(model: nn.Module, family: str) -> list[tuple[torch.Tensor, ...]]:
     return out
 
 
-def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[str, Any]:
+def export_onnx(
+    model: nn.Module, path: Path, tolerance: float = 1e-4, *, fuse: bool = True
+) -> dict[str, Any]:
     """Export ``model`` (fp32, eval) to ``path`` and check it against PyTorch; returns the check's figures.
+
+    ``fuse``: rewrite the graph into ONNX Runtime's fused transformer operators
+    (:func:`fuse_for_onnxruntime`), faster there but readable by ONNX Runtime only; off, the file holds
+    standard ONNX operators alone.
 
     Raises :class:`TansuoError` when the family is not supported or outputs differ by more than
     ``tolerance`` (nothing is left at ``path`` then).
@@ -122,7 +129,7 @@ def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[s
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         with quiet():
-            _export(wrapper, samples[1], tmp_file, names, shapes)
+            fusions = _export(wrapper, samples[1], tmp_file, names, shapes, fuse)
         session = ort.InferenceSession(str(tmp_file), providers=["CPUExecutionProvider"])
 
         diff = 0.0
@@ -139,21 +146,56 @@ def export_onnx(model: nn.Module, path: Path, tolerance: float = 1e-4) -> dict[s
         tmp_file.replace(path)
     shapes_checked = [tuple(a[0].shape) for a in samples]
     log.info("exported %s: max abs difference %.2e on inputs %s", path, diff, shapes_checked)
-    return {"path": str(path), "max_abs_diff": diff, "inputs": names, "checked_shapes": shapes_checked}
+    log.info("fused for ONNX Runtime: %s", fusions or "nothing")
+    return {
+        "path": str(path),
+        "max_abs_diff": diff,
+        "inputs": names,
+        "checked_shapes": shapes_checked,
+        "fused": fusions,
+    }
 
 
-def _export(wrapper: nn.Module, args: tuple, path: Path, names: list[str], shapes: dict) -> None:
-    torch.onnx.export(
+def _export(
+    wrapper: nn.Module, args: tuple, path: Path, names: list[str], shapes: dict, fuse: bool
+) -> dict[str, int]:
+    program = torch.onnx.export(
         wrapper,
         args,
-        str(path),
         input_names=names,
         output_names=["logits"],
         dynamic_shapes=shapes,
         dynamo=True,
-        external_data=False,
         verbose=False,
     )
+    fusions = fuse_for_onnxruntime(program.model) if fuse else {}
+    program.save(str(path), external_data=False)
+    return fusions
+
+
+def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
+    """Rewrites an exported ``onnx_ir.Model`` in place into ONNX Runtime's fused transformer operators
+    (``com.microsoft`` Attention, SkipLayerNormalization, BiasGelu, ...) with onnxscript's ``ort_fusions``;
+    returns how many of each were made.
+
+    Attention is fused when the exported self-attention has three projections and a float mask, the shape
+    ``MultiHeadAttention`` takes while exporting; the slices of ``kv_proj``'s weights it makes are folded into
+    constants first (onnxscript's default size limit leaves weights alone). The result needs ONNX Runtime.
+    """
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from onnxscript.rewriter.ort_fusions.attention import fuse_attention
+    from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
+
+    optimizer.optimize(model, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT)
+    _, counts = optimize_for_ort(model)
+    if counts.get("attention", 0) == 0 and counts.get("mha2", 0) + counts.get("mha1", 0) > 0:
+        # nodes left over from the SDPA fusion can keep the bias and packing fusions from matching
+        optimizer.optimize(model)
+        counts["mha_bias"] = fuse_mha_bias(model)
+        counts["attention"] = fuse_attention(model)
+        optimizer.optimize(model)
+    return {k: v for k, v in counts.items() if v}
 
 
 class OnnxModel(nn.Module):
