@@ -160,3 +160,20 @@ def test_shipped_compression_recipes_are_valid() -> None:
         assert path.read_text().startswith("# tansuo compress "), path
         recipe = load_compress_recipe(path)
         assert recipe.steps[-1].step == "quantize"
+
+
+def test_distill_without_a_preset_copies_the_teachers_own_architecture(
+    image_npz: Path, tmp_path: Path
+) -> None:
+    # the teacher was trained with overrides; the student is that architecture, with the step's changes
+    from tansuo.compress.run import DistillStep, build_student
+
+    recipe = image_recipe(image_npz, tmp_path / "run", max_steps=2, eval_every=2)
+    recipe["model"]["overrides"] = {"embed_dim": 24, "num_heads": 3, "mlp_ratio": 2}
+    bundle = load_bundle(Path(make_trainer(recipe).fit()["bundle"]))
+    student = build_student(bundle, DistillStep(step="distill", overrides={"num_layers": 1}))
+    teacher = bundle.model.config
+    assert (student.config.embed_dim, student.config.num_heads, student.config.mlp_ratio) == (24, 3, 2)
+    assert student.config.num_layers == 1 and teacher.num_layers != 1
+    named = build_student(bundle, DistillStep(step="distill", into="vit_test"))  # a preset: its own defaults
+    assert named.config.embed_dim != 24

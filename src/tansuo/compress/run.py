@@ -372,8 +372,10 @@ def build_student(bundle: Any, step: DistillStep) -> nn.Module:
             f"the student {name!r} is a {student_family!r} model but the teacher is {family!r}: the "
             f"family must match to read the teacher's inputs; choose a {family} preset (`tansuo models`)"
         )
+    # no preset named: the teacher's own config (its trained overrides included), then the step's changes
+    base = {} if step.into else dataclasses.asdict(teacher.config)
     try:
-        student = create_model(name, **{**task.model_overrides(), **step.overrides})
+        student = create_model(name, **{**base, **task.model_overrides(), **step.overrides})
     except (TansuoError, TypeError, ValueError) as e:
         raise CompressionError(f"cannot build the student {name!r} with {step.overrides}: {e}") from e
     for key in ("vocab_size", "num_classes"):

@@ -117,19 +117,6 @@ def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
     return Path(result["bundle"]), seconds
 
 
-def _steps(spec: ExploreSpec, settings: dict[str, Any], steps: list[Any]) -> list[Any]:
-    """A variant's steps for this candidate: a distill step without ``into`` trains a student of the
-    candidate's own architecture (its sampled fields included) with the step's overrides changed."""
-    out = []
-    for s in steps:
-        if s.step == "distill" and s.into is None:
-            s = s.model_copy(
-                update={"into": settings["model"], "overrides": {**settings["overrides"], **s.overrides}}
-            )
-        out.append(s)
-    return out
-
-
 def curves(run_dir: Path) -> dict[str, list[list[float]]]:
     """Training loss and validation metrics by step, from a run folder's metrics.jsonl."""
     out: dict[str, list[list[float]]] = {"train_loss": []}
@@ -168,8 +155,7 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
         started = time.perf_counter()
         try:
             path = bundle
-            steps = _steps(spec, settings, v.steps)
-            for _, step_path, done in run_steps(bundle, steps, folder / "variants" / v.name):
+            for _, step_path, done in run_steps(bundle, v.steps, folder / "variants" / v.name):
                 path, entry["steps"] = step_path, done
         except (TansuoError, torch.OutOfMemoryError, ValueError, RuntimeError) as e:
             log.warning("trial %s, variant %s failed: %s", folder.name, v.name, e)
