@@ -251,15 +251,39 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per input")] = False,
     top: Annotated[int, typer.Option(min=1, help="classes to show per input")] = 3,
+    backend: Annotated[
+        str,
+        typer.Option(help="torch, or onnxruntime (the model exported, checked and fused at start; CPU)"),
+    ] = "torch",
 ) -> None:
     """Predict with a bundle: the label and class probabilities for each input."""
     _setup_logging(False)
-    from tansuo.atomic import atomic_write_text
+    import tempfile
+
     from tansuo.serve.bundle import load_bundle
+    from tansuo.serve.onnx import model_for_backend
     from tansuo.train.device import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
     b = load_bundle(bundle, device=dev)
+    with tempfile.TemporaryDirectory(prefix="tansuo-predict-") as tmp:
+        model = model_for_backend(b, backend, dev, Path(tmp))
+        _predict(b, model, dev, inputs, input_file, output, batch_size, as_json, top)
+
+
+def _predict(
+    b: Any,
+    model: Any,
+    dev: Any,
+    inputs: list[str] | None,
+    input_file: Path | None,
+    output: Path | None,
+    batch_size: int,
+    as_json: bool,
+    top: int,
+) -> None:
+    from tansuo.atomic import atomic_write_text
+
     items = list(inputs or [])
     if input_file is not None:
         if not hasattr(b.task, "read_inputs"):
@@ -273,7 +297,7 @@ def predict(
     with Progress(console=err_console, transient=True, disable=len(items) <= batch_size) as bar:
         job = bar.add_task("predict", total=len(items))
         for i in range(0, len(items), batch_size):
-            rows += b.task.predict(b.model, items[i : i + batch_size], dev)
+            rows += b.task.predict(model, items[i : i + batch_size], dev)
             bar.update(job, completed=len(rows))
     if output is not None:
         atomic_write_text(output, "".join(json.dumps(row) + "\n" for row in rows))

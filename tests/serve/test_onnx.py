@@ -108,3 +108,54 @@ def test_onnxruntime_int8_bundle_is_batch_invariant(
     report = json.loads((out / "report.json").read_text())
     accuracy = b.task.evaluate(b.model, "test", 64, torch.device("cpu"))["accuracy"]
     assert accuracy == pytest.approx(report["variants"][-1]["quality"])
+
+
+def test_predict_on_onnxruntime_matches_torch(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tests.tasks.test_classify import NEGATIVE, POSITIVE, classify_recipe
+    from tests.test_cli import write_recipe
+
+    rows = ["sentence\tlabel"] + [
+        f"the film was {(POSITIVE if i % 2 else NEGATIVE)[i % 8]} really\t{i % 2}" for i in range(80)
+    ]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", classify_recipe(tmp_path / "train.tsv", tmp_path / "run", max_steps=30)
+    )
+    code, _, err = run(["train", str(recipe), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    texts = ["the film was superb really", "the film was dull really", "a much longer review " * 9]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+    got = {}
+    for backend in ("torch", "onnxruntime"):
+        args = ["predict", str(tmp_path / "run" / "bundle"), "--input", str(tmp_path / "in.jsonl"), "--json"]
+        code, out, err = run([*args, "--backend", backend], monkeypatch, capsys)
+        assert code == 0, err
+        got[backend] = [json.loads(line) for line in out.splitlines()]
+    assert [r["label"] for r in got["onnxruntime"]] == [r["label"] for r in got["torch"]]
+    for a, b in zip(got["onnxruntime"], got["torch"], strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
+def test_backends_refuse_what_cannot_run(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tansuo.serve.onnx import model_for_backend
+
+    def bundle(task: str, onnx_file: Path | None = None, compression: list | None = None) -> SimpleNamespace:
+        model = SimpleNamespace(onnx_file=onnx_file, compression=compression or [])
+        return SimpleNamespace(model=model, task=SimpleNamespace(name=task), path=Path("b"))
+
+    cpu = torch.device("cpu")
+    cases = [
+        (bundle("classify"), "tensorrt", cpu, "unknown"),
+        (bundle("classify", onnx_file=Path("m.onnx")), "torch", cpu, "--backend onnxruntime"),
+        (bundle("mlm"), "onnxruntime", cpu, "classifiers"),
+        (bundle("lm"), "onnxruntime", cpu, "--backend torch"),
+        (bundle("classify"), "onnxruntime", torch.device("cuda"), "--device cpu"),
+        (bundle("image", compression=[{"step": "quantize"}]), "onnxruntime", cpu, "int8 torch layers"),
+    ]
+    for b, backend, device, message in cases:
+        with pytest.raises(TansuoError, match=message):
+            model_for_backend(b, backend, device, tmp_path)
+    plain = bundle("classify")
+    assert model_for_backend(plain, "torch", cpu, None) is plain.model

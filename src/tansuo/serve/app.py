@@ -35,9 +35,9 @@ from tansuo.serve.batching import Batcher, BusyError
 from tansuo.serve.bundle import Bundle
 from tansuo.serve.endpoints import ENDPOINTS, ApiError, Endpoint, Generate, Limits
 from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
+from tansuo.serve.onnx import BACKENDS, model_for_backend
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -65,7 +65,9 @@ class Server:
             raise TansuoError(f"--backend {config.backend!r} is unknown; use {' or '.join(BACKENDS)}")
         self.bundle, self.config, self.device = bundle, config, device
         self._tmp: Path | None = None
-        model = self._backend_model(bundle, config.backend, device)
+        if config.backend == "onnxruntime" and getattr(bundle.model, "onnx_file", None) is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))  # the export goes here
+        model = model_for_backend(bundle, config.backend, device, self._tmp)
         self.endpoint: Endpoint = ENDPOINTS[task_name](bundle.task, model, device, config.limits)
         self.metrics = _metrics()
         self.batcher = Batcher(
@@ -78,32 +80,6 @@ class Server:
             name="tansuo-model",
         )
         self.ready = False
-
-    def _backend_model(self, bundle: Bundle, backend: str, device: torch.device) -> torch.nn.Module:
-        is_onnx = getattr(bundle.model, "onnx_file", None) is not None
-        if backend == "torch":
-            if is_onnx:
-                raise TansuoError(
-                    f"{bundle.path} is an ONNX Runtime bundle; serve it with --backend onnxruntime"
-                )
-            return bundle.model
-        if bundle.task.name == "lm":
-            raise TansuoError("generation runs on the torch backend (KV cache); use --backend torch")
-        if is_onnx:
-            return bundle.model
-        if device.type != "cpu":
-            raise TansuoError("--backend onnxruntime runs on the CPU; pass --device cpu")
-        if any(r.get("step") == "quantize" for r in getattr(bundle.model, "compression", None) or []):
-            raise TansuoError(
-                f"{bundle.path} holds int8 torch layers, which do not export; serve it with --backend torch, "
-                "or compress with --quantize-backend onnxruntime"
-            )
-        from tansuo.serve.onnx import OnnxModel, export_onnx
-
-        self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))
-        report = export_onnx(bundle.model, self._tmp / "model.onnx")
-        log.info("exported to ONNX (max abs difference from PyTorch %.1e)", report["max_abs_diff"])
-        return OnnxModel(self._tmp / "model.onnx", bundle.model)
 
     def _run(self, items: list[Any]) -> list[Any]:
         with torch.inference_mode():

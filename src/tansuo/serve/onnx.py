@@ -29,6 +29,8 @@ from tansuo.errors import TansuoError
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("torch", "onnxruntime")
+ONNX_TASKS = ("classify", "image")  # the export is the classifier's forward
 TEXT_FAMILIES = ("bert",)
 _FOLD_LIMIT = 1 << 28  # elements: fold constant expressions of any weight (slices of kv_proj's)
 IMAGE_FAMILIES = ("vit", "resnet")
@@ -277,3 +279,35 @@ class OnnxModel(nn.Module):
             return self._run([t.numpy() for t in inputs])
         rows = [self._run([t[i : i + 1].numpy() for t in inputs]) for i in range(inputs[0].shape[0])]
         return torch.cat(rows)
+
+
+def model_for_backend(bundle: Any, backend: str, device: torch.device, workdir: Path | None) -> nn.Module:
+    """The model that runs a bundle on ``backend`` ("torch": the bundle's own model; "onnxruntime": an ONNX
+    Runtime bundle's model, or the PyTorch model exported into ``workdir``, checked and fused, then loaded in
+    ONNX Runtime). Refuses combinations that cannot run, saying what to do instead."""
+    if backend not in BACKENDS:
+        raise TansuoError(f"--backend {backend!r} is unknown; use {' or '.join(BACKENDS)}")
+    is_onnx = getattr(bundle.model, "onnx_file", None) is not None
+    if backend == "torch":
+        if is_onnx:
+            raise TansuoError(f"{bundle.path} is an ONNX Runtime bundle; run it with --backend onnxruntime")
+        return bundle.model
+    if bundle.task.name not in ONNX_TASKS:
+        raise TansuoError(
+            f"--backend onnxruntime runs classifiers ({' and '.join(ONNX_TASKS)} bundles); this is a "
+            f"{bundle.task.name!r} bundle: use --backend torch"
+        )
+    if is_onnx:
+        return bundle.model
+    if device.type != "cpu":
+        raise TansuoError("--backend onnxruntime runs on the CPU; pass --device cpu")
+    if any(r.get("step") == "quantize" for r in getattr(bundle.model, "compression", None) or []):
+        raise TansuoError(
+            f"{bundle.path} holds int8 torch layers, which do not export; run it with --backend torch, "
+            "or compress with --quantize-backend onnxruntime"
+        )
+    if workdir is None:
+        raise ValueError("exporting to ONNX Runtime needs a workdir")
+    report = export_onnx(bundle.model, Path(workdir) / "model.onnx")
+    log.info("exported to ONNX (max abs difference from PyTorch %.1e)", report["max_abs_diff"])
+    return OnnxModel(Path(workdir) / "model.onnx", bundle.model)
