@@ -57,18 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def digits_teacher(args: argparse.Namespace) -> Path:
     if args.digits_bundle is not None:
         return args.digits_bundle
-    from tansuo.models import create_model
     from tansuo.recipe import load_recipe
-    from tansuo.tasks import TASKS
-    from tansuo.train.device import seed_everything
+    from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 
     out = args.out / "digits-teacher"
     rec, data = load_recipe(Path("recipes/digits-vit.yaml"), [f"train.out_dir={json.dumps(str(out))}"])
-    seed_everything(rec.seed)
-    task = TASKS[rec.task].from_recipe(data, rec.seed, out / "data")
-    model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
-    result = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump()).fit()
+    setup = build_run(rec, data, out / "data")
+    result = Trainer(setup.task, setup.model, rec.train, seed=rec.seed, recipe=rec.model_dump()).fit()
     return Path(result["bundle"])
 
 

@@ -103,11 +103,9 @@ def train_throughput(metrics_path: Path, tokens_per_step: int) -> tuple[int, flo
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tansuo.models import create_model
     from tansuo.recipe import load_recipe
     from tansuo.serve.bundle import load_bundle
-    from tansuo.tasks import TASKS
-    from tansuo.train.device import seed_everything
+    from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 
     data_file = args.data_dir / "input.txt"
@@ -127,10 +125,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sets.append(f"train.max_steps={args.max_steps}")
     rec, data_cfg = load_recipe(args.recipe, sets + args.sets)
 
-    seed_everything(rec.seed)
     out_dir = Path(rec.train.out_dir)
-    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, out_dir / "data")
-    model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
+    setup = build_run(rec, data_cfg, out_dir / "data")
+    task, model = setup.task, setup.model
     trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=args.progress)
     busy, note = busy_note()
     print(

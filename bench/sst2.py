@@ -81,11 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tansuo.models import create_model
-    from tansuo.models.init import load_initial_weights
     from tansuo.recipe import load_recipe, read_recipe_file
-    from tansuo.tasks import TASKS
-    from tansuo.train.device import seed_everything
+    from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 
     for name in ("train.tsv", "dev.tsv"):
@@ -113,13 +110,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sets += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
     rec, data_cfg = load_recipe(args.recipe, sets + args.sets, data_dir=args.data_dir)
 
-    seed_everything(rec.seed)
     out_dir = Path(rec.train.out_dir)
     start = time.perf_counter()  # the budget covers reading and tokenizing the data too
-    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, out_dir / "data")
-    model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
-    if rec.model.init_from:
-        load_initial_weights(model, rec.model.init_from)
+    setup = build_run(rec, data_cfg, out_dir / "data")  # as `tansuo train` does
+    task, model = setup.task, setup.model
     trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=args.progress)
     busy, note = busy_note()
     print(

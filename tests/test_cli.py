@@ -48,7 +48,7 @@ def test_bad_recipe_field_exits_2_naming_field(monkeypatch, capsys) -> None:
 def test_unknown_model_override_exits_2(monkeypatch, capsys, tmp_path) -> None:
     args = ["train", "recipes/digits-vit.yaml", "--set", "model.overrides.depthh=3", "--out", str(tmp_path)]
     code, _, err = run(args, monkeypatch, capsys)
-    assert code == 2 and "depthh" in err
+    assert code == 2 and "depthh" in err and "model:" in err
 
 
 def test_missing_data_file_names_path_and_fix(monkeypatch, capsys, tmp_path) -> None:

@@ -119,23 +119,13 @@ def train(
         raw = apply_data_dir(raw, data_dir)
     rec, data_cfg = validate_recipe(raw)
 
-    from tansuo.models import create_model
-    from tansuo.tasks import TASKS
-    from tansuo.train.device import seed_everything
+    from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 
-    seed_everything(rec.seed)
     out_dir = Path(rec.train.out_dir)
-    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, out_dir / "data")
-    overrides = {**task.model_overrides(), **rec.model.overrides}
-    try:
-        model = create_model(rec.model.name, **overrides)
-    except (ValueError, TypeError) as e:
-        raise TansuoError(f"invalid recipe:\n  model: {e}") from None
-    if rec.model.init_from:
-        from tansuo.models.init import load_initial_weights
-
-        report = load_initial_weights(model, rec.model.init_from)
+    run = build_run(rec, data_cfg, out_dir / "data")
+    task, model, report = run.task, run.model, run.init
+    if report is not None:
         console.print(
             f"initialised from {rec.model.init_from} ({report.kind}): {len(report.loaded)} tensors loaded, "
             f"{len(report.skipped)} skipped, {len(report.missing)} left at their fresh init",

@@ -78,26 +78,17 @@ def trial_recipe(spec: ExploreSpec, settings: dict[str, Any], out_dir: Path) -> 
 
 def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
     """Train as ``tansuo train`` does; returns the best bundle and the training seconds."""
-    from tansuo.models import create_model
     from tansuo.recipe import validate_recipe
-    from tansuo.tasks import TASKS
-    from tansuo.train.device import seed_everything
+    from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 
     try:
         rec, data_cfg = validate_recipe(raw)
-    except RecipeError as e:
-        raise TrialFailed(f"invalid combination: {e}") from None
-    seed_everything(rec.seed)
-    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, spec.study_dir / "data")
-    try:
-        model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
-    except (ValueError, TypeError) as e:
-        raise TrialFailed(f"invalid combination: {e}") from None
-    if rec.model.init_from:
-        from tansuo.models.init import load_initial_weights
-
-        load_initial_weights(model, rec.model.init_from)
+        run = build_run(rec, data_cfg, spec.study_dir / "data")
+    except RecipeError as e:  # one line for the report's table: "invalid combination: model: ..."
+        reason = " ".join(str(e).removeprefix("invalid recipe:").split())
+        raise TrialFailed(f"invalid combination: {reason}") from None
+    task, model = run.task, run.model
     started = time.perf_counter()
     trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump())
     try:
