@@ -34,8 +34,10 @@ def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:
 
 
 def _study(folder: Path, storage: str | None = None) -> optuna.Study:
+    from tansuo.explore.search import open_storage  # retries while a worker is still creating the tables
+
     url = storage or f"sqlite:///{folder / 'optuna.db'}"
-    return optuna.load_study(storage=url, study_name=folder.name)
+    return optuna.load_study(storage=open_storage(url), study_name=folder.name)
 
 
 def _point(t: optuna.trial.FrozenTrial) -> str:
