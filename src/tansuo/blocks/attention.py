@@ -190,9 +190,9 @@ class MultiHeadAttention(nn.Module):
         """Bidirectional self-attention written for export: the same function as :meth:`forward`, in the
         shape ONNX Runtime's transformer fusions recognise (``tansuo.serve.onnx`` turns it into one
         ``com.microsoft`` Attention node): three projections (keys and values sliced out of ``kv_proj``; the
-        slices of the weights are folded into constants after export) and an additive mask, ``(B, 1, 1, S)``
-        with the dtype's minimum at padding, instead of a boolean one. A row of padding only sees padding, so
-        its output is finite, as with :func:`attention_mask`'s guard."""
+        slices of the weights are folded into constants after export) and an additive mask ``(B, 1, T, S)``,
+        the dtype's minimum at padding, instead of a boolean one. A row of padding only sees padding, so its
+        output is finite, as with :func:`attention_mask`'s guard."""
         B, T, _ = x.shape
         width = self.kv_proj.out_features // 2
         w, b = self.kv_proj.weight, self.kv_proj.bias

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnxruntime")
 ONNX_TASKS = ("classify", "image")  # the export is the classifier's forward
 TEXT_FAMILIES = ("bert",)
-_FOLD_LIMIT = 1 << 28  # elements: fold constant expressions of any weight (slices of kv_proj's)
 IMAGE_FAMILIES = ("vit", "resnet")
+_FOLD_LIMIT = 1 << 28  # elements: fold constant expressions of any weight (slices of kv_proj's)
 
 
 @contextlib.contextmanager
@@ -186,17 +186,9 @@ def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
     """
     from onnxscript import optimizer
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
-    from onnxscript.rewriter.ort_fusions.attention import fuse_attention
-    from onnxscript.rewriter.ort_fusions.mha_bias import fuse_mha_bias
 
     optimizer.optimize(model, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT)
     _, counts = optimize_for_ort(model)
-    if counts.get("attention", 0) == 0 and counts.get("mha2", 0) + counts.get("mha1", 0) > 0:
-        # nodes left over from the SDPA fusion can keep the bias and packing fusions from matching
-        optimizer.optimize(model)
-        counts["mha_bias"] = fuse_mha_bias(model)
-        counts["attention"] = fuse_attention(model)
-        optimizer.optimize(model)
     return {k: v for k, v in counts.items() if v}
 
 
