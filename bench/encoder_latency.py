@@ -12,7 +12,7 @@ alike; the first call of a block is not timed, so that one runtime's idle thread
 - throughput at batch 32 x 128 tokens: sequences per second from the median of ``--reps-large`` calls.
 
 Then, when onnxruntime is installed, the same pair again with ours exported by ``tansuo export`` and run by
-ONNX Runtime (``tansuo.serve.onnx.OnnxModel`` as ``tansuo serve --backend onnxruntime`` runs it: graph fused
+ONNX Runtime (``tansuo.export.onnx.OnnxModel`` as ``tansuo serve --backend onnxruntime`` runs it: graph fused
 into ONNX Runtime's transformer operators, idle threads spinning between calls as PyTorch's OpenMP threads
 do; a block's untimed first call absorbs the other runtime's spin), outputs compared first (the pooled
 output, the graph's output).
@@ -186,7 +186,7 @@ def _onnx_pair(
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
         print("onnxruntime not installed: the export row is skipped (pip install 'tansuo[onnx]')")
         return None
-    from tansuo.serve.onnx import OnnxModel, export_onnx
+    from tansuo.export.onnx import OnnxModel, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "minilm.onnx"
@@ -223,7 +223,7 @@ def _onnx_pair(
 
 def _export_theirs(theirs: Any, path: Path, sample: tuple) -> Path:
     """transformers' BertModel (pooled output) to ONNX, fused by the same ``fuse_for_onnxruntime``."""
-    from tansuo.serve.onnx import fuse_for_onnxruntime, quiet
+    from tansuo.export.onnx import fuse_for_onnxruntime, quiet
 
     class Pooled(torch.nn.Module):
         def __init__(self) -> None:

@@ -107,7 +107,7 @@ def text_bundle(args: argparse.Namespace, sentences: list[str]) -> Path:
 
     from tansuo.models import create_model
     from tansuo.recipe import validate_recipe
-    from tansuo.serve.bundle import save_bundle
+    from tansuo.bundle import save_bundle
     from tansuo.tasks import TASKS
 
     out.mkdir(parents=True, exist_ok=True)

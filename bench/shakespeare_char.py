@@ -104,7 +104,7 @@ def train_throughput(metrics_path: Path, tokens_per_step: int) -> tuple[int, flo
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tansuo.recipe import load_recipe
-    from tansuo.serve.bundle import load_bundle
+    from tansuo.bundle import load_bundle
     from tansuo.train.setup import build_run
     from tansuo.train.trainer import Trainer
 

@@ -149,7 +149,7 @@ def measure(
 ) -> dict[str, Any]:
     """Time ``warmup + steps`` training steps of one config; returns its figures."""
     from tansuo.models import create_model
-    from tansuo.train.device import autocast
+    from tansuo.device import autocast
     from tansuo.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -261,7 +261,7 @@ def print_table(rows: list[dict[str, Any]], peak: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from tansuo.errors import TansuoError
-    from tansuo.train.device import resolve_device
+    from tansuo.device import resolve_device
 
     try:
         device = resolve_device(args.device)

@@ -12,7 +12,7 @@ import transformers
 from tansuo.errors import TansuoError
 from tansuo.importer import import_hf
 from tansuo.models.hf import HFImportError
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tansuo.tasks.classify import ClassifyTask
 from tansuo.tasks.mlm import MLMTask
 from tests.test_cli import run

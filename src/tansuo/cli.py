@@ -171,8 +171,8 @@ def eval_(
 ) -> None:
     """Evaluate a bundle on its held-back split (or another split)."""
     _setup_logging(False)
-    from tansuo.serve.bundle import load_bundle
-    from tansuo.train.device import autocast, resolve_device
+    from tansuo.bundle import load_bundle
+    from tansuo.device import autocast, resolve_device
 
     dev = resolve_device(device)
     b = load_bundle(bundle, device=dev, data_path=data)
@@ -202,8 +202,8 @@ def generate(
 ) -> None:
     """Sample text from a language-model bundle, using a KV cache."""
     _setup_logging(False)
-    from tansuo.serve.bundle import load_bundle
-    from tansuo.train.device import resolve_device
+    from tansuo.bundle import load_bundle
+    from tansuo.device import resolve_device
 
     dev = resolve_device(device)
     b = load_bundle(bundle, device=dev)
@@ -250,9 +250,9 @@ def predict(
     _setup_logging(False)
     import tempfile
 
-    from tansuo.serve.bundle import load_bundle
-    from tansuo.serve.onnx import model_for_backend
-    from tansuo.train.device import resolve_device
+    from tansuo.bundle import load_bundle
+    from tansuo.export.onnx import model_for_backend
+    from tansuo.device import resolve_device
 
     dev = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
     b = load_bundle(bundle, device=dev)
@@ -535,8 +535,8 @@ def export(
 ) -> None:
     """Export a bundle's model to ONNX (dynamic batch and sequence axes), checked against PyTorch."""
     _setup_logging(False)
-    from tansuo.serve.bundle import load_bundle
-    from tansuo.serve.onnx import export_onnx
+    from tansuo.bundle import load_bundle
+    from tansuo.export.onnx import export_onnx
 
     if fmt != "onnx":
         raise TansuoError(f"--format {fmt!r} is not supported; use --format onnx")
@@ -597,9 +597,9 @@ def serve(
     import uvicorn
 
     from tansuo.serve.app import ServeConfig, Server, create_app
-    from tansuo.serve.bundle import load_bundle
+    from tansuo.bundle import load_bundle
     from tansuo.serve.endpoints import Limits
-    from tansuo.train.device import resolve_device
+    from tansuo.device import resolve_device
 
     api_key = os.environ.get("TANSUO_API_KEY") or None
     if api_key_file is not None:

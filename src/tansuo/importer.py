@@ -77,7 +77,7 @@ def import_hf(folder: str | Path, out: str | Path, labels: list[str] | None = No
         HFImportError: For a missing or unsupported checkpoint (the message names what is supported).
         TansuoError: For ``labels`` on a checkpoint without a classifier, or of the wrong number.
     """
-    from tansuo.serve.bundle import save_bundle
+    from tansuo.bundle import save_bundle
     from tansuo.tasks.classify import ClassifyDataConfig, ClassifyTask
     from tansuo.tasks.mlm import MLMDataConfig, MLMTask
 

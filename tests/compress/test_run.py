@@ -12,7 +12,7 @@ import yaml
 from tansuo.compress.quantize import Int8DynamicLinear
 from tansuo.compress.run import Variant, choose, load_compress_recipe, parse_prune
 from tansuo.errors import BundleError, RecipeError
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tests.conftest import image_recipe
 from tests.test_cli import run
 from tests.train.test_trainer import make_trainer

@@ -17,7 +17,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tansuo.explore.search import open_storage
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tests.test_cli import run
 
 from .conftest import explore_raw

@@ -17,7 +17,7 @@ from tansuo.errors import TansuoError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
 from tansuo.serve.app import ServeConfig, Server, create_app
-from tansuo.serve.bundle import load_bundle, save_bundle
+from tansuo.bundle import load_bundle, save_bundle
 from tansuo.serve.endpoints import Limits
 from tansuo.tasks import TASKS
 from tests.conftest import image_recipe, lm_recipe

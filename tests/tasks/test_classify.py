@@ -12,7 +12,7 @@ import torch
 from tansuo.errors import DataError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tansuo.tasks import TASKS, Task
 from tansuo.tasks.classify import ClassifyTask
 from tests.train.test_trainer import make_trainer

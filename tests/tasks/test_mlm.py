@@ -12,7 +12,7 @@ from tansuo.data import save_tokenizer, train_char_tokenizer
 from tansuo.errors import DataError, TansuoError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tansuo.tasks import TASKS, Task
 from tansuo.tasks.mlm import IGNORE, MLMTask
 from tests.train.test_trainer import make_trainer

@@ -7,10 +7,10 @@ import torch
 from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.serve.bundle import load_bundle
+from tansuo.bundle import load_bundle
 from tansuo.tasks import TASKS
 from tansuo.train.checkpoint import load_checkpoint
-from tansuo.train.device import seed_everything
+from tansuo.device import seed_everything
 from tansuo.train.trainer import Trainer
 from tests.conftest import image_recipe, lm_recipe
 

@@ -188,7 +188,7 @@ class MultiHeadAttention(nn.Module):
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Bidirectional self-attention written for export: the same function as :meth:`forward`, in the
-        shape ONNX Runtime's transformer fusions recognise (``tansuo.serve.onnx`` turns it into one
+        shape ONNX Runtime's transformer fusions recognise (``tansuo.export.onnx`` turns it into one
         ``com.microsoft`` Attention node): three projections (keys and values sliced out of ``kv_proj``; the
         slices of the weights are folded into constants after export) and an additive mask ``(B, 1, T, S)``,
         the dtype's minimum at padding, instead of a boolean one. A row of padding only sees padding, so its

@@ -16,7 +16,7 @@ Run folder (``--out``)::
     report.json, report.md  every variant's measurements and the choice
     bundle/                 the chosen variant (written only when one qualifies)
 
-The original and each variant are measured in a fresh process (:mod:`tansuo.compress.measure`).
+The original and each variant are measured in a fresh process (:mod:`tansuo.measure.run`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import nn
 
 from tansuo.atomic import atomic_write_dir, atomic_write_json, atomic_write_text
 from tansuo.compress.distill import DistillTask, init_from_teacher
-from tansuo.compress.measure import compare_in_rounds, measure_in_subprocess
+from tansuo.measure.run import compare_in_rounds, measure_in_subprocess
 from tansuo.compress.prune import (
     StructuredPruneConfig,
     UnstructuredPruneConfig,
@@ -224,8 +224,8 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
     """int8 on the torch (fbgemm) or the ONNX Runtime backend. ``auto`` builds both (when ONNX Runtime is
     installed and the family exports) and keeps the faster at batch 1; within a backend, 7- or 8-bit
     ranges are chosen by the logits' SNR against fp32 on calibration batches."""
-    from tansuo.serve.bundle import save_bundle
-    from tansuo.serve.onnx import IMAGE_FAMILIES, TEXT_FAMILIES
+    from tansuo.bundle import save_bundle
+    from tansuo.export.onnx import IMAGE_FAMILIES, TEXT_FAMILIES
 
     model, task = bundle.model.cpu().eval(), bundle.task
     family = getattr(model, "family", "")
@@ -271,7 +271,7 @@ def run_quantize(bundle: Any, step: QuantizeStep, out: Path) -> Path:
         if "onnxruntime" in backends:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            from tansuo.serve.onnx import OnnxModel, export_onnx, quiet
+            from tansuo.export.onnx import OnnxModel, export_onnx, quiet
 
             if skip:
                 raise CompressionError("skip is supported by the torch backend only; set backend: torch")
@@ -315,8 +315,8 @@ def _recipe(bundle: Any) -> dict[str, Any] | None:
 
 
 def run_prune(bundle: Any, step: PruneStep, out: Path) -> Path:
-    from tansuo.serve.bundle import save_bundle
-    from tansuo.train.device import resolve_device
+    from tansuo.bundle import save_bundle
+    from tansuo.device import resolve_device
 
     model, task = bundle.model, bundle.task
     teacher = copy.deepcopy(model) if step.finetune_steps and step.distill else None
@@ -451,7 +451,7 @@ def choose(variants: list[Variant], max_drop: float | None, objective: str) -> V
 
 def check_quantize(model: nn.Module, step: QuantizeStep) -> None:
     """Raise when no backend the step allows can quantize this model on this machine."""
-    from tansuo.serve.onnx import IMAGE_FAMILIES, TEXT_FAMILIES, _require_onnx, input_names
+    from tansuo.export.onnx import IMAGE_FAMILIES, TEXT_FAMILIES, _require_onnx, input_names
 
     if step.backend == "torch":
         quantized_engine()
@@ -486,7 +486,7 @@ def run_steps(
 
     Yields (folder name, bundle path, descriptions of the steps applied so far) after each step.
     """
-    from tansuo.serve.bundle import load_bundle
+    from tansuo.bundle import load_bundle
 
     current = Path(bundle_path)
     done: list[str] = []
@@ -508,7 +508,7 @@ def compress(
     on_variant: Callable[[Variant], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` on a bundle into the run folder ``out``; returns the report (also in report.json)."""
-    from tansuo.serve.bundle import load_bundle
+    from tansuo.bundle import load_bundle
 
     bundle_path = Path(bundle_path)
     original = load_bundle(bundle_path, device="cpu", data_path=data_path)

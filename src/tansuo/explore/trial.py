@@ -7,7 +7,7 @@ The trial's folder (``STUDY/trials/NNNN``)::
     trial.json              what the trial recorded (also in the study's storage)
 
 Compression goes through ``tansuo compress``'s own step runners and every variant is measured in a fresh
-process by :func:`tansuo.compress.measure.measure_in_subprocess`, as ``tansuo compress`` measures.
+process by :func:`tansuo.measure.run.measure_in_subprocess`, as ``tansuo compress`` measures.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
     Raises :class:`TrialFailed` when training fails or no variant could be measured; a single variant that
     fails is recorded with its reason and the others go on.
     """
-    from tansuo.compress.measure import compare_in_rounds, measure_in_subprocess
+    from tansuo.measure.run import compare_in_rounds, measure_in_subprocess
     from tansuo.compress.run import run_steps
 
     m = spec.explore.measure

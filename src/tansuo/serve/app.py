@@ -32,10 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tansuo import __version__
 from tansuo.errors import TansuoError
 from tansuo.serve.batching import Batcher, BusyError
-from tansuo.serve.bundle import Bundle
+from tansuo.bundle import Bundle
 from tansuo.serve.endpoints import ENDPOINTS, ApiError, Endpoint, Generate, Limits
 from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
-from tansuo.serve.onnx import BACKENDS, model_for_backend
+from tansuo.export.onnx import BACKENDS, model_for_backend
 
 log = logging.getLogger(__name__)
 

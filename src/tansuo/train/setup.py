@@ -16,7 +16,7 @@ from tansuo.models.init import InitReport, load_initial_weights
 from tansuo.recipe import Recipe
 from tansuo.tasks import TASKS
 from tansuo.tasks.base import Task
-from tansuo.train.device import seed_everything
+from tansuo.device import seed_everything
 
 
 @dataclass

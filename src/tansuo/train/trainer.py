@@ -8,7 +8,7 @@ Run folder (``train.out_dir``)::
 
     checkpoint.safetensors   latest resumable state
     metrics.jsonl            {"event": "train" | "eval" | "end", "step": ..., ...} per line
-    bundle/                  best model so far (see serve/bundle.py)
+    bundle/                  best model so far (see bundle.py)
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from torch import nn
 
 from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.recipe import TrainConfig
-from tansuo.serve.bundle import save_bundle, update_bundle_metrics
+from tansuo.bundle import save_bundle, update_bundle_metrics
 from tansuo.tasks.base import Batch, Task
 from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
-from tansuo.train.device import autocast, resolve_device
+from tansuo.device import autocast, resolve_device
 from tansuo.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """Reload the best bundle's weights and add held-out metrics to it."""
-        from tansuo.serve.bundle import load_bundle
+        from tansuo.bundle import load_bundle
 
         best = load_bundle(self.bundle_path, device=self.device)
         result = dict(best.metrics)

@@ -138,7 +138,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
 
 
 def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
-    from tansuo.serve.onnx import OnnxModel
+    from tansuo.export.onnx import OnnxModel
 
     if torch.device(device).type != "cpu":
         raise BundleError(f"{path} is an ONNX Runtime (CPU) bundle; pass --device cpu")

@@ -9,7 +9,7 @@ from tansuo.atomic import atomic_write_dir
 from tansuo.errors import BundleError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.serve.bundle import load_bundle, save_bundle
+from tansuo.bundle import load_bundle, save_bundle
 from tansuo.tasks import TASKS
 from tests.conftest import image_recipe, lm_recipe
 

@@ -1,6 +1,6 @@
 """Measure a bundle the way it will be used: quality, size, parameters, latency, throughput, peak memory.
 
-Every variant is measured in a fresh process (``python -m tansuo.compress.measure BUNDLE``) that loads the
+Every variant is measured in a fresh process (``python -m tansuo.measure BUNDLE``) that loads the
 bundle from disk, so the figures include the save / load round trip, and peak memory (the process's peak
 resident set, ``VmHWM``, after the speed runs) is not inflated by whatever ran before. Quality is the task's
 default metric on the bundle's held-back split, which training never saw.
@@ -154,7 +154,7 @@ def measure_bundle(
     quality: bool = True,
 ) -> dict[str, Any]:
     """Load a bundle (CPU) and measure it in this process; see the module docstring."""
-    from tansuo.serve.bundle import load_bundle
+    from tansuo.bundle import load_bundle
 
     path = Path(path)
     b = load_bundle(path, device="cpu", data_path=data_path)
@@ -203,7 +203,7 @@ def compare_in_rounds(
 def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """:func:`measure_bundle` in a fresh Python process (honest peak memory), or with ``speed_only=True``
     only the raw call times; raises with its stderr."""
-    cmd = [sys.executable, "-m", "tansuo.compress.measure", str(path)]
+    cmd = [sys.executable, "-m", "tansuo.measure", str(path)]
     for key, value in kwargs.items():
         if value is None:
             continue
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed_only:
-        from tansuo.serve.bundle import load_bundle
+        from tansuo.bundle import load_bundle
 
         model = load_bundle(args.bundle, device="cpu").model
         t1, tn = time_calls(model, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps)

@@ -14,8 +14,8 @@ pytest.importorskip("onnxscript")
 
 from tansuo.errors import TansuoError  # noqa: E402
 from tansuo.models import create_model  # noqa: E402
-from tansuo.serve.bundle import load_bundle  # noqa: E402
-from tansuo.serve.onnx import OnnxModel, export_onnx  # noqa: E402
+from tansuo.bundle import load_bundle  # noqa: E402
+from tansuo.export.onnx import OnnxModel, export_onnx  # noqa: E402
 from tests.conftest import image_recipe  # noqa: E402
 from tests.test_cli import run  # noqa: E402
 from tests.train.test_trainer import make_trainer  # noqa: E402
@@ -139,7 +139,7 @@ def test_predict_on_onnxruntime_matches_torch(tmp_path: Path, monkeypatch, capsy
 def test_backends_refuse_what_cannot_run(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from tansuo.serve.onnx import model_for_backend
+    from tansuo.export.onnx import model_for_backend
 
     def bundle(task: str, onnx_file: Path | None = None, compression: list | None = None) -> SimpleNamespace:
         model = SimpleNamespace(onnx_file=onnx_file, compression=compression or [])

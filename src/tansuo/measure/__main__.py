@@ -1,0 +1,3 @@
+from tansuo.measure.run import main
+
+main()
