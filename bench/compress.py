@@ -1,6 +1,6 @@
 """Compression targets, measured: int8, structured pruning and distillation on digits and SST-2.
 
-Each case runs ``tansuo compress`` (the library's :func:`tansuo.compress.run.compress`) from the fp32 bundle,
+Each case runs ``tansuo compress`` (the library's :func:`tansuo.variants.compress`) from the fp32 bundle,
 which is measured again in the same run as the reference: quality on the bundle's held-back split, latency at
 batch 1 (p50 of ``--reps`` calls after warm-up; text models on 128 tokens), size on disk, peak memory.
 
@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import busy_note, fail
+from _common import add_threads, bench_main, busy_note, fail, header
 
 CASES = ("digits-int8", "digits-distill", "sst2-int8", "sst2-prune", "sst2-distill")
 
@@ -50,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=100, help="timed batch-1 calls per variant")
     p.add_argument("--prune-steps", type=int, default=1000, help="fine-tuning steps after pruning")
     p.add_argument("--distill-epochs", type=float, default=1.0, help="epochs of SST-2 distillation")
-    p.add_argument("--threads", type=int, default=None, help="torch threads while measuring")
+    add_threads(p, "torch threads while measuring")
     return p.parse_args(argv)
 
 
@@ -58,14 +57,11 @@ def digits_teacher(args: argparse.Namespace) -> Path:
     if args.digits_bundle is not None:
         return args.digits_bundle
     from tansuo.recipe import load_recipe
-    from tansuo.train.setup import build_run
-    from tansuo.train.trainer import Trainer
+    from tansuo.train.setup import train_recipe
 
     out = args.out / "digits-teacher"
     rec, data = load_recipe(Path("recipes/digits-vit.yaml"), [f"train.out_dir={json.dumps(str(out))}"])
-    setup = build_run(rec, data, out / "data")
-    result = Trainer(setup.task, setup.model, rec.train, seed=rec.seed, recipe=rec.model_dump()).fit()
-    return Path(result["bundle"])
+    return train_recipe(rec, data).bundle
 
 
 def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -130,8 +126,7 @@ def judge(case: str, ref: dict[str, Any], v: dict[str, Any]) -> tuple[bool, str]
     return kept >= 0.97 and speed >= 1.8, f"keeps {100 * kept:.1f}% (>= 97%), {speed:.2f}x (>= 1.8)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
@@ -141,30 +136,35 @@ def main(argv: list[str] | None = None) -> None:
             f"no SST-2 bundle at {args.sst2_bundle}: run `.venv/bin/python bench/sst2.py --data-dir "
             f"{args.data_dir}` first, or pass --sst2-bundle"
         )
-    from tansuo.compress.run import compress, load_compress_recipe, rows
+    from tansuo.variants import compress, load_compress_recipe, rows
 
     busy, note = busy_note()
-    print(f"torch {torch.__version__} · {torch.get_num_threads()} threads · {note}", flush=True)
+    print(header(note), flush=True)
     teacher_digits = digits_teacher(args) if any(c.startswith("digits") for c in cases) else None
     results: dict[str, Any] = {"benchmark": "compress", "cpus_busy_at_start": busy, "cases": {}}
-    all_ok = True
     specs = recipes(args)
     for case in cases:
         bundle = teacher_digits if case.startswith("digits") else args.sst2_bundle
         data = None if case.startswith("digits") else str(args.data_dir)
         start = time.perf_counter()
-        report = compress(bundle, load_compress_recipe(None, specs[case]), args.out / case, data_path=data)
+        done = compress(bundle, load_compress_recipe(None, specs[case]), args.out / case, data_path=data)
         wall = time.perf_counter() - start
-        ref, v = report["variants"][0], report["variants"][-1]
+        ref, v = done["variants"][0], done["variants"][-1]
         ok, why = judge(case, ref, v)
-        all_ok &= ok
-        results["cases"][case] = {"passed": ok, "why": why, "wall_s": wall, "report": report}
+        results["cases"][case] = {"passed": ok, "why": why, "wall_s": wall, "report": done}
         print(f"\n{case} ({wall / 60:.1f} min): {'PASS' if ok else 'FAIL'} - {why}")
-        for r in rows(report):
+        for r in rows(done):
             print("  " + " | ".join(r))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    all_ok = all(case["passed"] for case in r["cases"].values())
     print(f"\nresult: {'PASS' if all_ok else 'FAIL'} · figures in {args.out / 'bench.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(argv, parse_args, run, report, figures=lambda _, args: args.out / "bench.json", written=None)
 
 
 if __name__ == "__main__":

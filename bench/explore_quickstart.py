@@ -18,20 +18,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from _common import busy_note, fail
+from _common import bench_main, busy_note, fail, write_figures
 
 TARGET_S = 300.0
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Time the quickstart explore study and print its outcome.")
     p.add_argument("--recipe", type=Path, default=Path("recipes/quickstart.yaml"))
     p.add_argument("--out", type=Path, default=Path("runs/bench-explore-quickstart"), help="study folder")
     p.add_argument(
         "--keep", action="store_true", help="keep an existing study folder (default: start afresh)"
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the study, write its figures and print them (the verdict needs the unrounded wall time)."""
     if not args.recipe.is_file():
         fail(f"{args.recipe} not found; run from the repository root")
     if args.out.exists() and not args.keep:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             "size_mb": round(v["size"], 3),
             "threads": rec["figures"]["threads"],
         }
-    (args.out / "bench.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    write_figures(args.out / "bench.json", figures)
     verdict = "PASS" if wall <= TARGET_S else "FAIL"
     print(f"wall time      {wall:.1f} s ({verdict}: target {TARGET_S:.0f} s on 2 CPU cores; {note})")
     print(f"trials         {figures['trials']} ({figures['trials_complete']} complete)")
@@ -88,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
             f"batch 1 on {r['threads']} thread(s), {r['size_mb']:.2f} MB"
         )
     print(f"report         {args.out / 'report.html'}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from _common import busy_note
+from _common import add_threads, bench_main, busy_note, pick_threads
 
 from tansuo.compress.quantize import Int8DynamicConfig, Int8DynamicLinear
 
@@ -37,16 +38,20 @@ def cpu_flags() -> str:
     return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--ffn", type=int, default=1536)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_threads(p, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=50, help="layer passes per round")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure and print; returns the figures."""
+    pick_threads(args.threads)
     torch.manual_seed(0)
     C, F = args.width, args.ffn
     shapes = [(C, C), (C, 2 * C), (C, C), (C, F), (F, C)]  # query, key+value, output, FFN in, FFN out
@@ -93,6 +98,17 @@ def main() -> None:
         f"=> end-to-end int8 speed-up ceiling: {fa / fb:.2f}x (reached only if nothing but the Linear layers "
         "took time); a higher target needs a faster int8 kernel (VNNI) at this shape"
     )
+    return {
+        "cpus_busy_at_start": busy,
+        "fp32_ms": fa,
+        "int8_ms": fb,
+        "speedup": fa / fb,
+        "speedups_by_round": ratios,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

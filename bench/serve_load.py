@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import busy_note, fail
+from _common import add_json, add_threads, bench_main, busy_note, fail
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = (1, 8, 32, 64)
@@ -70,10 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--duration", type=float, default=8.0, help="counted seconds per cell (default: %(default)s)"
     )
     p.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds first (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="the server's --threads (default: %(default)s)")
+    add_threads(p, "the server's --threads (default: %(default)s)", default=1)
     p.add_argument("--max-batch", type=int, default=32, help="--max-batch with batching on (default: 32)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="--max-wait-ms (default: the server's)")
-    p.add_argument("--json", type=Path, default=Path("runs/bench-serve/results.json"), help="results file")
+    add_json(p, "results file", default=Path("runs/bench-serve/results.json"))
     return p.parse_args(argv)
 
 
@@ -105,9 +105,9 @@ def text_bundle(args: argparse.Namespace, sentences: list[str]) -> Path:
     print(f"no fine-tuned MiniLM classifier: saving an untrained minilm_l6 classifier to {out}", flush=True)
     import torch
 
+    from tansuo.bundle import save_bundle
     from tansuo.models import create_model
     from tansuo.recipe import validate_recipe
-    from tansuo.bundle import save_bundle
     from tansuo.tasks import TASKS
 
     out.mkdir(parents=True, exist_ok=True)
@@ -393,8 +393,7 @@ def print_table(title: str, cells: list[Cell]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
     args.json = args.json if args.json.is_absolute() else ROOT / args.json
     clients = [int(c) for c in args.clients.split(",")]
     if RATIO_CLIENTS not in clients:
@@ -443,9 +442,15 @@ def main(argv: list[str] | None = None) -> int:
             f"batching_ratio_at_{RATIO_CLIENTS}_clients": ratios(cells),
         }
     results["wall_s"] = time.perf_counter() - started
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{results['wall_s']:.0f} s in all; results in {args.json}")
+    return results
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\n{r['wall_s']:.0f} s in all; results in {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    bench_main(argv, parse_args, run, report, figures=lambda _, args: args.json, written=None)
     return 0
 
 

@@ -26,13 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import busy_note, fail
+from _common import (
+    add_device,
+    add_max_steps,
+    add_progress,
+    add_sets,
+    check_positive,
+    fail,
+    training_bench_main,
+    training_start,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "shakespeare-char.yaml"
@@ -54,10 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder holding tiny shakespeare's input.txt (default: %(default)s)",
     )
     p.add_argument("--out", default="runs/bench-shakespeare", help="run folder (default: %(default)s)")
-    p.add_argument(
-        "--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's, 2000)"
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda (default: auto)")
+    add_max_steps(p, "optimizer steps (default: the recipe's, 2000)")
+    add_device(p)
     p.add_argument(
         "--tolerance",
         type=float,
@@ -65,20 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PASS when best val loss <= target + tolerance (default: %(default)s, strict)",
     )
     p.add_argument("--recipe", type=Path, default=RECIPE, help="recipe YAML (default: %(default)s)")
-    p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a recipe field, as with `tansuo train --set` (repeatable); e.g. nanoGPT's own blocks: "
-        "--set model.overrides.positions=learned --set model.overrides.mlp=gelu "
+    add_progress(p)
+    add_sets(
+        p,
+        "; e.g. nanoGPT's own blocks: --set model.overrides.positions=learned --set model.overrides.mlp=gelu "
         "--set model.overrides.norm=layernorm",
     )
     args = p.parse_args(argv)
-    if args.max_steps is not None and args.max_steps <= 0:
-        p.error("--max-steps must be positive")
+    check_positive(p, args, "max_steps")
     return args
 
 
@@ -103,10 +103,9 @@ def train_throughput(metrics_path: Path, tokens_per_step: int) -> tuple[int, flo
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tansuo.recipe import load_recipe
     from tansuo.bundle import load_bundle
-    from tansuo.train.setup import build_run
-    from tansuo.train.trainer import Trainer
+    from tansuo.recipe import load_recipe
+    from tansuo.train.setup import train_recipe
 
     data_file = args.data_dir / "input.txt"
     if not data_file.is_file():
@@ -126,22 +125,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rec, data_cfg = load_recipe(args.recipe, sets + args.sets)
 
     out_dir = Path(rec.train.out_dir)
-    setup = build_run(rec, data_cfg, out_dir / "data")
-    task, model = setup.task, setup.model
-    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=args.progress)
-    busy, note = busy_note()
-    print(
-        f"torch {torch.__version__} · {torch.get_num_threads()} threads · device {trainer.device} · {note}\n"
-        f"{rec.model.name}: {model.num_params():,} parameters · {trainer.plan.total_steps} steps of batch "
-        f"{rec.train.batch_size} x {data_cfg.block_size} tokens · evaluate every {trainer.plan.eval_every} "
-        f"· run folder {out_dir}",
-        flush=True,
-    )
-
+    began: dict[str, float] = {}
+    start = training_start(rec, out_dir, began, f" x {data_cfg.block_size} tokens")
     metrics_path = out_dir / "metrics.jsonl"  # a fresh run starts a new log
-    start = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - start
+    done = train_recipe(rec, data_cfg, progress=args.progress, on_start=start)
+    wall = time.perf_counter() - began["fit"]  # the fit's: training, evaluations, checkpoints and bundles
+    result, model, trainer, busy = done.result, done.model, done.trainer, began["busy"]
 
     tokens_per_step = rec.train.batch_size * rec.train.grad_accum * data_cfg.block_size
     tokens, train_seconds = train_throughput(metrics_path, tokens_per_step)
@@ -181,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def report(r: dict[str, Any]) -> None:
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     verdict = "PASS" if r["passed"] else "FAIL"
     note = "" if r["full_length"] else f"  (only {r['steps']} steps: the target is for {FULL_STEPS})"
     tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
@@ -204,20 +193,7 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tansuo").setLevel(logging.INFO)
-    from tansuo.atomic import atomic_write_json
-    from tansuo.errors import TansuoError
-
-    try:
-        r = run(args)
-    except TansuoError as e:
-        fail(str(e))
-    report(r)
-    path = Path(r["out_dir"]) / "bench.json"
-    atomic_write_json(path, r)
-    print(f"figures written to {path}")
+    training_bench_main(argv, parse_args, run, report)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import busy_note, fail
+from _common import (
+    add_device,
+    add_max_steps,
+    add_progress,
+    add_sets,
+    check_positive,
+    fail,
+    training_bench_main,
+    training_start,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "sst2-minilm.yaml"
@@ -63,27 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "package's model folder)",
     )
     p.add_argument("--out", default="runs/bench-sst2", help="run folder (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (smoke tests only)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda (default: auto)")
-    p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a recipe field, as with `tansuo train --set` (repeatable)",
-    )
+    add_max_steps(p, "optimizer steps (smoke tests only)")
+    add_device(p)
+    add_progress(p)
+    add_sets(p)
     args = p.parse_args(argv)
-    if args.max_steps is not None and args.max_steps <= 0:
-        p.error("--max-steps must be positive")
+    check_positive(p, args, "max_steps")
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tansuo.recipe import load_recipe, read_recipe_file
-    from tansuo.train.setup import build_run
-    from tansuo.train.trainer import Trainer
+    from tansuo.train.setup import train_recipe
 
     for name in ("train.tsv", "dev.tsv"):
         if not (args.data_dir / name).is_file():
@@ -111,19 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rec, data_cfg = load_recipe(args.recipe, sets + args.sets, data_dir=args.data_dir)
 
     out_dir = Path(rec.train.out_dir)
-    start = time.perf_counter()  # the budget covers reading and tokenizing the data too
-    setup = build_run(rec, data_cfg, out_dir / "data")  # as `tansuo train` does
-    task, model = setup.task, setup.model
-    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=args.progress)
-    busy, note = busy_note()
-    print(
-        f"torch {torch.__version__} · {torch.get_num_threads()} threads · device {trainer.device} · {note}\n"
-        f"{rec.model.name}: {model.num_params():,} parameters · {trainer.plan.total_steps} steps of batch "
-        f"{rec.train.batch_size} · evaluate every {trainer.plan.eval_every} · run folder {out_dir}",
-        flush=True,
-    )
-    result = trainer.fit()
-    wall = time.perf_counter() - start
+    began: dict[str, float] = {}
+    start = training_start(rec, out_dir, began)
+    started = time.perf_counter()  # the budget covers reading and tokenizing the data too
+    done = train_recipe(rec, data_cfg, progress=args.progress, on_start=start)  # as `tansuo train` does
+    wall = time.perf_counter() - started
+    result, task, model, trainer, busy = done.result, done.task, done.model, done.trainer, began["busy"]
 
     with open(out_dir / "metrics.jsonl", encoding="utf-8") as f:
         rates = [e["samples_per_s"] for e in map(json.loads, f) if e.get("event") == "train"]
@@ -159,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def report(r: dict[str, Any]) -> None:
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     verdict = {True: "PASS", False: "FAIL", None: "no target (a point of comparison)"}[r["passed"]]
     note = "" if r["full_length"] else "  (a --max-steps smoke run: the target is for the full recipe)"
     target = "" if r["target_accuracy"] is None else f"  (target >= {r['target_accuracy']:.3f})"
@@ -175,20 +167,7 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tansuo").setLevel(logging.INFO)
-    from tansuo.atomic import atomic_write_json
-    from tansuo.errors import TansuoError
-
-    try:
-        r = run(args)
-    except TansuoError as e:
-        fail(str(e))
-    report(r)
-    path = Path(r["out_dir"]) / "bench.json"
-    atomic_write_json(path, r)
-    print(f"figures written to {path}")
+    training_bench_main(argv, parse_args, run, report)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,23 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import busy_note, fail
+from _common import (
+    add_device,
+    add_json,
+    add_threads,
+    bench_main,
+    busy_note,
+    check_positive,
+    header,
+    pick_threads,
+)
 from torch import nn
 
 
@@ -73,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per config (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda (default: auto)")
+    add_device(p)
     p.add_argument(
         "--configs", default="small,medium", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all)"
     )
@@ -83,19 +90,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="batch for every config (default: 12; on a CPU 12 for small and 4 for medium)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (default: as is)")
+    add_threads(p, "torch.set_num_threads first (default: as is)")
     p.add_argument(
         "--matmul-size",
         type=int,
         default=None,
         help="n of the n x n matmul peak (default: 1024 on a CPU, 8192 on CUDA)",
     )
-    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    add_json(p, "also write the figures to this JSON file")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "matmul_size"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_positive(p, args, "steps", "batch_size", "threads", "matmul_size")
     if args.warmup < 0:
         p.error("--warmup must be zero or more")
     args.config_names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -148,8 +152,8 @@ def measure(
     name: str, cfg: BenchConfig, batch_size: int, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
     """Time ``warmup + steps`` training steps of one config; returns its figures."""
-    from tansuo.models import create_model
     from tansuo.device import autocast
+    from tansuo.models import create_model
     from tansuo.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -258,25 +262,17 @@ def print_table(rows: list[dict[str, Any]], peak: float) -> None:
         print(line(b))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    from tansuo.errors import TansuoError
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from tansuo.device import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except TansuoError as e:
-        fail(str(e))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    pick_threads(args.threads)
     cuda = device.type == "cuda"
     n = args.matmul_size or (8192 if cuda else 1024)
     dtype = "bf16" if cuda else "fp32"
     where = torch.cuda.get_device_name(device) if cuda else "cpu"
     busy, note = busy_note()
-    print(
-        f"torch {torch.__version__} · {torch.get_num_threads()} threads · device {device} ({where}) · {note}"
-    )
+    print(header(f"device {device} ({where})", note))
     print(
         f"training in {'bf16 autocast' if cuda else 'fp32'}; "
         f"{args.warmup} warm-up + {args.steps} timed steps per config"
@@ -292,24 +288,28 @@ def main(argv: list[str] | None = None) -> None:
         r = measure(name, cfg, batch, args.steps, args.warmup, device)
         r["mfu"] = r["achieved_flops"] / peak
         rows.append(r)
-    print_table(rows, peak)
+    return {
+        "benchmark": "train_throughput",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus_busy_at_start": busy,
+        "device": str(device),
+        "device_name": where,
+        "train_precision": "bf16 autocast" if cuda else "fp32",
+        "flops_per_token_formula": "6*N + 12*L*T*C, N = non-embedding parameters",
+        "matmul_peak": {"dtype": dtype, "n": n, "flops_per_s": peak},
+        "configs": rows,
+    }
 
-    if args.json is not None:
-        figures = {
-            "benchmark": "train_throughput",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus_busy_at_start": busy,
-            "device": str(device),
-            "device_name": where,
-            "train_precision": "bf16 autocast" if cuda else "fp32",
-            "flops_per_token_formula": "6*N + 12*L*T*C, N = non-embedding parameters",
-            "matmul_peak": {"dtype": dtype, "n": n, "flops_per_s": peak},
-            "configs": rows,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-        print(f"\nfigures written to {args.json}")
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print_table(r["configs"], r["matmul_peak"]["flops_per_s"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(
+        argv, parse_args, run, report, figures=lambda _, args: args.json, written="\nfigures written to {}"
+    )
 
 
 if __name__ == "__main__":

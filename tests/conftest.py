@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny synthetic data made in tmp folders (tests never read ../shared)."""
+"""Shared fixtures: tiny synthetic data made in tmp folders (tests never read ../shared).
+
+Plain helpers (recipes for this data, a trainer from a recipe, the CLI runner) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.helpers import FILLER, NEGATIVE, POSITIVE, image_recipe, lm_recipe  # noqa: F401  (the old place; import from tests.helpers)
 
 
 @pytest.fixture(autouse=True)
@@ -46,28 +51,18 @@ def image_npz(tmp_path: Path) -> Path:
     return path
 
 
-def image_recipe(npz: Path, out: Path, **train: object) -> dict:
-    return {
-        "task": "image",
-        "seed": 3,
-        "data": {"source": "npz", "path": str(npz), "max_shift": 1},
-        "model": {"name": "vit_test"},
-        "train": {
-            "out_dir": str(out),
-            "max_steps": 20,
-            "batch_size": 16,
-            "lr": 3e-3,
-            "log_every": 5,
-            **train,
-        },
-    }
-
-
-def lm_recipe(text: Path, out: Path, **train: object) -> dict:
-    return {
-        "task": "lm",
-        "seed": 3,
-        "data": {"path": str(text), "block_size": 16, "eval_windows": 16},
-        "model": {"name": "gpt_test", "overrides": {"dropout": 0.1}},
-        "train": {"out_dir": str(out), "max_steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 2, **train},
-    }
+@pytest.fixture
+def sentiment_tsv(tmp_path: Path) -> Path:
+    """200 rows: filler words around one or two sentiment words; label 1 positive, 0 negative."""
+    rng = np.random.default_rng(0)
+    lines = ["sentence\tlabel"]
+    for i in range(200):
+        label = i % 2
+        words = list(rng.choice(FILLER, size=rng.integers(2, 12)))
+        cue = POSITIVE if label else NEGATIVE
+        for _ in range(rng.integers(1, 3)):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(cue)))
+        lines.append(f"{' '.join(words)}\t{label}")
+    path = tmp_path / "sentiment.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

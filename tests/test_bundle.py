@@ -6,18 +6,10 @@ import pytest
 import torch
 
 from tansuo.atomic import atomic_write_dir
+from tansuo.bundle import load_bundle, save_bundle
 from tansuo.errors import BundleError
 from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
-from tansuo.bundle import load_bundle, save_bundle
-from tansuo.tasks import TASKS
-from tests.conftest import image_recipe, lm_recipe
-
-
-def _task(raw: dict):  # noqa: ANN202
-    recipe, data = validate_recipe(raw)
-    task = TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
-    return recipe, task
+from tests.helpers import image_recipe, lm_recipe, recipe_and_task
 
 
 @pytest.mark.parametrize("kind", ["lm", "image"])
@@ -25,7 +17,7 @@ def test_round_trip_gives_identical_outputs(
     kind: str, tmp_path: Path, text_file: Path, image_npz: Path
 ) -> None:  # noqa: E501
     raw = lm_recipe(text_file, tmp_path) if kind == "lm" else image_recipe(image_npz, tmp_path)
-    recipe, task = _task(raw)
+    recipe, task = recipe_and_task(raw)
     model = create_model(recipe.model.name, **{**task.model_overrides(), **recipe.model.overrides}).eval()
     save_bundle(tmp_path / "b", model, task, {"val": {"loss": 1.0}}, recipe.model_dump())
     b = load_bundle(tmp_path / "b")
@@ -63,7 +55,7 @@ def test_interrupted_swap_points_to_the_old_copy(tmp_path: Path) -> None:
 
 
 def test_unknown_task_and_format(tmp_path: Path, image_npz: Path) -> None:
-    recipe, task = _task(image_recipe(image_npz, tmp_path))
+    recipe, task = recipe_and_task(image_recipe(image_npz, tmp_path))
     model = create_model("vit_test", **task.model_overrides())
     save_bundle(tmp_path / "b", model, task)
     info = json.loads((tmp_path / "b" / "task.json").read_text())
@@ -77,7 +69,7 @@ def test_unknown_task_and_format(tmp_path: Path, image_npz: Path) -> None:
 
 
 def test_bundle_files_are_not_pickles(tmp_path: Path, image_npz: Path) -> None:
-    _, task = _task(image_recipe(image_npz, tmp_path))
+    _, task = recipe_and_task(image_recipe(image_npz, tmp_path))
     save_bundle(tmp_path / "b", create_model("vit_test", **task.model_overrides()), task)
     for f in (tmp_path / "b").iterdir():
         head = f.read_bytes()[:2]

@@ -9,13 +9,13 @@ import pytest
 import torch
 import transformers
 
+from tansuo.bundle import load_bundle
 from tansuo.errors import TansuoError
 from tansuo.importer import import_hf
 from tansuo.models.hf import HFImportError
-from tansuo.bundle import load_bundle
 from tansuo.tasks.classify import ClassifyTask
 from tansuo.tasks.mlm import MLMTask
-from tests.test_cli import run
+from tests.helpers import run
 
 ATOL = 1e-5  # float32
 WORDS = ["the", "a", "film", "movie", "was", "good", "bad", "great", "dull", "plot", "[MASK]"]

@@ -29,9 +29,9 @@ from torch import nn
 
 from tansuo import __version__
 from tansuo.atomic import atomic_write_dir, atomic_write_json
-from tansuo.errors import BundleError
+from tansuo.errors import BundleError, RecipeError
 from tansuo.models import create_model
-from tansuo.tasks import TASKS
+from tansuo.tasks import get_task
 from tansuo.tasks.base import Task
 
 FORMAT = 1
@@ -126,13 +126,20 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
         )
     task_info = _read_json(path / "task.json")
     task_name = task_info.get("task")
-    if task_name not in TASKS:
-        raise BundleError(f"{path}: unknown task {task_name!r}; this tansuo knows {sorted(TASKS)}")
+    try:
+        task_class = get_task(task_name)
+    except RecipeError:
+        from tansuo.tasks import TASKS
+
+        raise BundleError(
+            f"{path}: unknown task {task_name!r}; this tansuo knows {sorted(TASKS)} (a task from a plugin "
+            "module needs that module in TANSUO_PLUGINS)"
+        ) from None
     if config.get("runtime") == "onnxruntime":
         model = _load_onnx(path, config, device)
     else:
         model = _load_torch(path, config, device)
-    task = TASKS[task_name].from_bundle(path, data_path=data_path)
+    task = task_class.from_bundle(path, data_path=data_path)
     metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     return Bundle(path=path, model=model, task=task, metrics=metrics, config=config)
 

@@ -105,7 +105,9 @@ def train(
 ) -> None:
     """Train a model as a recipe says; write checkpoints, a metrics log and the best bundle."""
     _setup_logging(verbose)
-    from tansuo.recipe import apply_data_dir, apply_overrides, read_recipe_file, validate_recipe
+    from tansuo.recipe import load_recipe
+    from tansuo.train.setup import RunSetup, train_recipe
+    from tansuo.train.trainer import Trainer
 
     sets = list(set_ or [])
     if data is not None:
@@ -114,36 +116,38 @@ def train(
         sets.append(f"train.out_dir={json.dumps(out)}")
     if device is not None:
         sets.append(f"train.device={device}")
-    raw = apply_overrides(read_recipe_file(recipe), sets)
-    if data_dir is not None:
-        raw = apply_data_dir(raw, data_dir)
-    rec, data_cfg = validate_recipe(raw)
-
-    from tansuo.train.setup import build_run
-    from tansuo.train.trainer import Trainer
-
+    rec, data_cfg = load_recipe(recipe, sets, data_dir)
     out_dir = Path(rec.train.out_dir)
-    run = build_run(rec, data_cfg, out_dir / "data")
-    task, model, report = run.task, run.model, run.init
-    if report is not None:
+
+    def built(run: RunSetup) -> None:
+        report = run.init
+        if report is not None:
+            console.print(
+                f"initialised from {rec.model.init_from} ({report.kind}): {len(report.loaded)} tensors "
+                f"loaded, {len(report.skipped)} skipped, {len(report.missing)} left at their fresh init",
+                markup=False,
+                highlight=False,
+            )
         console.print(
-            f"initialised from {rec.model.init_from} ({report.kind}): {len(report.loaded)} tensors loaded, "
-            f"{len(report.skipped)} skipped, {len(report.missing)} left at their fresh init",
-            markup=False,
-            highlight=False,
+            f"[bold]{rec.task}[/] · model [bold]{rec.model.name}[/] ({run.model.num_params():,} parameters) "
+            f"· run folder {out_dir}"
         )
-    console.print(
-        f"[bold]{rec.task}[/] · model [bold]{rec.model.name}[/] ({model.num_params():,} parameters) "
-        f"· run folder {out_dir}"
-    )
-    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=not quiet)
-    console.print(
-        f"device {trainer.device} · {trainer.plan.total_steps} steps"
-        f" · evaluate every {trainer.plan.eval_every}"
-    )
+
+    fitting: list[Trainer] = []  # the trainer once its fit begins: where an interrupt stopped it
+
+    def start(trainer: Trainer) -> None:
+        console.print(
+            f"device {trainer.device} · {trainer.plan.total_steps} steps"
+            f" · evaluate every {trainer.plan.eval_every}"
+        )
+        fitting.append(trainer)
+
     try:
-        result = trainer.fit(resume=resume)
+        done = train_recipe(rec, data_cfg, resume=resume, progress=not quiet, on_built=built, on_start=start)
     except KeyboardInterrupt:
+        if not fitting:
+            raise
+        trainer = fitting[0]
         saved = trainer.checkpoint_path
         where = f"the last checkpoint is {saved}" if saved.exists() else "no checkpoint was written yet"
         err_console.print(
@@ -151,6 +155,7 @@ def train(
             highlight=False,
         )
         raise typer.Exit(130) from None
+    result, task = done.result, done.task
     console.print(_metrics_table(f"best at step {result.get('step')}", result))
     held = result.get(task.heldout_split, {})
     _print_class_report(task.heldout_split, held)
@@ -207,7 +212,9 @@ def generate(
 
     dev = resolve_device(device)
     b = load_bundle(bundle, device=dev)
-    if not hasattr(b.task, "generate"):
+    from tansuo.tasks import GENERATE
+
+    if GENERATE not in b.task.abilities:
         raise TansuoError(f"{bundle} is a {b.task.name!r} bundle; generate needs an lm bundle (use predict)")
     for i in range(num_samples):
         text = b.task.generate(
@@ -251,8 +258,8 @@ def predict(
     import tempfile
 
     from tansuo.bundle import load_bundle
-    from tansuo.export.onnx import model_for_backend
     from tansuo.device import resolve_device
+    from tansuo.export.onnx import model_for_backend
 
     dev = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
     b = load_bundle(bundle, device=dev)
@@ -276,8 +283,6 @@ def _predict(
 
     items = list(inputs or [])
     if input_file is not None:
-        if not hasattr(b.task, "read_inputs"):
-            raise TansuoError(f"{b.task.name!r} bundles take their inputs as arguments, not --input")
         items += b.task.read_inputs(input_file)
     if not items:
         raise TansuoError("nothing to predict: give inputs as arguments or --input FILE")
@@ -296,18 +301,8 @@ def _predict(
     for row in rows:
         if as_json:
             print(json.dumps(row))
-        elif "probabilities" in row:
-            probs = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:top]
-            shown = "  ".join(f"{escape(str(k))}: {v:.3f}" for k, v in probs)
-            label = escape(str(row["label"]))
-            console.print(f"{escape(str(row['input']))}  ->  [bold]{label}[/]  ({shown})", highlight=False)
-        elif "masks" in row:
-            console.print(f"{escape(row['input'])}  ->  [bold]{escape(row['text'])}[/]", highlight=False)
-            for i, candidates in enumerate(row["masks"], 1):
-                shown = "  ".join(f"{escape(c['token'])}: {c['probability']:.3f}" for c in candidates[:top])
-                console.print(f"  [MASK] {i}: {shown}", highlight=False, markup=False)
         else:
-            console.print(row, highlight=False, markup=False)
+            console.print(b.task.format_prediction(row, top), highlight=False, markup=False, soft_wrap=True)
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Turn models from elsewhere into tansuo bundles.")
@@ -416,8 +411,8 @@ def compress(
 ) -> None:
     """Compress a bundle (distil, prune, quantize), measuring quality, size, speed and memory of each step."""
     _setup_logging(verbose)
-    from tansuo.compress.run import HEADERS, load_compress_recipe, parse_prune, rows
-    from tansuo.compress.run import compress as run_compress
+    from tansuo.variants import HEADERS, load_compress_recipe, parse_prune, rows
+    from tansuo.variants import compress as run_compress
 
     train = _parse_sets(train_set, "--train")
     if recipe is not None:
@@ -596,10 +591,10 @@ def serve(
     import torch
     import uvicorn
 
-    from tansuo.serve.app import ServeConfig, Server, create_app
     from tansuo.bundle import load_bundle
-    from tansuo.serve.endpoints import Limits
     from tansuo.device import resolve_device
+    from tansuo.serve.app import ServeConfig, Server, create_app
+    from tansuo.serve.endpoints import Limits
 
     api_key = os.environ.get("TANSUO_API_KEY") or None
     if api_key_file is not None:

@@ -155,17 +155,17 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe, BaseModel]:
     """Validate a raw recipe; returns the recipe and the task's validated data config."""
-    from tansuo.tasks import TASKS
+    from tansuo.models import check_overrides
+    from tansuo.tasks import get_task
 
-    task = raw.get("task")
-    if task not in TASKS:
-        raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {task!r})")
+    task_class = get_task(raw.get("task"))
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(_format_errors(e)) from None
+    check_overrides(recipe.model.name, recipe.model.overrides)  # before any data is prepared
     try:
-        data = TASKS[task].DataConfig.model_validate(recipe.data)
+        data = task_class.DataConfig.model_validate(recipe.data)
     except ValidationError as e:
         raise RecipeError(_format_errors(e, prefix="data")) from None
     if recipe.train.max_steps is None and recipe.train.epochs is None:
@@ -179,11 +179,9 @@ def apply_data_dir(raw: dict[str, Any], data_dir: str | Path) -> dict[str, Any]:
     Which ``data:`` fields name files is the task's to say (its DataConfig's ``path_fields``); absolute paths
     are kept.
     """
-    from tansuo.tasks import TASKS
+    from tansuo.tasks import get_task
 
-    task = raw.get("task")
-    if task not in TASKS:
-        raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {task!r})")
+    task_class = get_task(raw.get("task"))
     folder = Path(data_dir).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"--data-dir {data_dir}: not a folder; pass the folder that holds the data files")
@@ -191,7 +189,7 @@ def apply_data_dir(raw: dict[str, Any], data_dir: str | Path) -> dict[str, Any]:
     data = out.get("data") or {}
     if not isinstance(data, dict):
         raise RecipeError("invalid recipe:\n  data: must be a mapping")
-    fields: tuple[str, ...] = getattr(TASKS[task].DataConfig, "path_fields", ())
+    fields: tuple[str, ...] = getattr(task_class.DataConfig, "path_fields", ())
     named = [k for k in fields if isinstance(data.get(k), str)]
     if not named:
         raise RecipeError(
@@ -205,11 +203,19 @@ def apply_data_dir(raw: dict[str, Any], data_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def read_recipe(
+    path: str | Path, sets: list[str] | None = None, data_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Read a recipe file, apply ``--set`` overrides and resolve data files against ``data_dir``: the raw
+    mapping, not yet validated (training and explore recipes validate it differently)."""
+    raw = apply_overrides(read_recipe_file(path), sets or [])
+    if data_dir is not None:
+        raw = apply_data_dir(raw, data_dir)
+    return raw
+
+
 def load_recipe(
     path: str | Path, sets: list[str] | None = None, data_dir: str | Path | None = None
 ) -> tuple[Recipe, BaseModel]:
     """Read, override (``--set``), resolve data files against ``data_dir`` and validate a recipe file."""
-    raw = apply_overrides(read_recipe_file(path), sets or [])
-    if data_dir is not None:
-        raw = apply_data_dir(raw, data_dir)
-    return validate_recipe(raw)
+    return validate_recipe(read_recipe(path, sets, data_dir))

@@ -16,8 +16,7 @@ from tansuo.errors import CompressionError
 from tansuo.models import create_model
 from tansuo.recipe import TrainConfig
 from tansuo.train.trainer import Trainer
-from tests.conftest import image_recipe
-from tests.train.test_trainer import make_trainer
+from tests.helpers import image_recipe, make_trainer
 
 
 def test_loss_equals_the_formula_on_hand_made_logits() -> None:

@@ -16,11 +16,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tansuo.explore.search import open_storage
 from tansuo.bundle import load_bundle
-from tests.test_cli import run
-
-from .conftest import explore_raw
+from tansuo.explore.search import open_storage
+from tests.explore.helpers import explore_raw
+from tests.helpers import run
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from tansuo.explore.pareto import dominates, feasible, pareto_front, recommend, violations
 from tansuo.explore.schema import METRICS, parse_constraint
-
-from .conftest import figures
+from tests.explore.helpers import figures
 
 DIRS = st.lists(st.sampled_from(["maximize", "minimize"]), min_size=1, max_size=3)
 

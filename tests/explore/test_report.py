@@ -8,8 +8,7 @@ from pathlib import Path
 
 from tansuo.explore.report import render_html, write_report
 from tansuo.explore.results import collect, copy_best
-
-from .conftest import fake_study, spec_for
+from tests.explore.helpers import fake_study, spec_for
 
 
 def _bundle(tmp_path: Path) -> Path:

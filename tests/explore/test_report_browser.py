@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 
 from tansuo.explore.report import write_report
 from tansuo.explore.results import collect
-
-from .conftest import fake_study, spec_for
+from tests.explore.helpers import fake_study, spec_for
+from tests.helpers import chromium_path
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +40,6 @@ document.body.appendChild(pre);
 </script>"""
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
-    if found is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-    return found
-
-
 def _browse(page: Path, *extra: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
@@ -56,7 +48,7 @@ def _browse(page: Path, *extra: str) -> subprocess.CompletedProcess:
             "--disable-component-update",
             f"--user-data-dir={profile}",
         ]
-        cmd = [_chromium(), *flags, "--window-size=1280,2000", *extra, page.resolve().as_uri()]
+        cmd = [chromium_path(), *flags, "--window-size=1280,2000", *extra, page.resolve().as_uri()]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 

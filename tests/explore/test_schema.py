@@ -10,8 +10,7 @@ import pytest
 
 from tansuo.errors import RecipeError
 from tansuo.explore.schema import Range, load_explore, load_explore_recipe
-
-from .conftest import explore_raw
+from tests.explore.helpers import explore_raw
 
 
 def _raw(tmp_path: Path, **explore: Any) -> dict[str, Any]:

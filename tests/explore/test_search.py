@@ -11,8 +11,7 @@ from optuna.trial import FixedTrial, TrialState
 
 from tansuo.explore.search import StudyError, budget_used, open_study, redact, requeue
 from tansuo.explore.trial import suggest, trial_recipe
-
-from .conftest import explore_raw, spec_for
+from tests.explore.helpers import explore_raw, record, spec_for
 
 
 def test_suggest_and_trial_recipe_merge_candidate_settings(tmp_path: Path) -> None:
@@ -88,8 +87,6 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkey
     import tansuo.explore.search as search
     from tansuo.explore.trial import TrialFailed
 
-    from .conftest import record
-
     raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study")
     spec = spec_for(tmp_path)
     bundle = tmp_path / "bundle"
@@ -146,8 +143,6 @@ def test_sampled_studies_spend_their_trial_budget_with_constraints(
 ) -> None:
     import tansuo.explore.search as search
 
-    from .conftest import record
-
     extra = {
         "sampler": sampler,
         "budget": {"trials": 4},
@@ -174,16 +169,10 @@ def test_sampled_studies_spend_their_trial_budget_with_constraints(
         assert violation == pytest.approx(max(0.0, 100 * t.params["train.lr"] - 0.5))
 
 
-def test_the_minutes_budget_stops_new_trials(tmp_path: Path, monkeypatch) -> None:
+def _trials_measure_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial "runs" at once and records one variant with the same made-up figures."""
     import tansuo.explore.search as search
 
-    from .conftest import record
-
-    extra = {"sampler": "tpe", "budget": {"minutes": 1}}
-    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
-    spec = spec_for(tmp_path, **extra)
-    clock = iter([0.0, 30.0, 61.0, 62.0])  # start, before trial 0, before trial 1 (past the minute), ...
-    monkeypatch.setattr(search, "_now", lambda: next(clock))
     monkeypatch.setattr(
         search,
         "run_trial",
@@ -191,13 +180,22 @@ def test_the_minutes_budget_stops_new_trials(tmp_path: Path, monkeypatch) -> Non
             spec, s["candidate"], s["overrides"], {"plain": (0.9, 1.0, 0.1)}, folder
         ),
     )
+
+
+def test_the_minutes_budget_stops_new_trials(tmp_path: Path, monkeypatch) -> None:
+    import tansuo.explore.search as search
+
+    extra = {"sampler": "tpe", "budget": {"minutes": 1}}
+    raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
+    spec = spec_for(tmp_path, **extra)
+    clock = iter([0.0, 30.0, 61.0, 62.0])  # start, before trial 0, before trial 1 (past the minute), ...
+    monkeypatch.setattr(search, "_now", lambda: next(clock))
+    _trials_measure_alike(monkeypatch)
     assert search.run_study(spec, open_study(spec, raw)) == 1
 
 
 def test_a_resumed_seeded_study_does_not_propose_its_first_trials_again(tmp_path: Path, monkeypatch) -> None:
     import tansuo.explore.search as search
-
-    from .conftest import record
 
     extra = {
         "sampler": "tpe",
@@ -206,13 +204,7 @@ def test_a_resumed_seeded_study_does_not_propose_its_first_trials_again(tmp_path
     }
     raw = explore_raw(tmp_path / "bars.npz", tmp_path / "study", **extra)
     spec = spec_for(tmp_path, **extra)
-    monkeypatch.setattr(
-        search,
-        "run_trial",
-        lambda spec, s, folder: record(
-            spec, s["candidate"], s["overrides"], {"plain": (0.9, 1.0, 0.1)}, folder
-        ),
-    )
+    _trials_measure_alike(monkeypatch)
     assert search.run_study(spec, open_study(spec, raw)) == 2
     spec.explore.budget.trials = 4
     study = open_study(spec, raw, resume=True)

@@ -12,13 +12,18 @@ import yaml
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tansuo.errors import TansuoError  # noqa: E402
-from tansuo.models import create_model  # noqa: E402
 from tansuo.bundle import load_bundle  # noqa: E402
+from tansuo.errors import TansuoError  # noqa: E402
 from tansuo.export.onnx import OnnxModel, export_onnx  # noqa: E402
-from tests.conftest import image_recipe  # noqa: E402
-from tests.test_cli import run  # noqa: E402
-from tests.train.test_trainer import make_trainer  # noqa: E402
+from tansuo.models import create_model  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    classify_recipe,
+    image_recipe,
+    make_trainer,
+    run,
+    write_recipe,
+    write_sentiment_tsv,
+)
 
 
 def _op_types(path: Path) -> set[tuple[str, str]]:
@@ -60,7 +65,7 @@ def test_export_matches_pytorch_on_new_shapes(name: str, fuse: bool, tmp_path: P
 
 
 def test_unsupported_family_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(TansuoError, match="bert"):
+    with pytest.raises(TansuoError, match="'gpt' family does not export to ONNX"):
         export_onnx(create_model("gpt_test"), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
@@ -111,13 +116,7 @@ def test_onnxruntime_int8_bundle_is_batch_invariant(
 
 
 def test_predict_on_onnxruntime_matches_torch(tmp_path: Path, monkeypatch, capsys) -> None:
-    from tests.tasks.test_classify import NEGATIVE, POSITIVE, classify_recipe
-    from tests.test_cli import write_recipe
-
-    rows = ["sentence\tlabel"] + [
-        f"the film was {(POSITIVE if i % 2 else NEGATIVE)[i % 8]} really\t{i % 2}" for i in range(80)
-    ]
-    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    write_sentiment_tsv(tmp_path / "train.tsv", 80)
     recipe = write_recipe(
         tmp_path / "r.yaml", classify_recipe(tmp_path / "train.tsv", tmp_path / "run", max_steps=30)
     )
@@ -143,7 +142,10 @@ def test_backends_refuse_what_cannot_run(tmp_path: Path) -> None:
 
     def bundle(task: str, onnx_file: Path | None = None, compression: list | None = None) -> SimpleNamespace:
         model = SimpleNamespace(onnx_file=onnx_file, compression=compression or [])
-        return SimpleNamespace(model=model, task=SimpleNamespace(name=task), path=Path("b"))
+        abilities = frozenset({"onnx"}) if task in ("classify", "image") else frozenset()
+        return SimpleNamespace(
+            model=model, task=SimpleNamespace(name=task, abilities=abilities), path=Path("b")
+        )
 
     cpu = torch.device("cpu")
     cases = [

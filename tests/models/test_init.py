@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers
 
+from tansuo.bundle import save_bundle
 from tansuo.errors import TansuoError
 from tansuo.models import create_model
 from tansuo.models.hf import bert_config_from_hf, import_bert
 from tansuo.models.init import load_initial_weights
-from tansuo.bundle import save_bundle
 
 HF_CONFIG = dict(
     vocab_size=128,

@@ -13,15 +13,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tansuo.bundle import load_bundle, save_bundle
 from tansuo.errors import TansuoError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
 from tansuo.serve.app import ServeConfig, Server, create_app
-from tansuo.bundle import load_bundle, save_bundle
 from tansuo.serve.endpoints import Limits
 from tansuo.tasks import TASKS
-from tests.conftest import image_recipe, lm_recipe
-from tests.tasks.test_classify import classify_recipe, sentiment_tsv  # noqa: F401
+from tests.helpers import classify_recipe, image_recipe, lm_recipe, mlm_recipe, run
 
 CPU = torch.device("cpu")
 
@@ -41,7 +40,7 @@ def untrained_bundle(raw: dict, out: Path, scale: float = 1.0) -> Path:
 
 
 @pytest.fixture
-def text_bundle(sentiment_tsv: Path, tmp_path: Path) -> Path:  # noqa: F811
+def text_bundle(sentiment_tsv: Path, tmp_path: Path) -> Path:
     return untrained_bundle(classify_recipe(sentiment_tsv, tmp_path / "run"), tmp_path / "text")
 
 
@@ -270,8 +269,6 @@ def test_unservable_combinations_are_refused(lm_bundle: Path, text_bundle: Path)
 def test_serve_command_refuses_bad_setups_with_exit_2(
     lm_bundle: Path, text_bundle: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    from tests.test_cli import run
-
     empty = tmp_path / "key.txt"
     empty.write_text("\n")
     cases = [
@@ -286,8 +283,6 @@ def test_serve_command_refuses_bad_setups_with_exit_2(
 
 
 def test_fill_mask_model_serves_predict(tmp_path: Path) -> None:
-    from tests.tasks.test_mlm import mlm_recipe
-
     corpus = tmp_path / "counting.txt"
     corpus.write_text("\n".join(" ".join(str(i + j) for j in range(8)) for i in range(60)) + "\n")
     bundle = untrained_bundle(mlm_recipe(corpus, tmp_path / "run"), tmp_path / "mlm")

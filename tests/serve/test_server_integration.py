@@ -13,8 +13,6 @@ import io
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,11 +28,11 @@ import numpy as np
 import pytest
 import torch
 
+from tansuo.bundle import load_bundle, save_bundle
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.bundle import load_bundle, save_bundle
 from tansuo.tasks import TASKS
-from tests.conftest import image_recipe, lm_recipe
+from tests.helpers import chromium_path, free_port, image_recipe, lm_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +44,6 @@ WORDS = FILLER + CUES + ["tedious", "moving", "clumsy", "brilliant", "weak"]
 
 
 # --------------------------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command() -> list[str]:
     script = Path(sys.executable).with_name("tansuo")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "tansuo.cli"]
@@ -89,7 +81,7 @@ def _start(bundle: Path, log_path: Path, args: list[str]) -> Server:
     """Starts ``tansuo serve`` on a free port and waits for GET /ready (a port taken meanwhile: retry)."""
     env = {k: v for k, v in os.environ.items() if k != "TANSUO_API_KEY"}
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         cmd = [*_command(), "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), *args]
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -479,20 +471,13 @@ class _Label(HTMLParser):
             self.text += data
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
-    if found is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-    return found
-
-
 def test_try_it_page_predicts_in_headless_chromium(text_server: Server, tmp_path: Path) -> None:
     """Loads ``/?text=...&run=1``: the page fetches the model card, fills the form, clicks Run itself and
     shows the answer of ``POST /v1/predict``. ``--virtual-time-budget`` makes headless chromium run the
     page's timers and wait for its network fetches (pending fetches hold virtual time back) before it dumps
     the DOM or takes the screenshot, so both show the finished prediction without a sleep; the subprocess
     timeout only bounds a hung browser."""
-    chromium = _chromium()
+    chromium = chromium_path()
     text = "a charming, moving film — not dull at all"
     api = httpx.post(text_server.url + "/v1/predict", json={"inputs": text}, timeout=30).json()
     (want,) = api["predictions"]

@@ -9,60 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from tansuo.bundle import load_bundle
 from tansuo.errors import DataError
 from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
-from tansuo.bundle import load_bundle
 from tansuo.tasks import TASKS, Task
 from tansuo.tasks.classify import ClassifyTask
-from tests.train.test_trainer import make_trainer
-
-POSITIVE = ["good", "great", "lovely", "superb", "fun", "brilliant", "moving", "charming"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "terrible", "weak", "clumsy", "tedious"]
-FILLER = ["the", "movie", "film", "plot", "was", "a", "really", "acting", "story", "and", "quite"]
-
-
-@pytest.fixture
-def sentiment_tsv(tmp_path: Path) -> Path:
-    """200 rows: filler words around one or two sentiment words; label 1 positive, 0 negative."""
-    rng = np.random.default_rng(0)
-    lines = ["sentence\tlabel"]
-    for i in range(200):
-        label = i % 2
-        words = list(rng.choice(FILLER, size=rng.integers(2, 12)))
-        cue = POSITIVE if label else NEGATIVE
-        for _ in range(rng.integers(1, 3)):
-            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(cue)))
-        lines.append(f"{' '.join(words)}\t{label}")
-    path = tmp_path / "sentiment.tsv"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def classify_recipe(train: Path, out: Path, **train_cfg: object) -> dict:
-    return {
-        "task": "classify",
-        "seed": 3,
-        "data": {"train": str(train), "vocab_size": 1000, "max_seq_len": 32},
-        "model": {"name": "bert_test", "overrides": {"dropout": 0.0}},
-        "train": {
-            "out_dir": str(out),
-            "max_steps": 40,
-            "batch_size": 16,
-            "lr": 2e-3,
-            "log_every": 10,
-            **train_cfg,
-        },
-    }
-
-
-def _task(raw: dict) -> ClassifyTask:
-    recipe, data = validate_recipe(raw)
-    return TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
+from tests.helpers import FILLER, NEGATIVE, POSITIVE, classify_recipe, make_trainer, task_from
 
 
 def test_follows_the_protocol_and_overrides(sentiment_tsv: Path, tmp_path: Path) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     assert isinstance(task, Task) and TASKS["classify"] is ClassifyTask
     assert task.labels == ["0", "1"] and task.heldout_split == "test"
     assert task.model_overrides() == {"vocab_size": task.tokenizer.get_vocab_size(), "num_classes": 2}
@@ -72,13 +28,13 @@ def test_follows_the_protocol_and_overrides(sentiment_tsv: Path, tmp_path: Path)
 def test_data_path_is_an_alias_of_train(sentiment_tsv: Path, tmp_path: Path) -> None:
     raw = classify_recipe(sentiment_tsv, tmp_path)
     raw["data"]["path"] = raw["data"].pop("train")
-    assert _task(raw).data.train == str(sentiment_tsv)
+    assert task_from(raw).data.train == str(sentiment_tsv)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_example(
     sentiment_tsv: Path, tmp_path: Path
 ) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     per_epoch = task.steps_per_epoch(16)
     assert per_epoch == 10
     first = [b for _, b in zip(range(2 * per_epoch), task.train_batches(16, start=0), strict=False)]
@@ -95,7 +51,7 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_example(
 
 
 def test_padding_and_attention_mask(sentiment_tsv: Path, tmp_path: Path) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     part = task._split("train")
     batch = next(task.train_batches(16, start=0))
     idx = task.epoch_order(16, 0)[0]
@@ -112,7 +68,7 @@ def test_long_texts_are_truncated_and_counted(tmp_path: Path, caplog: pytest.Log
     raw = classify_recipe(tmp_path / "long.tsv", tmp_path)
     raw["data"]["max_seq_len"] = 10
     with caplog.at_level(logging.INFO, logger="tansuo.tasks.classify"):
-        task = _task(raw)
+        task = task_from(raw)
     n = len(task._split("train"))
     assert task._split("train").lengths.max() == 10
     assert sum(task.truncated.values()) == sum(1 for i in range(40) if 3 + i + 2 > 10)
@@ -125,20 +81,20 @@ def test_unseen_label_in_val_names_file_and_line(sentiment_tsv: Path, tmp_path: 
     raw = classify_recipe(sentiment_tsv, tmp_path)
     raw["data"]["val"] = str(val)
     with pytest.raises(DataError, match=r"val\.tsv:3: label 'neutral'"):
-        _task(raw)
+        task_from(raw)
 
 
 def test_train_and_val_files_hold_out_val(sentiment_tsv: Path, tmp_path: Path) -> None:
     raw = classify_recipe(sentiment_tsv, tmp_path)
     raw["data"]["val"] = str(sentiment_tsv)
-    task = _task(raw)
+    task = task_from(raw)
     assert task.heldout_split == "val" and len(task._split("train")) == 200
     with pytest.raises(DataError, match="splits"):
         task._split("test")
 
 
 def test_evaluate_metrics_and_rng(sentiment_tsv: Path, tmp_path: Path) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     model = create_model("bert_test", **task.model_overrides())
     state = torch.get_rng_state()
     a = task.evaluate(model, "val", 4, torch.device("cpu"))
@@ -181,11 +137,11 @@ def test_empty_text_names_file_and_line(sentiment_tsv: Path, tmp_path: Path) -> 
     raw = classify_recipe(sentiment_tsv, tmp_path)
     raw["data"]["val"] = str(sentiment_tsv)
     with pytest.raises(DataError, match=r"sentiment\.tsv:6: the text \('sentence'\) is empty \(and 1 more"):
-        _task(raw)
+        task_from(raw)
 
 
 def test_predict_refuses_an_empty_text(sentiment_tsv: Path, tmp_path: Path) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     model = create_model("bert_test", **task.model_overrides())
     with pytest.raises(DataError, match="input 2 of 2 is an empty text"):
         task.predict(model, ["good", " "], torch.device("cpu"))
@@ -212,7 +168,7 @@ def test_learns_tiny_sentiment_set_and_predicts_from_bundle(sentiment_tsv: Path,
 
 
 def test_texts_longer_than_the_model_are_a_clear_error(sentiment_tsv: Path, tmp_path: Path) -> None:
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     model = create_model("bert_test", **task.model_overrides(), max_seq_len=3)
     batch = next(task.train_batches(4, 0))
     with pytest.raises(DataError, match="model has 3 positions"):
@@ -224,13 +180,13 @@ def test_byte_level_bpe_tokenizer_is_trained_on_the_training_text(
 ) -> None:
     raw = classify_recipe(sentiment_tsv, tmp_path)
     raw["data"].update(tokenizer="bpe", vocab_size=300)
-    task = _task(raw)
+    task = task_from(raw)
     assert task.tokenizer.get_vocab_size() <= 300 and task.tokenizer.token_to_id("[CLS]") == 2
     model = create_model("bert_test", **task.model_overrides())
     assert torch.isfinite(task.loss(model, next(task.train_batches(8, 0))))
     raw["data"]["vocab_size"] = 100
     with pytest.raises(DataError, match="vocab_size >= 261"):
-        _task(raw)
+        task_from(raw)
 
 
 def test_prediction_runs_length_sorted_token_bounded_calls_and_keeps_the_input_order(
@@ -247,7 +203,7 @@ def test_prediction_runs_length_sorted_token_bounded_calls_and_keeps_the_input_o
     assert [5] in chunks  # longer than the budget: alone
     assert all(len(c) <= PREDICT_BATCH for c in _length_chunks([[0]] * 200, max_tokens=10**6))
 
-    task = _task(classify_recipe(sentiment_tsv, tmp_path))
+    task = task_from(classify_recipe(sentiment_tsv, tmp_path))
     torch.manual_seed(0)
     model = create_model("bert_test", **task.model_overrides()).eval()
     texts = ["good " * n + "film" for n in (7, 1, 12, 3, 0, 20, 2)]

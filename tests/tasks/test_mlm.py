@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tansuo.bundle import load_bundle
 from tansuo.data import save_tokenizer, train_char_tokenizer
 from tansuo.errors import DataError, TansuoError
 from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
-from tansuo.bundle import load_bundle
 from tansuo.tasks import TASKS, Task
 from tansuo.tasks.mlm import IGNORE, MLMTask
-from tests.train.test_trainer import make_trainer
+from tests.helpers import make_trainer, mlm_recipe, task_from
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -32,23 +31,8 @@ def counting_txt(tmp_path: Path) -> Path:
     return path
 
 
-def mlm_recipe(path: Path, out: Path, **train_cfg: object) -> dict:
-    return {
-        "task": "mlm",
-        "seed": 5,
-        "data": {"path": str(path), "vocab_size": 60, "max_seq_len": 16, "eval_windows": 64},
-        "model": {"name": "bert_test", "overrides": {"dropout": 0.0}},
-        "train": {"out_dir": str(out), "max_steps": 30, "batch_size": 16, "lr": 3e-3, **train_cfg},
-    }
-
-
-def _task(raw: dict) -> MLMTask:
-    recipe, data = validate_recipe(raw)
-    return TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
-
-
 def test_follows_the_protocol_and_wraps_windows(counting_txt: Path, tmp_path: Path) -> None:
-    task = _task(mlm_recipe(counting_txt, tmp_path))
+    task = task_from(mlm_recipe(counting_txt, tmp_path))
     assert isinstance(task, Task) and task.name == "mlm" and "mlm" in TASKS
     assert task.model_overrides() == {"vocab_size": task.tokenizer.get_vocab_size(), "num_classes": 0}
     batch = next(task.train_batches(8, start=0))
@@ -64,7 +48,7 @@ def test_follows_the_protocol_and_wraps_windows(counting_txt: Path, tmp_path: Pa
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(counting_txt: Path, tmp_path: Path) -> None:
-    task = _task(mlm_recipe(counting_txt, tmp_path))
+    task = task_from(mlm_recipe(counting_txt, tmp_path))
     first = [b for _, b in zip(range(4), task.train_batches(8, start=0), strict=False)]
     again = next(task.train_batches(8, start=2))
     assert all(torch.equal(first[2][k], again[k]) for k in again)
@@ -95,17 +79,17 @@ def test_a_table_of_texts_is_a_corpus(tmp_path: Path) -> None:
     (tmp_path / "reviews.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     raw = mlm_recipe(tmp_path / "reviews.tsv", tmp_path / "run")
     raw["data"]["text_column"] = "review"
-    task = _task(raw)
+    task = task_from(raw)
     corpus = (tmp_path / "run" / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     assert len(corpus) == 100 and corpus[0] == " ".join(WORDS)
     assert task.tokenizer.token_to_id("label") is None  # the header and labels are not text
     raw["data"]["text_column"] = "text"
     with pytest.raises(DataError, match="text"):
-        _task(raw)
+        task_from(raw)
 
 
 def test_evaluation_is_fixed_and_leaves_rng_alone(counting_txt: Path, tmp_path: Path) -> None:
-    task = _task(mlm_recipe(counting_txt, tmp_path))
+    task = task_from(mlm_recipe(counting_txt, tmp_path))
     model = create_model("bert_test", **task.model_overrides())
     state = torch.get_rng_state()
     a = task.evaluate(model, "val", 16, torch.device("cpu"))
@@ -116,7 +100,7 @@ def test_evaluation_is_fixed_and_leaves_rng_alone(counting_txt: Path, tmp_path: 
 
 
 def test_errors_say_what_to_do(counting_txt: Path, tmp_path: Path) -> None:
-    task = _task(mlm_recipe(counting_txt, tmp_path))
+    task = task_from(mlm_recipe(counting_txt, tmp_path))
     model = create_model("bert_test", **task.model_overrides())
     with pytest.raises(DataError, match="no \\[MASK\\]"):
         task.predict(model, ["one one one"], torch.device("cpu"))
@@ -130,13 +114,13 @@ def test_errors_say_what_to_do(counting_txt: Path, tmp_path: Path) -> None:
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("one two three\n", encoding="utf-8")
     with pytest.raises(DataError, match="max_seq_len"):
-        _task(mlm_recipe(tiny, tmp_path / "tiny"))
+        task_from(mlm_recipe(tiny, tmp_path / "tiny"))
 
     char = tmp_path / "char.json"
     save_tokenizer(train_char_tokenizer(["abc def"]), char)
     raw = mlm_recipe(counting_txt, tmp_path / "char")
     raw["data"]["tokenizer"] = str(char)
     with pytest.raises(DataError, match=r"lacks \['\[CLS\]', '\[SEP\]', '\[MASK\]'\]"):
-        _task(raw)
+        task_from(raw)
     with pytest.raises(DataError, match="not set"):
-        _task(mlm_recipe(counting_txt, tmp_path) | {"data": {}})
+        task_from(mlm_recipe(counting_txt, tmp_path) | {"data": {}})

@@ -4,20 +4,14 @@ import pytest
 import torch
 
 from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
 from tansuo.tasks import TASKS, Task
-from tests.conftest import image_recipe, lm_recipe
-
-
-def _task(raw: dict):  # noqa: ANN202
-    recipe, data = validate_recipe(raw)
-    return TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
+from tests.helpers import image_recipe, lm_recipe, task_from
 
 
 @pytest.fixture(params=["lm", "image"])
 def task(request, tmp_path: Path, text_file: Path, image_npz: Path) -> Task:  # noqa: ANN001
     raw = lm_recipe(text_file, tmp_path) if request.param == "lm" else image_recipe(image_npz, tmp_path)
-    return _task(raw)
+    return task_from(raw)
 
 
 def test_tasks_follow_the_protocol(task: Task) -> None:
@@ -43,7 +37,7 @@ def test_evaluate_leaves_global_rng_alone(task: Task) -> None:
 def test_image_epochs_visit_every_training_image_once(tmp_path: Path, image_npz: Path) -> None:
     raw = image_recipe(image_npz, tmp_path)
     raw["data"]["max_shift"] = 0
-    task = _task(raw)
+    task = task_from(raw)
     per_epoch = task.steps_per_epoch(16)
     labels = torch.cat([b["y"] for _, b in zip(range(per_epoch), task.train_batches(16, 0), strict=False)])
     assert len(labels) == per_epoch * 16 == 128  # 80% of 160
@@ -51,7 +45,7 @@ def test_image_epochs_visit_every_training_image_once(tmp_path: Path, image_npz:
 
 
 def test_lm_split_is_first_90_percent(tmp_path: Path, text_file: Path) -> None:
-    task = _task(lm_recipe(text_file, tmp_path))
+    task = task_from(lm_recipe(text_file, tmp_path))
     train, val = task._split("train"), task._split("val")
     n = len(train) + len(val)
     assert len(train) == int(0.9 * n)
@@ -59,7 +53,7 @@ def test_lm_split_is_first_90_percent(tmp_path: Path, text_file: Path) -> None:
 
 
 def test_lm_evaluation_does_not_depend_on_batch_size(tmp_path: Path, text_file: Path) -> None:
-    task = _task(lm_recipe(text_file, tmp_path))
+    task = task_from(lm_recipe(text_file, tmp_path))
     model = create_model("gpt_test", **task.model_overrides())
     a = task.evaluate(model, "val", 4, torch.device("cpu"))["loss"]
     b = task.evaluate(model, "val", 7, torch.device("cpu"))["loss"]

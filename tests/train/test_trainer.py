@@ -4,23 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tansuo.errors import RecipeError, TrainingDiverged
-from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
 from tansuo.bundle import load_bundle
-from tansuo.tasks import TASKS
+from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.train.checkpoint import load_checkpoint
-from tansuo.device import seed_everything
-from tansuo.train.trainer import Trainer
-from tests.conftest import image_recipe, lm_recipe
-
-
-def make_trainer(raw: dict) -> Trainer:
-    recipe, data = validate_recipe(raw)
-    seed_everything(recipe.seed)
-    task = TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
-    model = create_model(recipe.model.name, **{**task.model_overrides(), **recipe.model.overrides})
-    return Trainer(task, model, recipe.train, seed=recipe.seed, recipe=recipe.model_dump())
+from tests.helpers import Interrupted, image_recipe, interrupt_after, lm_recipe, make_trainer
 
 
 def test_overfits_a_tiny_image_set(image_npz: Path, tmp_path: Path) -> None:
@@ -44,22 +31,6 @@ def test_lm_loss_falls_and_best_bundle_is_kept(text_file: Path, tmp_path: Path) 
     assert result["step"] in (10, 20, 30, 40)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(trainer: Trainer, micro_batches: int) -> None:
-    original = trainer.task.train_batches
-
-    def batches(batch_size: int, start: int):
-        for i, b in enumerate(original(batch_size, start)):
-            if i == micro_batches:
-                raise _Interrupt
-            yield b
-
-    trainer.task.train_batches = batches  # type: ignore[method-assign]
-
-
 @pytest.mark.parametrize("kind", ["lm", "image"])
 def test_resume_equals_uninterrupted_bit_for_bit(
     kind: str, text_file: Path, image_npz: Path, tmp_path: Path
@@ -73,8 +44,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(
     full.fit()
 
     interrupted = make_trainer(raw(tmp_path / "b"))
-    _interrupt_after(interrupted, 16 if kind == "lm" else 8)  # stops inside step 9 (lm) / 9 (image)
-    with pytest.raises(_Interrupt):
+    interrupt_after(interrupted, 16 if kind == "lm" else 8)  # stops inside step 9 (lm) / 9 (image)
+    with pytest.raises(Interrupted):
         interrupted.fit()
     assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")["trainer"]["step"] in (6, 3)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tansuo.blocks import TransformerStack
+from tansuo.compress.registry import register_step
 from tansuo.errors import CompressionError
 from tansuo.tasks.base import Batch, Task
 
@@ -202,3 +203,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, int]:
     student.load_state_dict(new, strict=True)
     log.info("student initialised from the teacher: %d tensors copied, %d kept fresh", copied, skipped)
     return {"copied": copied, "skipped": skipped}
+
+
+# a distilled model is a new model trained from scratch or from teacher layers: a "distill" record (as
+# bundles may carry) describes how it was made and has no structure to rebuild when the bundle loads
+register_step("distill", restore=None)

@@ -4,7 +4,8 @@ Structured pruning removes whole attention heads and feed-forward neurons and *p
 Linear layers around them, so the model gets smaller and faster (Michel et al. 2019, "Are Sixteen Heads
 Really Better than One?"; the head and neuron removal of Hugging Face's ``prune_heads`` and NNI's
 dependency-aware pruners). It works on every model built from :class:`~tansuo.blocks.MultiHeadAttention`
-self-attention and :class:`~tansuo.blocks.FeedForward` (BERT, ViT). Importance comes from weight magnitude
+self-attention and :class:`~tansuo.blocks.FeedForward` whose class declares what may go in ``prunable``
+(``frozenset({"heads", "ffn"})`` for BERT and ViT). Importance comes from weight magnitude
 or from gradient x activation ("taylor": the first-order change of the loss when a head's or neuron's output
 is gated to zero, summed over a few batches, :func:`taylor_scores`). Units are ranked globally after
 normalising scores within each layer, and every layer keeps at least one head and one neuron.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from tansuo.blocks import FeedForward, MultiHeadAttention
+from tansuo.compress.registry import apply_technique, register_technique
 from tansuo.errors import CompressionError
 
 Scores = dict[str, torch.Tensor]  # module name -> one score per head (attention) or neuron (feed-forward)
@@ -60,17 +62,70 @@ class UnstructuredPruneConfig:
             )
 
 
-def prunable(model: nn.Module) -> tuple[dict[str, MultiHeadAttention], dict[str, FeedForward]]:
-    """The self-attention and feed-forward modules structured pruning can shrink, by name."""
-    attention = {n: m for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
-    ffn = {n: m for n, m in model.named_modules() if isinstance(m, FeedForward)}
+def prunable(
+    model: nn.Module,
+    parts: Iterable[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> tuple[dict[str, MultiHeadAttention], dict[str, FeedForward]]:
+    """The self-attention and feed-forward modules structured pruning can shrink, by name.
+
+    What may be removed is the model class's declaration ``prunable`` (``"heads"``: attention heads of its
+    :class:`MultiHeadAttention` modules, ``"ffn"``: hidden neurons of its :class:`FeedForward` modules); only
+    the declared kinds of module are returned, those ``filter_fn(module, name)`` accepts (default: all).
+    Raises :class:`CompressionError` when the class declares nothing, or not every one of ``parts`` (what
+    is asked to be removed; default: what it declares), or has no module of a kind asked for.
+    """
+    declared = frozenset(getattr(type(model), "prunable", frozenset()))
+    wanted = declared if parts is None else frozenset(parts)
     family = getattr(model, "family", type(model).__name__)
-    if not attention or not ffn or family not in ("bert", "vit"):
+    if not declared:
         raise CompressionError(
-            f"structured pruning supports the encoder families bert and vit (self-attention + feed-forward "
-            f"layers); this model is {family!r}. Use quantization or distillation for it"
+            f"structured pruning supports the model families that declare what it may remove "
+            f"({_declaring()}: attention heads and feed-forward neurons); this model is {family!r}, which "
+            "declares nothing (`prunable` is empty). Use quantization or distillation for it"
         )
+    if wanted - declared:
+        missing = " and ".join(_PART_NAMES.get(p, p) for p in sorted(wanted - declared))
+        raise CompressionError(
+            f"structured pruning cannot remove {missing} from a {family!r} model: the family declares "
+            f"prunable {sorted(declared)} only (families that allow it: {_declaring(wanted - declared)}). "
+            "Set that ratio to 0, or use quantization or distillation"
+        )
+    accept = filter_fn or (lambda module, name: True)
+    attention: dict[str, MultiHeadAttention] = {}
+    ffn: dict[str, FeedForward] = {}
+    for name, module in model.named_modules():
+        if "heads" in declared and isinstance(module, MultiHeadAttention) and accept(module, name):
+            attention[name] = module
+        elif "ffn" in declared and isinstance(module, FeedForward) and accept(module, name):
+            ffn[name] = module
+    for part, found in (("heads", attention), ("ffn", ffn)):
+        if part in wanted and not found:
+            raise CompressionError(
+                f"structured pruning of {_PART_NAMES[part]} found no "
+                f"{'MultiHeadAttention' if part == 'heads' else 'FeedForward'} module in this {family!r} "
+                "model" + (" that filter_fn accepts" if filter_fn is not None else "")
+            )
     return attention, ffn
+
+
+_PART_NAMES = {"heads": "attention heads", "ffn": "feed-forward neurons"}
+
+
+def _declaring(parts: Iterable[str] = ()) -> str:
+    """The registered families whose classes declare every one of ``parts`` prunable (any, when empty)."""
+    from tansuo.models import get_model_entry, list_models
+
+    need = frozenset(parts)
+    families = set()
+    for name in list_models():
+        entry = get_model_entry(name)
+        if entry.prunable and need <= entry.prunable:
+            families.add(entry.family)
+    names = sorted(families)
+    if not names:
+        return "none is registered"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def magnitude_scores(model: nn.Module) -> Scores:
@@ -206,17 +261,34 @@ def shrink_ffn(mlp: FeedForward, neurons: torch.Tensor) -> None:
 
 
 def prune_(
-    model: nn.Module, config: StructuredPruneConfig | UnstructuredPruneConfig, scores: Scores | None = None
+    model: nn.Module,
+    config: Any,
+    scores: Scores | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> dict[str, Any]:
-    """Prune ``model`` in place and return the record that :func:`restore_structure` replays on load.
+    """Prune ``model`` in place with the technique registered for ``type(config)``, append its record to
+    ``model.compression`` and return that record (:func:`~tansuo.compress.restore_structure` replays it when
+    a bundle loads).
 
-    Structured: removes ``config.heads`` of all heads and ``config.ffn`` of all feed-forward neurons,
-    ranked by ``scores`` (default :func:`magnitude_scores`), shrinking the layers. Unstructured: zeroes
-    ``config.sparsity`` of the Linear weights by global magnitude (shapes unchanged).
+    :class:`StructuredPruneConfig` removes ``config.heads`` of all heads and ``config.ffn`` of all
+    feed-forward neurons (of the modules ``filter_fn(module, name)`` accepts), ranked by ``scores`` (default
+    :func:`magnitude_scores`), shrinking the layers. :class:`UnstructuredPruneConfig` zeroes
+    ``config.sparsity`` of the (accepted) Linear weights by global magnitude (shapes unchanged).
     """
-    if isinstance(config, UnstructuredPruneConfig):
-        return _prune_unstructured(model, config)
-    attention, ffn = prunable(model)
+    kwargs = {} if scores is None else {"scores": scores}
+    return apply_technique(model, config, filter_fn=filter_fn, step="prune", **kwargs)
+
+
+def prune_structured(
+    model: nn.Module,
+    config: StructuredPruneConfig,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    scores: Scores | None = None,
+) -> dict[str, Any]:
+    """The :class:`StructuredPruneConfig` technique; returns the record (units kept per module)."""
+    parts = {p for p in ("heads", "ffn") if getattr(config, p)}
+    attention, ffn = prunable(model, parts, filter_fn)
     scores = scores if scores is not None else magnitude_scores(model)
     missing = [n for n in (*attention, *ffn) if n not in scores]
     if missing:
@@ -239,17 +311,30 @@ def prune_(
     }
 
 
-def _linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def _linear_weights(
+    model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> dict[str, torch.Tensor]:
     shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return {
         name: m.weight
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and id(m.weight) not in shared
+        if isinstance(m, nn.Linear)
+        and id(m.weight) not in shared
+        and (filter_fn is None or filter_fn(m, name))
     }
 
 
-def _prune_unstructured(model: nn.Module, config: UnstructuredPruneConfig) -> dict[str, Any]:
-    weights = _linear_weights(model)
+def prune_unstructured(
+    model: nn.Module,
+    config: UnstructuredPruneConfig,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    scores: Scores | None = None,
+) -> dict[str, Any]:
+    """The :class:`UnstructuredPruneConfig` technique (global magnitude ranking; ``scores`` are not used)."""
+    weights = _linear_weights(model, filter_fn)
+    if not weights:
+        raise CompressionError("unstructured pruning found no Linear layer to prune (check filter_fn)")
     flat = torch.cat([w.detach().abs().flatten().float().cpu() for w in weights.values()])
     k = int(round(config.sparsity * flat.numel()))
     threshold = torch.kthvalue(flat, max(1, k)).values.item() if k else -1.0
@@ -289,3 +374,7 @@ def restore_pruned(model: nn.Module, record: dict[str, Any]) -> None:
         mlp = model.get_submodule(name)
         if n < mlp.out_proj.in_features:
             shrink_ffn(mlp, torch.arange(n))
+
+
+register_technique(StructuredPruneConfig, step="prune", apply=prune_structured, restore=restore_pruned)
+register_technique(UnstructuredPruneConfig, step="prune", apply=prune_unstructured, restore=restore_pruned)

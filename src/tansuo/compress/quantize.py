@@ -19,10 +19,12 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from tansuo.compress.registry import apply_technique, register_technique
 from tansuo.errors import CompressionError
 
 #: quantized engines with a fast x86 int8 GEMM, in order of preference (qnnpack is 2x slower than fp32 here)
@@ -161,16 +163,26 @@ def _default_filter(module: nn.Module, name: str) -> bool:
 
 def quantize_(
     model: nn.Module,
-    config: Int8DynamicConfig | None = None,
+    config: Any = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> list[str]:
-    """Replace, in place, every ``nn.Linear`` that ``filter_fn(module, name)`` accepts (default: all) by an
-    :class:`Int8DynamicLinear`. A Linear whose weight is shared with another module (a tied LM or MLM
-    decoder) is left in fp32, so the sharing survives. Returns the names of the replaced modules.
+    """Quantize ``model`` in place with the technique registered for ``type(config)`` (default
+    :class:`Int8DynamicConfig`), append its record to ``model.compression`` (so ``save_bundle`` /
+    ``load_bundle`` round-trip the model) and return the names of the replaced modules.
 
-    The model must be on the CPU.
+    :class:`Int8DynamicConfig` replaces every ``nn.Linear`` that ``filter_fn(module, name)`` accepts (default:
+    all) by an :class:`Int8DynamicLinear`. A Linear whose weight is shared with another module (a tied LM or
+    MLM decoder) is left in fp32, so the sharing survives. The model must be on the CPU.
     """
-    config = config or Int8DynamicConfig()
+    config = config if config is not None else Int8DynamicConfig()
+    record = apply_technique(model, config, filter_fn=filter_fn, step="quantize")
+    return list(record.get("modules", []))
+
+
+def quantize_int8(
+    model: nn.Module, config: Int8DynamicConfig, *, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> dict[str, Any]:
+    """The :class:`Int8DynamicConfig` technique: swap the Linear layers in place; returns the record."""
     quantized_engine()  # fail before touching the model
     filter_fn = filter_fn or _default_filter
     if any(p.device.type != "cpu" for p in model.parameters()):
@@ -187,7 +199,14 @@ def quantize_(
             continue  # tied to an embedding
         _set_submodule(model, name, Int8DynamicLinear.from_float(module, config))
         names.append(name)
-    return names
+    return {
+        "step": "quantize",
+        "mode": "int8",
+        "backend": "torch",
+        "modules": names,
+        "reduce_range": config.reduce_range,
+        "per_sample": config.per_sample,
+    }
 
 
 def restore_quantized(
@@ -204,6 +223,16 @@ def restore_quantized(
         _set_submodule(model, name, empty)
 
 
+def restore_int8(model: nn.Module, record: dict[str, Any]) -> None:
+    """Replay a ``quantize`` record of the torch backend (bundles written before ``per_sample`` existed
+    quantized per batch)."""
+    reduce_range, per_sample = record.get("reduce_range", True), record.get("per_sample", False)
+    restore_quantized(model, record.get("modules", []), reduce_range, per_sample)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+register_technique(Int8DynamicConfig, step="quantize", apply=quantize_int8, restore=restore_int8)

@@ -1,16 +1,10 @@
 """Data: tokenizers, token files, labelled text, image arrays, seeded splits, augmentation. No task logic."""
 
-from tansuo.data.images import (
-    ImageArrays,
-    infer_pixel_max,
-    load_csv_arrays,
-    load_digits_arrays,
-    load_image_file,
-    load_npz_arrays,
-    map_labels,
-    random_shift,
-)
+from tansuo.data.augment import random_shift
+from tansuo.data.image_csv import load_csv_arrays
+from tansuo.data.images import ImageArrays, infer_pixel_max, load_digits_arrays, load_npz_arrays, map_labels
 from tansuo.data.masking import mask_tokens
+from tansuo.data.pictures import load_image_file
 from tansuo.data.splits import split_indices, split_sizes
 from tansuo.data.text import (
     encode_to_token_file,

@@ -1,37 +1,34 @@
-"""Image classification data as arrays: scikit-learn digits, NPZ and CSV files, single image files.
+"""Image classification data as arrays: the labelled set in memory, label mapping, scikit-learn digits and
+NPZ files. CSV files are read by :mod:`tansuo.data.image_csv`, single images to predict on by
+:mod:`tansuo.data.pictures`.
 
 Every loader returns images as float32 ``(N, C, H, W)`` in the source's own units (0..16 for digits, 0..255
 for 8-bit images) together with ``pixel_max``, the top of that range, so the task can normalise once and
 apply the same scaling to an image given for prediction. Labels become ``0..K-1``; ``class_names`` keeps
 what they were called. Nothing is unpickled: NumPy files are read with ``allow_pickle=False``.
-
-Flat pixel rows (CSV rows, flat arrays) with more than one channel are read channels-last, pixel by pixel
-``(H, W, C)``, the order in which a NumPy or Pillow image flattens.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import logging
-import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from tansuo.data.pictures import _require_file
+
+# Moved to tansuo.data.pictures; still importable from here (tansuo.serve.endpoints.image does).
+from tansuo.data.pictures import decode_picture as decode_picture
+from tansuo.data.pictures import image_from_array as image_from_array
+from tansuo.data.pictures import load_image_file as load_image_file
 from tansuo.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGES_KEYS = ("x", "images", "X", "data")
 LABELS_KEYS = ("y", "labels", "Y", "targets")
-PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-ARRAY_SUFFIXES = (".npy", ".npz", ".csv", ".txt")
-_CSV_BATCH_LINES = 4096
 
 
 @dataclass
@@ -141,13 +138,6 @@ def load_digits_arrays() -> ImageArrays:
     return ImageArrays(images, labels, [str(i) for i in range(10)], pixel_max=16.0)
 
 
-def _require_file(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}; check the path")
-    return path
-
-
 def _to_nchw(images: np.ndarray, source: str) -> np.ndarray:
     """(N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W) float32, C in 1, 3, 4."""
     channel_counts = (1, 3, 4)
@@ -247,298 +237,3 @@ def _pick_key(keys: list[str], wanted: str | None, candidates: tuple[str, ...], 
         f"{path} has no {what} array named one of {list(candidates)}; its arrays are {keys}; "
         f"pass {what}_key to choose one"
     )
-
-
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return path.open("r", encoding="utf-8", newline=None)
-
-
-def _is_numeric_row(line: str) -> bool:
-    try:
-        [float(field) for field in line.split(",")]
-    except ValueError:
-        return False
-    return True
-
-
-def _bad_line_error(
-    path: Path, numbered: list[tuple[int, str]], num_columns: int, error: Exception
-) -> DataError:
-    """Find the first line of ``numbered`` that does not parse and describe it."""
-    for line_number, line in numbered:
-        fields = line.split(",")
-        if len(fields) != num_columns:
-            return DataError(
-                f"{path}, line {line_number}: expected {num_columns} comma-separated values (a label and "
-                f"the pixels), found {len(fields)}; fix or remove that line"
-            )
-        for column, field in enumerate(fields, start=1):
-            try:
-                float(field)
-            except ValueError:
-                return DataError(
-                    f"{path}, line {line_number}, column {column}: {field.strip()!r} is not a number; "
-                    "fix or remove that line"
-                )
-    return DataError(f"{path}: cannot parse lines {numbered[0][0]}..{numbered[-1][0]} ({error})")
-
-
-def load_csv_arrays(
-    path: str | Path,
-    *,
-    image_size: int | None = None,
-    channels: int = 1,
-    label_column: int = 0,
-    has_header: bool | None = None,
-    pixel_max: float | None = None,
-) -> ImageArrays:
-    """Load images stored one per row as comma-separated numbers, like the MNIST CSV files.
-
-    Each row holds a numeric label (in column ``label_column``) and ``channels * image_size**2`` pixels,
-    channels-last when there are several channels. Plain ``.csv`` and gzip-compressed ``.csv.gz`` are read;
-    parsing is done by NumPy in batches of lines.
-
-    Args:
-        path: The CSV file.
-        image_size: Side of the square images; inferred from the number of pixels when None.
-        channels: Channels per pixel (1, 3 or 4).
-        label_column: Index of the label column (negative counts from the end).
-        has_header: Whether the first line is a header; detected (a line with a non-number) when None.
-        pixel_max: Top of the pixel range; inferred with :func:`infer_pixel_max` when None.
-
-    Returns:
-        The data set; labels are mapped with :func:`map_labels`.
-
-    Raises:
-        DataError: If the file is missing or empty, a row has the wrong number of values or a non-number
-            (naming the line), or the pixel count is not a square image.
-    """
-    path = _require_file(path, "CSV file")
-    batches: list[np.ndarray] = []
-    num_columns = 0
-    try:
-        with _open_text(path) as file:
-            numbered: list[tuple[int, str]] = []
-            header_checked = False
-            parse_state: dict[str, bool] = {}
-            for line_number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                if not header_checked:
-                    header_checked = True
-                    skip = has_header if has_header is not None else not _is_numeric_row(line)
-                    num_columns = len(line.split(","))
-                    if skip:
-                        logger.debug("%s: skipping header line %d", path, line_number)
-                        continue
-                numbered.append((line_number, line))
-                if len(numbered) == _CSV_BATCH_LINES:
-                    batches.append(_parse_csv_batch(path, numbered, num_columns, parse_state))
-                    numbered = []
-            if numbered:
-                batches.append(_parse_csv_batch(path, numbered, num_columns, parse_state))
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise DataError(
-            f"cannot read {path} ({error}); pass a UTF-8 .csv or gzip-compressed .csv.gz"
-        ) from error
-    if not batches:
-        raise DataError(f"{path} holds no data rows; each row must be a label followed by pixel values")
-    table = np.concatenate(batches)  # (N, columns)
-    del batches
-    label_index = label_column % num_columns
-    raw_labels = table[:, label_index]
-    pixels = table[:, 1:] if label_index == 0 else np.delete(table, label_index, axis=1)  # (N, C*H*W)
-    num_pixels = pixels.shape[1]
-    if image_size is None:
-        side = math.isqrt(num_pixels // channels) if num_pixels % channels == 0 else 0
-        if side < 1 or channels * side * side != num_pixels:
-            raise DataError(
-                f"{path}: rows have {num_pixels} pixel values, which is not {channels} channel(s) of a "
-                "square image; pass image_size (and channels) to say how to read them"
-            )
-        image_size = side
-    elif channels * image_size * image_size != num_pixels:
-        raise DataError(
-            f"{path}: rows have {num_pixels} pixel values but image_size={image_size} with {channels} "
-            f"channel(s) needs {channels * image_size * image_size}; fix image_size or channels"
-        )
-    images = pixels.reshape(len(pixels), image_size, image_size, channels)  # (N, H, W, C)
-    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, C, H, W)
-    _check_finite(images, str(path))
-    labels, class_names = map_labels(raw_labels, str(path))
-    if len(class_names) == 1 and len(labels) > 1:
-        logger.warning(
-            "%s: all rows have label %s in column %d; "
-            "if the label is in another column (e.g. the last), pass label_column",
-            path,
-            class_names[0],
-            label_column,
-        )
-    pixel_max = infer_pixel_max(images) if pixel_max is None else float(pixel_max)
-    logger.info("%s: %d images of %s, %d classes", path, len(images), images.shape[1:], len(class_names))
-    return ImageArrays(images, labels, class_names, pixel_max)
-
-
-def _parse_csv_batch(
-    path: Path, numbered: list[tuple[int, str]], num_columns: int, state: dict[str, bool]
-) -> np.ndarray:
-    """Parse lines to a float32 table; whole numbers are parsed as integers first, which is ~5x faster."""
-    lines = [line for _, line in numbered]
-    try:
-        if state.get("integers", True):
-            try:
-                table = np.loadtxt(lines, delimiter=",", dtype=np.int64, ndmin=2).astype(np.float32)
-            except ValueError:
-                state["integers"] = False  # e.g. "0.5": parse this and later batches as floats
-        if not state.get("integers", True):
-            table = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2).astype(np.float32)
-    except ValueError as error:
-        raise _bad_line_error(path, numbered, num_columns, error) from error
-    if table.shape[1] != num_columns:
-        raise _bad_line_error(path, numbered, num_columns, ValueError("column count"))
-    return table
-
-
-def load_image_file(path: str | Path, *, image_size: int, channels: int, pixel_max: float) -> np.ndarray:
-    """Read one image to predict on, as the model's input expects it.
-
-    Picture files (PNG, JPEG, BMP, GIF, TIFF, WebP) are converted to grey (1 channel), RGB (3) or RGBA (4),
-    resized to ``image_size`` x ``image_size`` with a bilinear filter (aspect ratio not kept) and scaled from
-    0..255 to 0..``pixel_max``. Array files are taken as already in the source's units: ``.npy``, ``.npz``
-    (its first array), ``.csv``/``.txt`` (numbers separated by commas or whitespace, one row or a grid), of
-    shape (H, W) for one channel, (C, H, W), (H, W, C) or flat ``H*W*C`` (channels-last).
-
-    Args:
-        path: The image file.
-        image_size: Side the model expects.
-        channels: Channels the model expects (1, 3 or 4).
-        pixel_max: Top of the training data's pixel range.
-
-    Returns:
-        (C, H, W) float32.
-
-    Raises:
-        DataError: If the file is missing, of an unknown type, unreadable, or of the wrong size.
-    """
-    path = _require_file(path, "image file")
-    if channels not in (1, 3, 4):
-        raise DataError(f"images must have 1, 3 or 4 channels, got {channels}")
-    suffix = path.suffix.lower()
-    if suffix in PILLOW_SUFFIXES:
-        return _load_picture(path, image_size, channels, pixel_max)
-    if suffix not in ARRAY_SUFFIXES:
-        raise DataError(
-            f"{path}: unknown image file type '{suffix}'; supported are "
-            f"{', '.join(PILLOW_SUFFIXES + ARRAY_SUFFIXES)}"
-        )
-    try:
-        if suffix in (".csv", ".txt"):
-            text = path.read_text(encoding="utf-8").replace(",", " ")
-            array = np.array(text.split(), dtype=np.float64)
-        else:
-            loaded = np.load(path, allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    if not loaded.files:
-                        raise DataError(f"{path} is an empty .npz archive; save the image array in it")
-                    array = loaded[loaded.files[0]]
-            else:
-                array = loaded
-    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as error:
-        raise DataError(
-            f"cannot read {path} as an image array ({error}); save numbers with numpy.save, or write them "
-            "as comma-separated text (Python objects are never loaded)"
-        ) from error
-    return image_from_array(array, image_size=image_size, channels=channels, name=str(path))
-
-
-def _image_to_chw(array: np.ndarray, size: int, channels: int, path: Path | str) -> np.ndarray:
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim == 1 and array.size == channels * size * size:
-        array = array.reshape(size, size, channels)
-    if array.ndim == 2 and channels == 1 and array.shape == (size, size):
-        array = array[None]
-    if array.ndim == 3 and array.shape == (size, size, channels) and array.shape != (channels, size, size):
-        array = array.transpose(2, 0, 1)
-    if array.shape != (channels, size, size):
-        hw = f", ({size}, {size})" if channels == 1 else ""
-        raise DataError(
-            f"{path} holds an array of shape {array.shape}; expected an image of shape ({channels}, {size}, "
-            f"{size}), ({size}, {size}, {channels}){hw} or {channels * size * size} numbers"
-        )
-    return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def decode_picture(data: bytes, *, image_size: int, channels: int, pixel_max: float, name: str) -> np.ndarray:
-    """A picture file's bytes (PNG, JPEG, BMP, ...) as the model's input, as :func:`load_image_file` reads
-    a picture file; ``name`` says which input it is in error messages. Returns (C, H, W) float32."""
-    if channels not in (1, 3, 4):
-        raise DataError(f"images must have 1, 3 or 4 channels, got {channels}")
-    return _load_picture(io.BytesIO(data), image_size, channels, pixel_max, name=name)
-
-
-def image_from_array(array: np.ndarray, *, image_size: int, channels: int, name: str) -> np.ndarray:
-    """An array of pixel values in the training data's units as the model's input (shapes as
-    :func:`load_image_file` accepts them); ``name`` says which input it is in error messages."""
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{name} holds {array.dtype} values; an image must be numbers")
-    image = _image_to_chw(array, image_size, channels, name)
-    if not np.all(np.isfinite(image)):
-        raise DataError(f"{name} holds NaN or infinite values; an image must be finite numbers")
-    return image
-
-
-def _load_picture(
-    source: Path | io.BytesIO, size: int, channels: int, pixel_max: float, name: str | None = None
-) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError  # only when a picture is read
-
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-    try:
-        with Image.open(source) as picture:
-            picture = picture.convert(mode)
-            if picture.size != (size, size):
-                picture = picture.resize((size, size), Image.Resampling.BILINEAR)
-            array = np.asarray(picture, dtype=np.float32)  # (H, W) or (H, W, C)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-        reason = "not a picture format Pillow reads" if isinstance(error, UnidentifiedImageError) else error
-        raise DataError(
-            f"cannot read {name or source} as a picture ({reason}); use a PNG, JPEG or BMP file"
-        ) from error
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W)
-    return np.ascontiguousarray(array * (pixel_max / 255.0), dtype=np.float32)
-
-
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own random whole-pixel offset, filling the uncovered border with zeros.
-
-    Offsets ``(dy, dx)`` are drawn uniformly from ``[-max_shift, max_shift]`` per image with
-    ``torch.randint(-max_shift, max_shift + 1, (B, 2), generator=generator)``; output pixel ``(y, x)`` is
-    input pixel ``(y - dy, x - dx)`` or zero outside the image. Vectorised: pad, then gather.
-
-    Args:
-        x: (B, C, H, W) images.
-        max_shift: Largest shift in pixels; 0 returns ``x`` itself.
-        generator: Random source, on the CPU or on ``x``'s device.
-
-    Returns:
-        (B, C, H, W) shifted images.
-    """
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    if max_shift == 0:
-        return x
-    batch, channels, height, width = x.shape
-    shifts = torch.randint(
-        -max_shift, max_shift + 1, (batch, 2), generator=generator, device=generator.device
-    )
-    shifts = shifts.to(x.device)
-    padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift))  # (B, C, H+2m, W+2m)
-    rows = torch.arange(height, device=x.device) + max_shift - shifts[:, :1]  # (B, H)
-    cols = torch.arange(width, device=x.device) + max_shift - shifts[:, 1:]  # (B, W)
-    batch_index = torch.arange(batch, device=x.device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=x.device)[None, :, None, None]
-    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)

@@ -21,7 +21,7 @@ from) plus an ``explore:`` section::
       recommend: {max_drop: 1.0}         # quality the pick may give up for speed/size (points; loss units)
 
 A searched field is a list of choices or a range ``{low, high, step, log}`` (integers when ``low`` and
-``high`` are). Steps are ``tansuo compress`` steps (:mod:`tansuo.compress.run`); a ``distill`` step without
+``high`` are). Steps are ``tansuo compress`` steps (:mod:`tansuo.variants.steps`); a ``distill`` step without
 ``into`` trains a student of the candidate's own architecture with ``overrides`` changed.
 
 Every problem is a :class:`~tansuo.errors.RecipeError` naming the field path (``explore.candidates.0.space``).
@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tansuo.compress.run import CompressRecipe, Step
 from tansuo.errors import RecipeError
+from tansuo.variants.steps import CompressRecipe, Step
 
 
 @dataclass(frozen=True)
@@ -258,13 +258,13 @@ def _error(err: ValidationError, prefix: str) -> RecipeError:
 
 
 def _model_fields(model: str, where: str) -> tuple[str, set[str]]:
-    from tansuo.models._registry import _lookup, _model_class
+    from tansuo.models import get_model_entry
 
     try:
-        cls = _model_class(_lookup(model))
+        entry = get_model_entry(model)
     except ValueError as e:
         raise RecipeError(f"invalid recipe:\n  {where}: {e}") from None
-    return cls.family, {f.name for f in dataclasses.fields(cls.config_class)}
+    return entry.family, set(entry.fields)
 
 
 def _check_space(space: dict[str, Param], allowed: set[str], where: str, what: str) -> None:
@@ -299,6 +299,8 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
         explore = Explore.model_validate(raw["explore"])
     except ValidationError as e:
         raise _error(e, "explore") from None
+    for i, c in enumerate(explore.candidates):  # unknown models named where they are written
+        _model_fields(c.model, f"explore.candidates.{i}.model")
     if "model" not in base:  # the model section is the first candidate's unless given
         base["model"] = {"name": explore.candidates[0].model}
     validate_recipe(base)  # the base must be a valid training recipe on its own
@@ -397,19 +399,16 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
 
 def quality_direction(task: str) -> str:
     """The direction of a task's quality metric, as the trainer judges it: losses and perplexity go down."""
-    from tansuo.tasks import TASKS
+    from tansuo.tasks import get_task
     from tansuo.train.trainer import metric_mode
 
-    return "maximize" if metric_mode(TASKS[task].default_metric) == "max" else "minimize"
+    return "maximize" if metric_mode(get_task(task).default_metric) == "max" else "minimize"
 
 
 def load_explore_recipe(
     path: str | Path, sets: list[str] | None = None, data_dir: str | Path | None = None
 ) -> ExploreSpec:
     """Read, override (``--set``, also ``explore.*`` fields), resolve ``--data-dir`` and validate."""
-    from tansuo.recipe import apply_data_dir, apply_overrides, read_recipe_file
+    from tansuo.recipe import read_recipe
 
-    raw = apply_overrides(read_recipe_file(path), sets or [])
-    if data_dir is not None:
-        raw = apply_data_dir(raw, data_dir)
-    return load_explore(raw, path)
+    return load_explore(read_recipe(path, sets, data_dir), path)

@@ -3,7 +3,7 @@
 The trial's folder (``STUDY/trials/NNNN``)::
 
     train/                  the training run (metrics.jsonl, bundle/; the checkpoint is removed at the end)
-    variants/NAME/NN-step   each compression variant's bundles, written by tansuo.compress.run.run_steps
+    variants/NAME/NN-step   each compression variant's bundles, written by tansuo.variants.run_steps
     trial.json              what the trial recorded (also in the study's storage)
 
 Compression goes through ``tansuo compress``'s own step runners and every variant is measured in a fresh
@@ -79,33 +79,40 @@ def trial_recipe(spec: ExploreSpec, settings: dict[str, Any], out_dir: Path) -> 
 def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
     """Train as ``tansuo train`` does; returns the best bundle and the training seconds."""
     from tansuo.recipe import validate_recipe
-    from tansuo.train.setup import build_run
-    from tansuo.train.trainer import Trainer
+    from tansuo.train.setup import train_recipe
 
+    # when each phase began: "built" once the task and model exist (the training seconds count from
+    # there), "fit" once the trainer's fit starts (only its failures are the trial's to record)
+    began: dict[str, float] = {}
     try:
         rec, data_cfg = validate_recipe(raw)
-        run = build_run(rec, data_cfg, spec.study_dir / "data")
+        done = train_recipe(
+            rec,
+            data_cfg,
+            data_root=spec.study_dir / "data",
+            on_built=lambda _: began.setdefault("built", time.perf_counter()),
+            on_start=lambda _: began.setdefault("fit", time.perf_counter()),
+        )
     except RecipeError as e:  # one line for the report's table: "invalid combination: model: ..."
+        if "built" in began:
+            raise
         reason = " ".join(str(e).removeprefix("invalid recipe:").split())
         raise TrialFailed(f"invalid combination: {reason}") from None
-    task, model = run.task, run.model
-    started = time.perf_counter()
-    trainer = Trainer(task, model, rec.train, seed=rec.seed, recipe=rec.model_dump())
-    try:
-        result = trainer.fit()
     except TrainingDiverged as e:
         raise TrialFailed(f"NaN loss: {e}") from None
     except (torch.OutOfMemoryError, MemoryError) as e:
+        if "fit" not in began:
+            raise
         raise TrialFailed(
             f"out of memory while training: {str(e).splitlines()[0] if str(e) else e!r}"
         ) from None
     except RuntimeError as e:  # the CPU allocator reports running out of memory as a RuntimeError
-        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+        if "fit" not in began or ("can't allocate memory" not in str(e) and "out of memory" not in str(e)):
             raise
         raise TrialFailed(f"out of memory while training: {str(e).splitlines()[0]}") from None
-    seconds = time.perf_counter() - started
-    trainer.checkpoint_path.unlink(missing_ok=True)  # the bundle is what the study keeps
-    return Path(result["bundle"]), seconds
+    seconds = time.perf_counter() - began["built"]
+    done.trainer.checkpoint_path.unlink(missing_ok=True)  # the bundle is what the study keeps
+    return done.bundle, seconds
 
 
 def curves(run_dir: Path) -> dict[str, list[list[float]]]:
@@ -132,7 +139,7 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
     fails is recorded with its reason and the others go on.
     """
     from tansuo.measure.run import compare_in_rounds, measure_in_subprocess
-    from tansuo.compress.run import run_steps
+    from tansuo.variants import run_steps
 
     m = spec.explore.measure
     raw = trial_recipe(spec, settings, folder / "train")

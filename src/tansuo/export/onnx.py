@@ -5,9 +5,11 @@ file (no external data) with dynamic batch (and sequence) axes, then runs it in 
 of several shapes and refuses a file whose outputs differ from PyTorch's by more than ``tolerance``.
 
 :class:`OnnxModel` wraps an ``onnxruntime.InferenceSession`` behind ``forward`` with the same arguments as the
-PyTorch model (token ids and attention mask for BERT; images for ViT and ResNet), so ``Task.evaluate`` and
-``Task.predict`` run it unchanged. int8 bundles made by ``tansuo compress --quantize int8`` with the
-ONNX Runtime backend hold such a file (``model.onnx``) instead of ``model.safetensors``.
+PyTorch model (token ids and attention mask for a text encoder; images for an image model), so
+``Task.evaluate`` and ``Task.predict`` run it unchanged. What a model exports is its family's declaration:
+``onnx_inputs`` (``("input_ids", "attention_mask")``, ``("pixels",)``, or ``()`` for no export). int8
+bundles made by ``tansuo compress --quantize int8`` with the ONNX Runtime backend hold such a file
+(``model.onnx``) instead of ``model.safetensors``.
 
 onnx, onnxscript and onnxruntime are optional (``pip install tansuo[onnx]``) and imported only here.
 """
@@ -15,6 +17,7 @@ onnx, onnxscript and onnxruntime are optional (``pip install tansuo[onnx]``) and
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import tempfile
 import warnings
@@ -26,13 +29,12 @@ import torch
 from torch import nn
 
 from tansuo.errors import TansuoError
+from tansuo.tasks.base import ONNX
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
-ONNX_TASKS = ("classify", "image")  # the export is the classifier's forward
-TEXT_FAMILIES = ("bert",)
-IMAGE_FAMILIES = ("vit", "resnet")
+TEXT_INPUTS = ("input_ids", "attention_mask")  # a text encoder's inputs: token ids and padding mask
 _FOLD_LIMIT = 1 << 28  # elements: fold constant expressions of any weight (slices of kv_proj's)
 
 
@@ -53,7 +55,17 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _require_onnx() -> Any:
+def onnx_available() -> bool:
+    """Whether onnx, onnxscript and onnxruntime import here."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_onnx() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
@@ -73,32 +85,41 @@ class _TextWrapper(nn.Module):
         return self.model(input_ids, attention_mask=attention_mask)
 
 
-def input_names(family: str) -> list[str]:
-    """The ONNX inputs of a model family."""
-    if family in TEXT_FAMILIES:
-        return ["input_ids", "attention_mask"]
-    if family in IMAGE_FAMILIES:
-        return ["pixels"]
-    raise TansuoError(
-        f"ONNX export supports the families {TEXT_FAMILIES + IMAGE_FAMILIES} (classifiers); this model is "
-        f"{family!r}"
-    )
+def exportable(model: nn.Module) -> bool:
+    """Whether the model's family declares ONNX inputs (an ``OnnxModel`` is exported already)."""
+    return bool(getattr(type(model), "onnx_inputs", ()))
 
 
-def _samples(model: nn.Module, family: str) -> list[tuple[torch.Tensor, ...]]:
+def input_names(model: nn.Module) -> list[str]:
+    """The ONNX inputs the model's family declares (``onnx_inputs``); raises if it declares none."""
+    names = list(getattr(type(model), "onnx_inputs", ()))
+    if not names:
+        raise TansuoError(
+            f"the {getattr(model, 'family', type(model).__name__)!r} family does not export to ONNX (its "
+            "onnx_inputs are empty); run it with --backend torch"
+        )
+    return names
+
+
+def _is_text(names: list[str]) -> bool:
+    return tuple(names) == TEXT_INPUTS
+
+
+def _samples(model: nn.Module, names: list[str]) -> list[tuple[torch.Tensor, ...]]:
     """Inputs of a few shapes: batch sizes 1-3, sequence lengths short and long, some padding."""
     g = torch.Generator().manual_seed(0)
     out = []
     for batch, length in ((1, 128), (3, 9), (2, 40)):
-        if family in TEXT_FAMILIES:
+        if _is_text(names):
             length = min(length, model.config.max_seq_len)
             ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
             mask = torch.ones_like(ids)
             mask[0, length // 2 :] = 0  # a padded row
             out.append((ids, mask))
         else:
-            c, s = model.config.in_channels, model.config.image_size
-            out.append((torch.randn(batch, c, s, s, generator=g),))
+            with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+                torch.manual_seed(batch)
+                out.append((model.example_input(batch),))
     return out
 
 
@@ -114,18 +135,18 @@ def export_onnx(
     Raises :class:`TansuoError` when the family is not supported or outputs differ by more than
     ``tolerance`` (nothing is left at ``path`` then).
     """
-    ort = _require_onnx()
-    family = getattr(model, "family", type(model).__name__)
-    names = input_names(family)
+    ort = require_onnx()
+    names = input_names(model)
     model = model.float().cpu().eval()
-    wrapper = (_TextWrapper(model) if family in TEXT_FAMILIES else model).eval()
-    samples = _samples(model, family)
+    wrapper = (_TextWrapper(model) if _is_text(names) else model).eval()
+    samples = _samples(model, names)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    if family in TEXT_FAMILIES:
+    if _is_text(names):
         seq = torch.export.Dim("seq", min=2, max=model.config.max_seq_len)
         shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    else:
-        shapes = {"x": {0: batch}}
+    else:  # keyed by the forward's own argument names
+        params = list(inspect.signature(model.forward).parameters)[: len(names)]
+        shapes = {p: {0: batch} for p in params}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -216,7 +237,7 @@ class OnnxModel(nn.Module):
         spinning: bool = True,
     ) -> None:
         super().__init__()
-        ort = _require_onnx()
+        ort = require_onnx()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -227,6 +248,8 @@ class OnnxModel(nn.Module):
         self.config = reference.config
         self.family = getattr(reference, "family", "")
         self.model_name = getattr(reference, "model_name", "")
+        self.text = _is_text(list(getattr(type(reference), "onnx_inputs", ())))
+        self.reference_example = reference.example_input
         self.per_sample = per_sample
         self.names = [i.name for i in self.session.get_inputs()]
         self.register_buffer("_device_marker", torch.zeros(0), persistent=False)
@@ -244,11 +267,15 @@ class OnnxModel(nn.Module):
         return total
 
     def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
-        if self.family in TEXT_FAMILIES:
+        if self.text:
             length = min(seq_len or 16, self.config.max_seq_len)
             return torch.randint(0, self.config.vocab_size, (batch_size, length))
-        c, s = self.config.in_channels, self.config.image_size
-        return torch.randn(batch_size, c, s, s)
+        with torch.device("cpu"):  # the reference lives on the meta device; its example input must not
+            return self._example_like(batch_size)
+
+    def _example_like(self, batch_size: int) -> torch.Tensor:
+        shape = self.reference_example(batch_size).shape  # meta tensors: the shape, no memory
+        return torch.randn(shape)
 
     def _run(self, arrays: list[Any]) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, dict(zip(self.names, arrays, strict=True)))[0])
@@ -260,7 +287,7 @@ class OnnxModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for token ids ``(B, T)`` (with ``attention_mask``) or images ``(B, C, H, W)``."""
-        if self.family in TEXT_FAMILIES:
+        if self.text:
             if token_type_ids is not None and bool(token_type_ids.any()):
                 raise TansuoError("this ONNX model takes single texts; sentence pairs need the torch backend")
             mask = torch.ones_like(x) if attention_mask is None else attention_mask
@@ -284,10 +311,10 @@ def model_for_backend(bundle: Any, backend: str, device: torch.device, workdir: 
         if is_onnx:
             raise TansuoError(f"{bundle.path} is an ONNX Runtime bundle; run it with --backend onnxruntime")
         return bundle.model
-    if bundle.task.name not in ONNX_TASKS:
+    if ONNX not in bundle.task.abilities:
         raise TansuoError(
-            f"--backend onnxruntime runs classifiers ({' and '.join(ONNX_TASKS)} bundles); this is a "
-            f"{bundle.task.name!r} bundle: use --backend torch"
+            "--backend onnxruntime runs tasks whose predictions use the model's plain forward "
+            f"(classifiers); this is a {bundle.task.name!r} bundle: use --backend torch"
         )
     if is_onnx:
         return bundle.model

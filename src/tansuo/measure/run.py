@@ -12,8 +12,8 @@ runtime's idle threads (ONNX Runtime's and OpenMP's spin after each call) slow a
 after warm-up under ``torch.inference_mode`` with a fixed number of threads (recorded), as median and p95 of
 batch-1 calls; throughput is items per second at a larger batch.
 
-Text models are timed on ``seq_len`` random tokens with no padding (batch 1 x 128 by default); image
-models on random images of their input size.
+What a call is given is the task's to say (``Task.example_input``): text models get ``seq_len`` random
+tokens with no padding (batch 1 x 128 by default), image models random images of their input size.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from tansuo.errors import CompressionError
-
-SEQ_MODELS = ("bert", "gpt")
+from tansuo.plugins import load_plugins
+from tansuo.tasks.base import Task
 
 
 def folder_bytes(path: Path) -> int:
@@ -71,13 +71,6 @@ def weight_count(model: nn.Module) -> int:
     return total
 
 
-def example_input(model: nn.Module, batch_size: int, seq_len: int) -> torch.Tensor:
-    """A timing input for ``model``: ``seq_len`` random tokens for text models, random images otherwise."""
-    if getattr(model, "family", None) in SEQ_MODELS:
-        return model.example_input(batch_size, seq_len=seq_len)
-    return model.example_input(batch_size)
-
-
 def _time(fn: Any, reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -94,14 +87,22 @@ def _p95(xs: list[float]) -> float:
 
 
 def time_calls(
-    model: nn.Module, *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
+    model: nn.Module,
+    task: Task,
+    *,
+    seq_len: int = 128,
+    large_batch: int = 32,
+    reps: int = 50,
+    warmup: int = 5,
 ) -> tuple[list[float], list[float]]:
-    """Seconds per call at batch 1 (``reps`` calls) and at ``large_batch`` (``reps / 5``, at least 3)."""
+    """Seconds per call at batch 1 (``reps`` calls) and at ``large_batch`` (``reps / 5``, at least 3), on
+    the task's example inputs."""
     model.eval()
-    one, many = example_input(model, 1, seq_len), example_input(model, large_batch, seq_len)
+    one = task.example_input(model, 1, seq_len)
+    many = task.example_input(model, large_batch, seq_len)
     with torch.inference_mode():
-        t1 = _time(lambda: model(one), reps, warmup)
-        tn = _time(lambda: model(many), max(3, reps // 5), max(1, warmup // 2))
+        t1 = _time(lambda: model(*one), reps, warmup)
+        tn = _time(lambda: model(*many), max(3, reps // 5), max(1, warmup // 2))
     return t1, tn
 
 
@@ -116,18 +117,24 @@ def speed_figures(t1: list[float], tn: list[float], large_batch: int, input_toke
     }
 
 
-def input_tokens(model: nn.Module, seq_len: int) -> int:
-    """Tokens per timing input (0 for images)."""
-    x = example_input(model, 1, seq_len)
-    return int(x.shape[1]) if x.dim() == 2 else 0
+def input_tokens(model: nn.Module, task: Task, seq_len: int) -> int:
+    """Tokens per timing input (0 when the input is not a sequence of token ids)."""
+    x = task.example_input(model, 1, seq_len)[0]
+    return int(x.shape[1]) if x.dim() == 2 and not x.is_floating_point() else 0
 
 
 def measure_speed(
-    model: nn.Module, *, seq_len: int = 128, large_batch: int = 32, reps: int = 50, warmup: int = 5
+    model: nn.Module,
+    task: Task,
+    *,
+    seq_len: int = 128,
+    large_batch: int = 32,
+    reps: int = 50,
+    warmup: int = 5,
 ) -> dict[str, float]:
     """Latency p50 / p95 (ms) at batch 1 and throughput (items/s) at ``large_batch``, on the CPU."""
-    t1, tn = time_calls(model, seq_len=seq_len, large_batch=large_batch, reps=reps, warmup=warmup)
-    return speed_figures(t1, tn, large_batch, input_tokens(model, seq_len))
+    t1, tn = time_calls(model, task, seq_len=seq_len, large_batch=large_batch, reps=reps, warmup=warmup)
+    return speed_figures(t1, tn, large_batch, input_tokens(model, task, seq_len))
 
 
 def peak_rss_mb() -> float:
@@ -165,7 +172,7 @@ def measure_bundle(
         "size_bytes": folder_bytes(path),
         "size_zipped_bytes": compressed_bytes(weights_file(path)),
     }
-    result.update(measure_speed(b.model, seq_len=seq_len, large_batch=large_batch, reps=reps))
+    result.update(measure_speed(b.model, b.task, seq_len=seq_len, large_batch=large_batch, reps=reps))
     result["peak_rss_mb"] = peak_rss_mb()
     if quality:
         split = b.task.heldout_split
@@ -233,14 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-quality", dest="quality", action="store_false")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    load_plugins()  # a bundle of a plugin's task measures like any other
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed_only:
         from tansuo.bundle import load_bundle
 
-        model = load_bundle(args.bundle, device="cpu").model
-        t1, tn = time_calls(model, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps)
-        print(json.dumps({"t1": t1, "tn": tn, "input_tokens": input_tokens(model, args.seq_len)}))
+        b = load_bundle(args.bundle, device="cpu")
+        t1, tn = time_calls(
+            b.model, b.task, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps
+        )
+        tokens = input_tokens(b.model, b.task, args.seq_len)
+        print(json.dumps({"t1": t1, "tn": tn, "input_tokens": tokens}))
         return
     result = measure_bundle(
         args.bundle,

@@ -4,6 +4,22 @@ Build models by name: ``create_model("gpt_mini", vocab_size=50304)``; list them 
 """
 
 from tansuo.models import bert, cnn, gpt, vit  # noqa: F401  (registers the presets)
-from tansuo.models._registry import create_model, list_models, model_info, register_model
+from tansuo.models._registry import (
+    ModelEntry,
+    check_overrides,
+    create_model,
+    get_model_entry,
+    list_models,
+    model_info,
+    register_model,
+)
 
-__all__ = ["create_model", "list_models", "model_info", "register_model"]
+__all__ = [
+    "ModelEntry",
+    "check_overrides",
+    "create_model",
+    "get_model_entry",
+    "list_models",
+    "model_info",
+    "register_model",
+]

@@ -1,9 +1,16 @@
 """The model registry: preset functions by name, after timm's ``register_model`` / ``create_model``.
 
 A preset is a function ``name(**overrides) -> ModelClass`` whose return annotation names a model class with
-two class attributes: ``family`` (a short string) and ``config_class`` (its config dataclass). Every field of
-that dataclass may be overridden by keyword, so ``create_model(name, **dataclasses.asdict(model.config))``
-rebuilds any model's architecture.
+class attributes that declare what the family is and can do:
+
+- ``family``: a short string (``"bert"``); a bundle can initialise a model of the same family;
+- ``config_class``: its config dataclass. Every field may be overridden by keyword, so
+  ``create_model(name, **dataclasses.asdict(model.config))`` rebuilds any model's architecture;
+- ``prunable``: what structured pruning may remove (``frozenset({"heads", "ffn"})``, or empty);
+- ``onnx_inputs``: the names of the inputs of its ONNX export (``("input_ids", "attention_mask")`` for a
+  text encoder, ``("pixels",)`` for an image model), or ``()`` when it does not export.
+
+A name the registry does not know loads the plugins (:mod:`tansuo.plugins`) once before it is refused.
 
 The small ``check_*`` helpers are shared by the config dataclasses' ``__post_init__``.
 """
@@ -13,12 +20,34 @@ import difflib
 import fnmatch
 import typing
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tansuo.errors import RecipeError
+from tansuo.plugins import load_plugins
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered preset: its name, the function that builds it, and the model class's declarations."""
+
+    name: str
+    fn: Callable[..., nn.Module]
+    model_class: type
+    family: str
+    config_class: type
+    prunable: frozenset[str]
+    onnx_inputs: tuple[str, ...]
+
+    @property
+    def fields(self) -> list[str]:
+        """The config fields a recipe may override."""
+        return [f.name for f in dataclasses.fields(self.config_class)]
 
 
 def _model_class(fn: Callable[..., nn.Module]) -> type:
@@ -27,10 +56,14 @@ def _model_class(fn: Callable[..., nn.Module]) -> type:
         isinstance(cls, type)
         and isinstance(getattr(cls, "family", None), str)
         and dataclasses.is_dataclass(getattr(cls, "config_class", None))
+        and isinstance(getattr(cls, "prunable", None), frozenset)
+        and isinstance(getattr(cls, "onnx_inputs", None), tuple)
     ):
         raise TypeError(
             f"preset {fn.__name__} must be annotated to return a model class with class attributes "
-            "`family` (str) and `config_class` (a dataclass)"
+            "`family` (str), `config_class` (a dataclass), `prunable` (a frozenset of what structured "
+            "pruning may remove, e.g. frozenset({'heads', 'ffn'}), or frozenset()) and `onnx_inputs` (a "
+            "tuple of ONNX input names, or () when the family does not export)"
         )
     return cls
 
@@ -60,11 +93,60 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def _lookup(name: str) -> Callable[..., nn.Module]:
+    if name not in _MODELS:
+        load_plugins()
     if name in _MODELS:
         return _MODELS[name]
     by_closeness = sorted(_MODELS, key=lambda other: -difflib.SequenceMatcher(None, name, other).ratio())
     hint = f" Did you mean {by_closeness[0]!r}?" if by_closeness else ""
     raise ValueError(f"unknown model {name!r}.{hint} Available models: {', '.join(by_closeness)}")
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    """The registered preset ``name`` with its family's declarations.
+
+    Raises:
+        ValueError: For an unknown name (the message suggests the closest and lists the others).
+    """
+    fn = _lookup(name)
+    cls = _model_class(fn)
+    return ModelEntry(name, fn, cls, cls.family, cls.config_class, cls.prunable, cls.onnx_inputs)
+
+
+def check_overrides(name: str, overrides: dict[str, Any], where: str = "model.overrides") -> None:
+    """Refuses overrides that are not fields of the model's config or have the wrong type, naming the
+    field, what was given and the closest field; run before any data is prepared.
+
+    Raises:
+        RecipeError: An unknown model, an unknown field or a value of the wrong type.
+    """
+    try:
+        entry = get_model_entry(name)
+    except ValueError as e:
+        raise RecipeError(f"invalid recipe:\n  model.name: {e}") from None
+    hints = typing.get_type_hints(entry.config_class)
+    for key, value in overrides.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, entry.fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(
+                f"invalid recipe:\n  {where}.{key}: not a field of {entry.config_class.__name__} (model "
+                f"{name!r}).{hint} Fields: {', '.join(entry.fields)}"
+            )
+        expected = hints[key]
+        if expected is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(expected, type):
+            ok = isinstance(value, expected)
+        else:  # a union or generic annotation: left to the config's own checks
+            ok = True
+        if not ok:
+            raise RecipeError(
+                f"invalid recipe:\n  {where}.{key}: must be {getattr(expected, '__name__', expected)}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -123,9 +205,10 @@ def model_info(name: str) -> dict[str, Any]:
 
 def check_types(config: Any) -> None:
     """Checks that every field holds its annotated primitive type (int, float, bool or str)."""
+    hints = typing.get_type_hints(type(config))  # resolves string annotations (``from __future__``)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        expected = field.type
+        expected = hints[field.name]
         if expected is float:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
         elif expected is int:

@@ -133,6 +133,8 @@ class Bert(nn.Module):
 
     family = "bert"
     config_class = BertConfig
+    prunable: frozenset[str] = frozenset({"heads", "ffn"})  # what structured pruning may remove
+    onnx_inputs: tuple[str, ...] = ("input_ids", "attention_mask")  # its ONNX export's inputs; () = no export
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()

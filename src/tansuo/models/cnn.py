@@ -74,6 +74,8 @@ class ResNet(nn.Module):
 
     family = "resnet"
     config_class = ResNetConfig
+    prunable: frozenset[str] = frozenset()  # what structured pruning may remove
+    onnx_inputs: tuple[str, ...] = ("pixels",)  # its ONNX export's inputs; () = no export
 
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()

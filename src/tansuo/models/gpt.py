@@ -97,6 +97,8 @@ class GPT(nn.Module):
 
     family = "gpt"
     config_class = GPTConfig
+    prunable: frozenset[str] = frozenset()  # what structured pruning may remove
+    onnx_inputs: tuple[str, ...] = ()  # its ONNX export's inputs; () = no export
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

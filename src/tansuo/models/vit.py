@@ -76,6 +76,8 @@ class ViT(nn.Module):
 
     family = "vit"
     config_class = ViTConfig
+    prunable: frozenset[str] = frozenset({"heads", "ffn"})  # what structured pruning may remove
+    onnx_inputs: tuple[str, ...] = ("pixels",)  # its ONNX export's inputs; () = no export
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()

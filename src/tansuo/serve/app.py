@@ -1,6 +1,7 @@
 """``tansuo serve``: a bundle behind HTTP (FastAPI on Uvicorn).
 
-Routes: the task's endpoint (``POST /v1/predict`` or ``POST /v1/generate``, see ``endpoints.py``),
+Routes: the task's endpoints (``POST /v1/predict`` or ``POST /v1/generate``: whatever the endpoint classes
+registered for the task declare, see ``endpoints.py``),
 ``GET /v1/model`` (the bundle's card), ``GET /health`` (the process answers), ``GET /ready`` (the model is
 loaded and warmed up), ``GET /metrics`` (Prometheus text), ``GET /`` (a page to try the model), and
 FastAPI's OpenAPI docs at ``/docs``. With an API key every ``/v1`` route needs
@@ -26,16 +27,16 @@ from typing import Any
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tansuo import __version__
-from tansuo.errors import TansuoError
-from tansuo.serve.batching import Batcher, BusyError
 from tansuo.bundle import Bundle
-from tansuo.serve.endpoints import ENDPOINTS, ApiError, Endpoint, Generate, Limits
-from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
+from tansuo.errors import TansuoError
 from tansuo.export.onnx import BACKENDS, model_for_backend
+from tansuo.serve.batching import Batcher, BusyError
+from tansuo.serve.endpoints import ApiError, Endpoint, Limits, Submit, endpoints_for
+from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,11 @@ class ServeConfig:
 
 
 class Server:
-    """The loaded model, its endpoint, batcher and metrics (one per process)."""
+    """The loaded model, its endpoints (each with its batcher: one worker thread owns the model per route)
+    and metrics (one per process). ``endpoint`` is the task's main endpoint (the first registered)."""
 
     def __init__(self, bundle: Bundle, config: ServeConfig, device: torch.device) -> None:
-        task_name = bundle.task.name
-        if task_name not in ENDPOINTS:
-            raise TansuoError(
-                f"{task_name!r} bundles cannot be served yet; served tasks: {sorted(ENDPOINTS)}"
-            )
+        classes = endpoints_for(bundle.task.name)
         if config.backend not in BACKENDS:
             raise TansuoError(f"--backend {config.backend!r} is unknown; use {' or '.join(BACKENDS)}")
         self.bundle, self.config, self.device = bundle, config, device
@@ -68,38 +66,51 @@ class Server:
         if config.backend == "onnxruntime" and getattr(bundle.model, "onnx_file", None) is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))  # the export goes here
         model = model_for_backend(bundle, config.backend, device, self._tmp)
-        self.endpoint: Endpoint = ENDPOINTS[task_name](bundle.task, model, device, config.limits)
+        self.endpoints: list[Endpoint] = [cls(bundle.task, model, device, config.limits) for cls in classes]
+        self.endpoint = self.endpoints[0]
         self.metrics = _metrics()
-        self.batcher = Batcher(
-            self._run,
-            max_batch=config.max_batch,
-            max_wait_ms=config.max_wait_ms,
-            fits=self.endpoint.fits,
-            on_batch=lambda n: self.metrics.observe("tansuo_batch_size", n, endpoint=self.endpoint.path),
-            max_queue=config.max_queue,
-            name="tansuo-model",
-        )
+        self.batchers = {e.path: self._batcher(e) for e in self.endpoints}
+        self.batcher = self.batchers[self.endpoint.path]
         self.ready = False
 
-    def _run(self, items: list[Any]) -> list[Any]:
+    def _batcher(self, endpoint: Endpoint) -> Batcher:
+        return Batcher(
+            lambda items: self._run(endpoint, items),
+            max_batch=self.config.max_batch,
+            max_wait_ms=self.config.max_wait_ms,
+            fits=endpoint.fits,
+            on_batch=lambda n: self.metrics.observe("tansuo_batch_size", n, endpoint=endpoint.path),
+            max_queue=self.config.max_queue,
+            name="tansuo-model",
+        )
+
+    def _run(self, endpoint: Endpoint, items: list[Any]) -> list[Any]:
         with torch.inference_mode():
-            results = self.endpoint.run(items)
-        if isinstance(self.endpoint, Generate):
-            self.metrics.inc("tansuo_generated_tokens_total", sum(r["tokens"] for r in results))
-        self.metrics.inc("tansuo_items_total", len(items), endpoint=self.endpoint.path)
+            results = endpoint.run(items)
+        tokens = endpoint.generated_tokens(results)
+        if tokens:
+            self.metrics.inc("tansuo_generated_tokens_total", tokens)
+        self.metrics.inc("tansuo_items_total", len(items), endpoint=endpoint.path)
         return results
 
+    def submit(self, endpoint: Endpoint) -> Submit:
+        """How ``endpoint``'s requests reach its batcher."""
+        return Submit(lambda: self.ready, self.batchers[endpoint.path].submit, self.config.limits.timeout_s)
+
     def start(self) -> None:
-        """Warms the model up (first calls are slow) and starts the worker; then the server is ready."""
+        """Warms the model up (first calls are slow) and starts the workers; then the server is ready."""
         started = time.perf_counter()
-        self._run(self.endpoint.warm_up_items())
-        self.batcher.start()
+        for endpoint in self.endpoints:
+            self._run(endpoint, endpoint.warm_up_items())
+        for batcher in self.batchers.values():
+            batcher.start()
         self.ready = True
         log.info("ready in %.2f s", time.perf_counter() - started)
 
     def stop(self) -> None:
         self.ready = False
-        self.batcher.stop()
+        for batcher in self.batchers.values():
+            batcher.stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -108,6 +119,7 @@ class Server:
         return {
             "task": self.bundle.task.name,
             "endpoint": self.endpoint.path,
+            "endpoints": [e.path for e in self.endpoints],
             "input": self.endpoint.input_kind,
             "model_name": cfg.get("model_name"),
             "family": cfg.get("family"),
@@ -169,8 +181,6 @@ def create_app(server: Server) -> Any:
         lifespan=lifespan,
         description=f"Serving {server.bundle.path.name}. Errors are JSON objects with an 'error' message.",
     )
-    endpoint = server.endpoint
-    timeout = server.config.limits.timeout_s
 
     async def authorize(request: Request) -> None:
         key = server.config.api_key
@@ -205,41 +215,8 @@ def create_app(server: Server) -> Any:
     async def _busy(request: Request, e: BusyError) -> JSONResponse:
         return _error(503, f"server busy: {e}", {"Retry-After": "1"})
 
-    async def run(items: list[Any]) -> list[Any]:
-        if not server.ready:
-            raise ApiError(503, "the model is not ready yet; poll GET /ready")
-        try:
-            return await asyncio.wait_for(server.batcher.submit(items), timeout)
-        except TimeoutError:
-            raise ApiError(504, f"the model did not answer within {timeout:g} s (--timeout)") from None
-
-    request_model = endpoint.request_model
-
-    if isinstance(endpoint, Generate):
-
-        @app.post(endpoint.path, dependencies=guarded, summary="Continue a prompt")
-        async def generate(body: request_model) -> Any:  # type: ignore[valid-type]
-            (job,) = endpoint.items(body)
-            if not body.stream:
-                return endpoint.respond(body, await run([job]))
-            if not server.ready:
-                raise ApiError(503, "the model is not ready yet; poll GET /ready")
-            loop = asyncio.get_running_loop()
-            tokens: asyncio.Queue[int] = asyncio.Queue()
-            job.on_token = lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)
-            done = asyncio.ensure_future(asyncio.wait_for(server.batcher.submit([job]), timeout))
-            return StreamingResponse(
-                endpoint.stream(job, done, tokens),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-
-    else:
-
-        @app.post(endpoint.path, dependencies=guarded, summary="Predict")
-        async def predict(body: request_model) -> Any:  # type: ignore[valid-type]
-            items = endpoint.items(body)
-            return endpoint.respond(body, await run(items))
+    for endpoint in server.endpoints:
+        _add_route(app, endpoint, server.submit(endpoint), guarded)
 
     @app.get("/v1/model", dependencies=guarded, summary="The bundle's card")
     async def model_card() -> dict[str, Any]:
@@ -265,8 +242,27 @@ def create_app(server: Server) -> Any:
     async def try_it() -> HTMLResponse:
         return HTMLResponse(page)
 
-    routes = {endpoint.path, "/v1/model", "/health", "/ready", "/metrics", "/", "/docs", "/openapi.json"}
+    routes = {
+        *(e.path for e in server.endpoints),
+        "/v1/model",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/",
+        "/docs",
+        "/openapi.json",
+    }
     return _Guard(app, server.metrics, server.config.limits.max_body_bytes, routes)
+
+
+def _add_route(app: FastAPI, endpoint: Endpoint, submit: Submit, guarded: list[Any]) -> None:
+    """``POST endpoint.path``: the body validated against the endpoint's request model, then its answer."""
+    request_model = endpoint.request_model
+
+    async def handle(body: request_model) -> Any:  # type: ignore[valid-type]
+        return await endpoint.answer(body, submit)
+
+    app.post(endpoint.path, dependencies=guarded, summary=endpoint.summary)(handle)
 
 
 def _is_json(scope: dict) -> bool:

@@ -2,7 +2,12 @@
 
 A task turns records into batches, a batch into a loss, a split into metrics, and user input into
 predictions. The trainer, checkpoints, bundles and the CLI only talk to this protocol, so a new task
-(``classify``, ``translate``, ``recommend``) is one new module plus one line in ``tasks/__init__.py``.
+(``classify``, ``translate``, ``recommend``) is one module whose class is decorated with
+:func:`register_task`; a module outside the package joins through :mod:`tansuo.plugins`.
+
+Optional abilities are declared in ``abilities`` (:data:`GENERATE`: the task has ``generate``; :data:`ONNX`:
+its predictions run on the model's plain forward, so an ONNX export can stand in for the model), never
+probed. :class:`TaskBase` gives the protocol's defaults.
 
 Batches are plain ``dict[str, torch.Tensor]`` on the CPU; the trainer moves them to the device. Training
 batches are a pure function of ``(seed, micro_step)``: resuming at a step needs no sampler state and gives
@@ -11,15 +16,24 @@ the same batches as an uninterrupted run.
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
+from tansuo.errors import RecipeError, TansuoError
+from tansuo.plugins import load_plugins
+
 Batch = dict[str, torch.Tensor]
+
+#: abilities a task may declare
+GENERATE = "generate"  #: ``generate(model, prompt, ...)`` continues a prompt (``tansuo generate``)
+ONNX = "onnx"  #: predictions use only the model's forward, so an ONNX Runtime model can stand in
 
 
 def batch_seed(seed: int, n: int, salt: int = 0) -> int:
@@ -40,6 +54,8 @@ class Task(Protocol):
     unit: ClassVar[str]
     #: the split ``tansuo eval`` uses: data the model never trained or was selected on when one exists
     heldout_split: ClassVar[str]
+    #: optional abilities (:data:`GENERATE`, :data:`ONNX`)
+    abilities: ClassVar[frozenset[str]]
 
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> Task:
@@ -92,3 +108,90 @@ class Task(Protocol):
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         """Predictions for what a person typed: file paths for images, texts for text tasks."""
         ...
+
+    def read_inputs(self, path: Path) -> list[str]:
+        """Inputs for ``predict`` read from a file (``tansuo predict --input FILE``)."""
+        ...
+
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        """One line (or a few) of plain text for a person, from one ``predict`` result."""
+        ...
+
+    def example_input(self, model: nn.Module, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        """Positional arguments of ``model`` for one batch of ``batch_size`` typical inputs (``seq_len``
+        tokens for text): what measurement times and what ONNX export traces."""
+        ...
+
+
+T = TypeVar("T", bound=type)
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: T) -> T:
+    """Registers a task class under its ``name``. Use as a class decorator.
+
+    Raises:
+        ValueError: If another class already holds the name.
+    """
+    previous = TASKS.get(cls.name)
+    if (
+        previous is not None
+        and previous.__qualname__ + previous.__module__ != cls.__qualname__ + cls.__module__
+    ):
+        raise ValueError(f"task {cls.name!r} is already registered by {previous.__module__}")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: Any) -> type[Task]:
+    """The task class registered as ``name`` (plugins are loaded first if it is not known yet).
+
+    Raises:
+        RecipeError: For an unknown name, suggesting the closest and listing the others.
+    """
+    if name not in TASKS:
+        load_plugins()
+    if name in TASKS:
+        return TASKS[name]
+    close = difflib.get_close_matches(str(name), list(TASKS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {name!r}).{hint}")
+
+
+class TaskBase:
+    """The protocol's defaults, for tasks to subclass: no optional abilities, inputs as arguments only,
+    predictions printed as JSON, ``task.json`` from :meth:`state`, the model's own example input."""
+
+    name: ClassVar[str]
+    abilities: ClassVar[frozenset[str]] = frozenset()
+    seed: int
+    data: BaseModel
+
+    def state(self) -> dict[str, Any]:
+        """What ``task.json`` records besides the task name, seed and data section (labels, sizes)."""
+        return {}
+
+    def save_assets(self, bundle_dir: Path) -> None:
+        """Files the task needs in a bundle besides ``task.json`` (a tokenizer)."""
+
+    def save(self, bundle_dir: Path) -> None:
+        info = {"task": self.name, "seed": self.seed, "data": self.data.model_dump(), **self.state()}
+        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        self.save_assets(bundle_dir)
+
+    def read_inputs(self, path: Path) -> list[str]:
+        raise TansuoError(f"{self.name!r} bundles take their inputs as arguments, not --input")
+
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        return json.dumps(row)
+
+    def example_input(self, model: nn.Module, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        return (model.example_input(batch_size),)
+
+
+def format_probabilities(row: dict[str, Any], top: int) -> str:
+    """``input  ->  label  (a: 0.900  b: 0.100)`` for a classifier's prediction."""
+    probs = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:top]
+    shown = "  ".join(f"{k}: {v:.3f}" for k, v in probs)
+    return f"{row['input']}  ->  {row['label']}  ({shown})"

@@ -42,8 +42,8 @@ from tansuo.data import (
     split_indices,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import Batch, batch_seed
-from tansuo.tasks.metrics import classification_metrics, per_class_report
+from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
+from tansuo.tasks.metrics import classifier_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class _Encoded:
         return len(self.ids)
 
 
-class ClassifyTask:
+@register_task
+class ClassifyTask(TaskBase):
     """Label texts (or text pairs) with one of a fixed set of classes, using a BERT encoder."""
 
     name: ClassVar[str] = "classify"
@@ -125,6 +126,7 @@ class ClassifyTask:
     unit: ClassVar[str] = "samples"
     #: the class default; each instance says "val" when it has no test split (train and val files only)
     heldout_split: ClassVar[str] = "test"
+    abilities: ClassVar[frozenset[str]] = frozenset({ONNX})
 
     def __init__(self, data: ClassifyDataConfig, seed: int, tokenizer: Tokenizer, labels: list[str]) -> None:
         self.data, self.seed, self.tokenizer, self.labels = data, seed, tokenizer, labels
@@ -312,19 +314,19 @@ class ClassifyTask:
             idx = order[i : i + batch_size]
             batch = {k: v.to(device) for k, v in self._collate(part, idx).items()}
             logits[torch.from_numpy(idx)] = self._logits(model, batch).float().cpu()
-        metrics: dict[str, Any] = dict(classification_metrics(logits, part.labels))
-        metrics.update(per_class_report(logits.argmax(-1), part.labels, self.labels))
-        return metrics
+        return classifier_metrics(logits, part.labels, self.labels)
 
-    def save(self, bundle_dir: Path) -> None:
-        info = {
-            "task": self.name,
-            "seed": self.seed,
-            "data": self.data.model_dump(),
-            "labels": self.labels,
-        }
-        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    def state(self) -> dict[str, Any]:
+        return {"labels": self.labels}
+
+    def save_assets(self, bundle_dir: Path) -> None:
         save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
+
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        return format_probabilities(row, top)
+
+    def example_input(self, model: nn.Module, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+        return (model.example_input(batch_size, seq_len=seq_len),)
 
     @torch.no_grad()
     def read_inputs(self, path: str | Path) -> list[str]:

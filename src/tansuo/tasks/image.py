@@ -30,8 +30,8 @@ from tansuo.data import (
     split_indices,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import Batch, batch_seed
-from tansuo.tasks.metrics import classification_metrics, per_class_report
+from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
+from tansuo.tasks.metrics import classifier_metrics
 
 SPLITS = ("train", "val", "test")
 
@@ -79,7 +79,8 @@ def load_arrays(data: ImageDataConfig) -> ImageArrays:
     )
 
 
-class ImageTask:
+@register_task
+class ImageTask(TaskBase):
     """Classify small images into a fixed set of classes."""
 
     name: ClassVar[str] = "image"
@@ -87,6 +88,7 @@ class ImageTask:
     default_metric: ClassVar[str] = "accuracy"
     unit: ClassVar[str] = "samples"
     heldout_split: ClassVar[str] = "test"
+    abilities: ClassVar[frozenset[str]] = frozenset({ONNX})
 
     def __init__(
         self, data: ImageDataConfig, seed: int, info: dict[str, Any], arrays: ImageArrays | None
@@ -191,26 +193,23 @@ class ImageTask:
         model.eval()
         logits = torch.cat(
             [
-                model(self.normalize(images[i : i + 256]).to(device)).float().cpu()
-                for i in range(0, len(labels), 256)
+                model(self.normalize(images[i : i + batch_size]).to(device)).float().cpu()
+                for i in range(0, len(labels), batch_size)
             ]
         )
-        metrics: dict[str, Any] = dict(classification_metrics(logits, labels, self.data.top_k))
-        metrics.update(per_class_report(logits.argmax(-1), labels, self.class_names))
-        return metrics
+        return classifier_metrics(logits, labels, self.class_names, self.data.top_k)
 
-    def save(self, bundle_dir: Path) -> None:
-        info = {
-            "task": self.name,
-            "seed": self.seed,
-            "data": self.data.model_dump(),
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        return format_probabilities(row, top)
+
+    def state(self) -> dict[str, Any]:
+        return {
             "class_names": self.class_names,
             "image_shape": list(self.image_shape),
             "pixel_max": self.pixel_max,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
         }
-        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:

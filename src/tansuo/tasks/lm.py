@@ -9,15 +9,12 @@ windows. nanoGPT's ``estimate_loss`` averages 200 batches of 12 such windows.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,13 +27,12 @@ from tansuo.data import (
     lm_batch,
     load_tokenizer,
     save_tokenizer,
-    token_file_is_current,
-    token_splits,
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import Batch, batch_seed
+from tansuo.tasks.base import GENERATE, Batch, batch_seed, register_task
+from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
 
 DATA_HINT = "pass --data PATH to a UTF-8 plain-text file (e.g. tiny shakespeare's input.txt)"
 
@@ -56,21 +52,14 @@ class LMDataConfig(BaseModel):
     eval_windows: int = Field(2400, gt=0, description="random windows per evaluation (nanoGPT: 200 x 12)")
 
 
-class LMTask:
+@register_task
+class LMTask(TokenCorpusTask):
     """Next-token prediction with a causal decoder (GPT)."""
 
     name: ClassVar[str] = "lm"
     DataConfig: ClassVar[type[BaseModel]] = LMDataConfig
     default_metric: ClassVar[str] = "loss"
-    unit: ClassVar[str] = "tokens"
-    heldout_split: ClassVar[str] = "val"
-
-    def __init__(self, data: LMDataConfig, seed: int, tokenizer: Any, work_dir: Path | None) -> None:
-        self.data, self.seed, self.tokenizer = data, seed, tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
-        self._work_dir = work_dir
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._splits: tuple[np.ndarray, np.ndarray] | None = None
+    abilities: ClassVar[frozenset[str]] = frozenset({GENERATE})
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -81,7 +70,7 @@ class LMTask:
         tok_path, tokens_path = work_dir / "tokenizer.json", work_dir / "tokens.bin"
         if data.tokenizer not in ("char", "bpe"):
             tokenizer = load_tokenizer(data.tokenizer)
-        elif tok_path.is_file() and _current(source, tokens_path, load_tokenizer(tok_path)):
+        elif tok_path.is_file() and tokens_are_current(source, tokens_path, load_tokenizer(tok_path)):
             tokenizer = load_tokenizer(tok_path)  # same corpus as last time: reuse vocabulary and tokens
         elif data.tokenizer == "char":
             tokenizer = train_char_tokenizer(iter_text_chunks(source, hint=DATA_HINT))
@@ -92,42 +81,15 @@ class LMTask:
         task._prepare(source)
         return task
 
-    @classmethod
-    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> LMTask:
-        info = json.loads((bundle_dir / "task.json").read_text(encoding="utf-8"))
-        data = LMDataConfig.model_validate(info["data"])
-        if data_path is not None:
-            data = data.model_copy(update={"path": data_path})
-        return cls(data, info["seed"], load_tokenizer(bundle_dir / "tokenizer.json"), work_dir=None)
+    def corpus(self, work_dir: Path) -> Path:
+        return _source(self.data.path)
 
-    def _prepare(self, source: Path) -> None:
-        if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
-            self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-lm-")
-            self._work_dir = Path(self._tmp.name)
-        self._splits = token_splits(
-            source,
-            self.tokenizer,
-            self._work_dir / "tokens.bin",
-            self.data.train_fraction,
-            need=self.data.block_size + 1,
-            field="block_size",
-            value=self.data.block_size,
-        )
-
-    def _split(self, split: str) -> np.ndarray:
-        if self._splits is None:
-            self._prepare(_source(self.data.path))
-        assert self._splits is not None
-        if split not in ("train", "val"):
-            raise DataError(f"the lm task has splits 'train' and 'val', not {split!r}")
-        return self._splits[0] if split == "train" else self._splits[1]
+    def window(self) -> tuple[int, str, int]:
+        return self.data.block_size + 1, "block_size", self.data.block_size
 
     # ------------------------------------------------------------ Task protocol
     def model_overrides(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "max_seq_len": self.data.block_size}
-
-    def steps_per_epoch(self, batch_size: int) -> int | None:
-        return None
 
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
         tokens = self._split("train")
@@ -161,15 +123,11 @@ class LMTask:
         loss = total / len(x)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
-    def save(self, bundle_dir: Path) -> None:
-        info = {
-            "task": self.name,
-            "seed": self.seed,
-            "data": self.data.model_dump(),
-            "vocab_size": self.vocab_size,
-        }
-        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
+    def state(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size}
+
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        return row["text"]
 
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         return [{"prompt": p, "text": self.generate(model, p, device=device)} for p in inputs]
@@ -200,10 +158,6 @@ class LMTask:
         )
         text = decode(self.tokenizer, out[0].tolist())
         return text if prompt else text[len(decode(self.tokenizer, ids)) :]
-
-
-def _current(source: Path, tokens_path: Path, tokenizer: Any) -> bool:
-    return token_file_is_current(source, tokens_path, tokenizer.get_vocab_size(), tokenizer=tokenizer)
 
 
 def _source(path: str | None) -> Path:

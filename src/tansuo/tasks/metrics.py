@@ -45,3 +45,12 @@ def per_class_report(pred: torch.Tensor, target: torch.Tensor, labels: list[str]
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
     return {"per_class": per_class, "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()}}
+
+
+def classifier_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, names: list[str], top_k: int = 5
+) -> dict[str, Any]:
+    """Everything a classifier's ``evaluate`` reports: accuracy, macro-F1, top-k, per class, confusion."""
+    metrics: dict[str, Any] = dict(classification_metrics(logits, labels, top_k))
+    metrics.update(per_class_report(logits.argmax(-1), labels, names))
+    return metrics

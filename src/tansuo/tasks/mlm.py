@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -40,11 +39,10 @@ from tansuo.data import (
     load_tokenizer,
     mask_tokens,
     save_tokenizer,
-    token_file_is_current,
-    token_splits,
 )
 from tansuo.errors import DataError, TansuoError
-from tansuo.tasks.base import Batch, batch_seed
+from tansuo.tasks.base import Batch, batch_seed, register_task
+from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
 
 DATA_HINT = "pass --data PATH to a UTF-8 plain-text file (any corpus: one document after another)"
 IGNORE = -100
@@ -75,18 +73,16 @@ class MLMDataConfig(BaseModel):
     eval_windows: int = Field(512, gt=0, description="fixed windows per evaluation")
 
 
-class MLMTask:
+@register_task
+class MLMTask(TokenCorpusTask):
     """Masked-token prediction with a BERT encoder and its MLM head."""
 
     name: ClassVar[str] = "mlm"
     DataConfig: ClassVar[type[BaseModel]] = MLMDataConfig
     default_metric: ClassVar[str] = "loss"
-    unit: ClassVar[str] = "tokens"
-    heldout_split: ClassVar[str] = "val"
 
     def __init__(self, data: MLMDataConfig, seed: int, tokenizer: Tokenizer, work_dir: Path | None) -> None:
-        self.data, self.seed, self.tokenizer = data, seed, tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
+        super().__init__(data, seed, tokenizer, work_dir)
         ids = {t: tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]")}
         missing = [t for t, i in ids.items() if i is None and t != "[PAD]"]
         if missing:
@@ -96,9 +92,6 @@ class MLMTask:
             )
         self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
         self.pad_id = ids["[PAD]"] if ids["[PAD]"] is not None else 0
-        self._work_dir = work_dir
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._splits: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -112,7 +105,7 @@ class MLMTask:
         spec_path = work_dir / "tokenizer-spec.json"
         same = spec_path.is_file() and json.loads(spec_path.read_text(encoding="utf-8")) == wanted
         cached = load_tokenizer(tok_path) if trained and same and tok_path.is_file() else None
-        if cached is not None and _current(source, tokens_path, cached):
+        if cached is not None and tokens_are_current(source, tokens_path, cached):
             tokenizer = cached  # same corpus and settings: reuse vocabulary and tokens
         else:
             tokenizer = encoder_tokenizer(
@@ -127,38 +120,12 @@ class MLMTask:
         task._prepare(source)
         return task
 
-    @classmethod
-    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> MLMTask:
-        info = json.loads((bundle_dir / "task.json").read_text(encoding="utf-8"))
-        data = MLMDataConfig.model_validate(info["data"])
-        if data_path is not None:
-            data = data.model_copy(update={"path": data_path})
-        return cls(data, info["seed"], load_tokenizer(bundle_dir / "tokenizer.json"), work_dir=None)
+    def corpus(self, work_dir: Path) -> Path:
+        return _corpus(self.data, work_dir)
 
-    def _prepare(self, source: Path | None = None) -> None:
-        """Token splits of ``source`` (default: the corpus ``data`` names)."""
-        if self._work_dir is None:  # loaded from a bundle: encode into a scratch folder on first use
-            self._tmp = tempfile.TemporaryDirectory(prefix="tansuo-mlm-")
-            self._work_dir = Path(self._tmp.name)
-        if source is None:
-            source = _corpus(self.data, self._work_dir)
-        self._splits = token_splits(
-            source,
-            self.tokenizer,
-            self._work_dir / "tokens.bin",
-            self.data.train_fraction,
-            need=self.data.max_seq_len - 1,  # a window of max_seq_len - 2 tokens, plus lm_batch's one more
-            field="max_seq_len",
-            value=self.data.max_seq_len,
-        )
-
-    def _split(self, split: str) -> np.ndarray:
-        if self._splits is None:
-            self._prepare()
-        assert self._splits is not None
-        if split not in ("train", "val"):
-            raise DataError(f"the mlm task has splits 'train' and 'val', not {split!r}")
-        return self._splits[0] if split == "train" else self._splits[1]
+    def window(self) -> tuple[int, str, int]:
+        # a window of max_seq_len - 2 tokens, plus lm_batch's one more
+        return self.data.max_seq_len - 1, "max_seq_len", self.data.max_seq_len
 
     def _batch(self, tokens: np.ndarray, batch_size: int, generator: torch.Generator) -> Batch:
         """``batch_size`` random windows as ``[CLS] window [SEP]``, corrupted; all from ``generator``."""
@@ -184,9 +151,6 @@ class MLMTask:
     def model_overrides(self) -> dict[str, Any]:
         # not max_seq_len: a pretrained table of 512 positions must keep its shape to load; _features checks
         return {"vocab_size": self.vocab_size, "num_classes": 0}  # no classification head to train
-
-    def steps_per_epoch(self, batch_size: int) -> int | None:
-        return None
 
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
         tokens = self._split("train")
@@ -242,10 +206,12 @@ class MLMTask:
         loss = total / max(1, n)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, n)}
 
-    def save(self, bundle_dir: Path) -> None:
-        info = {"task": self.name, "seed": self.seed, "data": self.data.model_dump()}
-        (bundle_dir / "task.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
+    def format_prediction(self, row: dict[str, Any], top: int) -> str:
+        lines = [f"{row['input']}  ->  {row['text']}"]
+        for i, candidates in enumerate(row["masks"], 1):
+            shown = "  ".join(f"{c['token']}: {c['probability']:.3f}" for c in candidates[:top])
+            lines.append(f"  [MASK] {i}: {shown}")
+        return "\n".join(lines)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
@@ -283,10 +249,6 @@ class MLMTask:
                 }
             )
         return out
-
-
-def _current(source: Path, tokens_path: Path, tokenizer: Tokenizer) -> bool:
-    return token_file_is_current(source, tokens_path, tokenizer.get_vocab_size(), tokenizer=tokenizer)
 
 
 def _corpus(data: MLMDataConfig, work_dir: Path) -> Path:

@@ -1,22 +1,27 @@
-"""What precedes training a recipe: seeds, the task from its data, the model, its initial weights.
+"""Training a recipe: seeds, the task from its data, the model, its initial weights, the trainer, the fit.
 
-One function, :func:`build_run`, shared by ``tansuo train``, explore's trials and the benchmarks, so that a
-trial or a benchmark trains exactly what ``tansuo train`` would from the same recipe.
+:func:`train_recipe` is the one sequence ``tansuo train``, explore's trials and the benchmarks share, so that
+a trial or a benchmark trains exactly what ``tansuo train`` would from the same recipe; :func:`build_run` is
+its first half (everything before the :class:`~tansuo.train.trainer.Trainer`). The recipe comes validated,
+from :func:`tansuo.recipe.load_recipe` (a file, ``--set`` overrides, ``--data-dir``) or
+:func:`tansuo.recipe.validate_recipe` (a mapping).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from tansuo.device import seed_everything
 from tansuo.errors import RecipeError
 from tansuo.models import create_model
 from tansuo.models.init import InitReport, load_initial_weights
 from tansuo.recipe import Recipe
-from tansuo.tasks import TASKS
+from tansuo.tasks import get_task
 from tansuo.tasks.base import Task
-from tansuo.device import seed_everything
+from tansuo.train.trainer import Trainer
 
 
 @dataclass
@@ -35,10 +40,68 @@ def build_run(rec: Recipe, data_cfg: Any, data_root: Path) -> RunSetup:
         RecipeError: The overrides do not build the model (an unknown field, an invalid combination).
     """
     seed_everything(rec.seed)
-    task = TASKS[rec.task].from_recipe(data_cfg, rec.seed, data_root)
+    task = get_task(rec.task).from_recipe(data_cfg, rec.seed, data_root)
     try:
         model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
     except (ValueError, TypeError) as e:
         raise RecipeError(f"invalid recipe:\n  model: {e}") from None
     init = load_initial_weights(model, rec.model.init_from) if rec.model.init_from else None
     return RunSetup(task, model, init)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_recipe` returns."""
+
+    result: dict[str, Any]  # Trainer.fit's: the best bundle's metrics by split, "step" and "bundle"
+    task: Task
+    model: nn.Module
+    init: InitReport | None  # what ``model.init_from`` loaded; None without it
+    trainer: Trainer  # after the fit: its device, plan, step and run folder
+
+    @property
+    def bundle(self) -> Path:
+        """The best bundle's folder."""
+        return Path(self.result["bundle"])
+
+
+def train_recipe(
+    rec: Recipe,
+    data_cfg: Any,
+    *,
+    data_root: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_built: Callable[[RunSetup], None] | None = None,
+    on_start: Callable[[Trainer], None] | None = None,
+) -> TrainResult:
+    """Train a validated recipe as ``tansuo train`` does: :func:`build_run`, a
+    :class:`~tansuo.train.trainer.Trainer` writing into ``rec.train.out_dir`` (checkpoint, metrics.jsonl,
+    the best bundle), then its ``fit``.
+
+    Args:
+        rec: the validated recipe (:func:`tansuo.recipe.load_recipe`).
+        data_cfg: the task's validated data config (the second half of what ``load_recipe`` returns).
+        data_root: where the task writes its prepared data files (default: ``<out_dir>/data``).
+        resume: continue from the run folder's last checkpoint.
+        progress: show the trainer's progress bar.
+        on_built: called with the task, model and init report once they exist, before the trainer is made.
+        on_start: called with the trainer just before ``fit`` (to show its device and plan, or to keep it
+            and tell where an interrupted run stopped: ``trainer.step``, ``trainer.checkpoint_path``).
+
+    Raises:
+        RecipeError: The overrides do not build the model (from :func:`build_run`), or the recipe's
+            ``train.best_metric`` is not one the task computes.
+        TrainingDiverged: The loss became NaN or infinite.
+    """
+    root = Path(rec.train.out_dir) / "data" if data_root is None else Path(data_root)
+    run = build_run(rec, data_cfg, root)
+    if on_built is not None:
+        on_built(run)
+    trainer = Trainer(
+        run.task, run.model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=progress
+    )
+    if on_start is not None:
+        on_start(trainer)
+    result = trainer.fit(resume=resume)
+    return TrainResult(result, run.task, run.model, run.init, trainer)

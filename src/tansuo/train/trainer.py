@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from tansuo.bundle import save_bundle, update_bundle_metrics
+from tansuo.device import autocast, resolve_device
 from tansuo.errors import RecipeError, TrainingDiverged
 from tansuo.recipe import TrainConfig
-from tansuo.bundle import save_bundle, update_bundle_metrics
 from tansuo.tasks.base import Batch, Task
 from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
-from tansuo.device import autocast, resolve_device
 from tansuo.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,11 @@ import pytest
 import torch
 import yaml
 
-from tansuo.compress.quantize import Int8DynamicLinear
-from tansuo.compress.run import Variant, choose, load_compress_recipe, parse_prune
-from tansuo.errors import BundleError, RecipeError
 from tansuo.bundle import load_bundle
-from tests.conftest import image_recipe
-from tests.test_cli import run
-from tests.train.test_trainer import make_trainer
+from tansuo.compress.quantize import Int8DynamicLinear
+from tansuo.errors import BundleError, RecipeError
+from tansuo.variants import Variant, choose, load_compress_recipe, parse_prune
+from tests.helpers import image_recipe, make_trainer, run
 
 
 def _v(name: str, quality: float, latency: float, size: int) -> Variant:
@@ -127,7 +125,7 @@ def test_nothing_qualifies_keeps_the_original_and_exits_non_zero(
         ],
         "chosen": None,
     }
-    monkeypatch.setattr("tansuo.compress.run.compress", lambda *a, **k: fake)
+    monkeypatch.setattr("tansuo.variants.compress", lambda *a, **k: fake)
     out = tmp_path / "c"
     args = ["compress", str(image_bundle), "--quantize", "int8", "--max-drop", "0.1", "--out", str(out)]
     code, text, _ = run(args, monkeypatch, capsys)
@@ -166,7 +164,7 @@ def test_distill_without_a_preset_copies_the_teachers_own_architecture(
     image_npz: Path, tmp_path: Path
 ) -> None:
     # the teacher was trained with overrides; the student is that architecture, with the step's changes
-    from tansuo.compress.run import DistillStep, build_student
+    from tansuo.variants import DistillStep, build_student
 
     recipe = image_recipe(image_npz, tmp_path / "run", max_steps=2, eval_every=2)
     recipe["model"]["overrides"] = {"embed_dim": 24, "num_heads": 3, "mlp_ratio": 2}

@@ -1,0 +1,74 @@
+"""The report of a ``tansuo compress`` run: the table of every variant's figures, and report.md.
+
+``report`` is the mapping :func:`tansuo.variants.pipeline.compress` returns and writes to report.json: the
+input bundle, the validated recipe, one entry per variant (name, path, steps, figures) and the choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["COLUMNS", "HEADERS", "report_markdown", "rows"]
+
+#: (figure key, column title, formatter) of the table, in order
+COLUMNS = (
+    ("quality", "quality", lambda v: f"{100 * v:.2f}"),
+    ("latency_ms_p50", "p50 ms", lambda v: f"{v:.2f}"),
+    ("latency_ms_p95", "p95 ms", lambda v: f"{v:.2f}"),
+    ("throughput_per_s", "items/s", lambda v: f"{v:.1f}"),
+    ("size_bytes", "size MB", lambda v: f"{v / 1e6:.1f}"),
+    ("size_zipped_bytes", "zipped MB", lambda v: f"{v / 1e6:.1f}"),
+    ("params", "params", lambda v: f"{v / 1e6:.2f}M"),
+    ("peak_rss_mb", "peak MB", lambda v: f"{v:.0f}"),
+)
+
+
+def rows(report: dict[str, Any]) -> list[list[str]]:
+    """Table rows (variant, steps, each column, speed-up and drop against the original)."""
+    ref = report["variants"][0]
+    out = []
+    for v in report["variants"]:
+        cells = [v["name"], " + ".join(v["steps"]) or "fp32 reference"]
+        cells += [fmt(v[key]) if key in v else "-" for key, _, fmt in COLUMNS]
+        cells.append(f"{ref['latency_ms_p50'] / v['latency_ms_p50']:.2f}x")
+        cells.append(f"{100 * (ref['quality'] - v['quality']):+.2f}")
+        out.append(cells)
+    return out
+
+
+HEADERS = ["variant", "steps", *(title for _, title, _ in COLUMNS), "speed-up", "drop (pts)"]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the table, the threads and input used, and the choice."""
+    ref = report["variants"][0]
+    lines = [
+        f"# Compression of {report['bundle']}",
+        "",
+        f"Quality: {ref.get('metric', 'quality')} on the {ref.get('split', 'held-back')} split (x100). "
+        f"Latency: batch 1 ({ref.get('input_tokens') or 'one image'} tokens), median and p95 of "
+        f"{report['recipe']['reps']} calls; throughput at batch {report['recipe']['large_batch']}; "
+        f"{ref['threads']} threads.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
+    lines.append("")
+    if any(s.get("unstructured") for s in report["recipe"]["steps"]):
+        lines += [
+            "Unstructured pruning zeroes weights: the zipped size shrinks, but dense CPU kernels do the same "
+            "work on zeros, so neither latency nor the size on disk improves.",
+            "",
+        ]
+    max_drop = report["recipe"]["max_drop"]
+    if report["chosen"] is None:
+        lines.append(f"No variant stays within {max_drop} points of the original; the original stays.")
+    else:
+        why = (
+            "the last step"
+            if max_drop is None
+            else f"the {report['recipe']['objective']} winner within {max_drop} points"
+        )
+        lines.append(f"Chosen: {report['chosen']} ({why}), written to {report.get('chosen_bundle')}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""The ``tansuo compress`` recipe: a list of steps applied in order, each to the previous step's result::
+
+    steps:
+      - {step: distill, into: minilm_l6, overrides: {num_layers: 3}, alpha: 0.5, temperature: 2.0}
+      - {step: prune, heads: 0.25, ffn: 0.5, importance: taylor, finetune_steps: 500}
+      - {step: quantize, mode: int8}
+    max_drop: 1.0          # quality points; omit to keep the last variant whatever it costs
+    objective: latency     # what "most compressed" means: latency (batch 1, p50) or size
+
+Each step is a pydantic model told apart by its ``step`` literal; :mod:`tansuo.variants.pipeline` runs it.
+Explore recipes (:mod:`tansuo.explore.schema`) take the same steps as their compression variants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tansuo.errors import RecipeError
+
+__all__ = [
+    "CompressRecipe",
+    "DistillStep",
+    "PruneStep",
+    "QuantizeStep",
+    "Step",
+    "describe",
+    "load_compress_recipe",
+    "parse_prune",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantizeStep(_Strict):
+    step: Literal["quantize"]
+    mode: Literal["int8"] = "int8"
+    #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
+    skip: list[str] = Field(default_factory=list)
+    #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
+    #: logits on calibration batches the higher signal-to-noise ratio against fp32
+    reduce_range: Literal["auto", True, False] = "auto"
+    #: torch: fbgemm int8 Linear layers in the PyTorch model; onnxruntime: the model exported to ONNX and
+    #: quantized by ONNX Runtime (families that declare onnx_inputs: bert, vit, resnet); auto: the faster here
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    #: activation ranges per sample (predictions independent of the batch) or per batch (quantize_dynamic)
+    per_sample: bool = True
+    calibration_batches: int = Field(4, gt=0, description="training batches for reduce_range=auto")
+
+    def describe(self) -> str:
+        return self.mode
+
+
+class PruneStep(_Strict):
+    step: Literal["prune"]
+    heads: float = Field(0.0, ge=0, lt=1, description="fraction of all attention heads to remove")
+    ffn: float = Field(0.0, ge=0, lt=1, description="fraction of all feed-forward neurons to remove")
+    unstructured: float | None = Field(None, gt=0, lt=1, description="global magnitude sparsity instead")
+    importance: Literal["magnitude", "taylor"] = "taylor"
+    score_batches: int = Field(16, gt=0, description="training batches for taylor importance")
+    finetune_steps: int = Field(0, ge=0, description="optimizer steps of fine-tuning after pruning")
+    distill: bool = Field(True, description="fine-tune with the unpruned model as the teacher")
+    alpha: float = Field(0.5, ge=0, le=1, description="hard-label weight when fine-tuning with a teacher")
+    temperature: float = Field(2.0, gt=0)
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the bundle's train section")
+
+    @model_validator(mode="after")
+    def _something(self) -> PruneStep:
+        if self.unstructured is None and self.heads == 0 and self.ffn == 0:
+            raise ValueError("give heads and/or ffn (structured) or unstructured (a sparsity)")
+        if self.unstructured is not None and (self.heads or self.ffn):
+            raise ValueError("structured (heads, ffn) and unstructured pruning are separate steps")
+        return self
+
+    def describe(self) -> str:
+        if self.unstructured is not None:
+            return f"unstructured {self.unstructured:g}"
+        steps = f" +{self.finetune_steps} steps" if self.finetune_steps else ""
+        return f"prune heads={self.heads:g} ffn={self.ffn:g}{steps}"
+
+
+class DistillStep(_Strict):
+    step: Literal["distill"]
+    into: str | None = Field(None, description="student preset; None: the teacher's own architecture")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="student architecture fields")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label cross-entropy")
+    temperature: float = Field(2.0, gt=0)
+    hidden: float = Field(0.0, ge=0, description="weight of the hidden-state matching term")
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: copy the teacher's weights where family and width match"
+    )
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of the bundle's train section")
+
+    def describe(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.overrides.items())
+        return f"distill {self.into or 'self'}" + (f" {extra}" if extra else "")
+
+
+Step = Annotated[QuantizeStep | PruneStep | DistillStep, Field(discriminator="step")]
+
+
+class CompressRecipe(_Strict):
+    steps: list[Step] = Field(min_length=1)
+    max_drop: float | None = Field(None, ge=0, description="allowed quality drop in points; None: keep last")
+    objective: Literal["latency", "size"] = "latency"
+    seq_len: int = Field(128, gt=0, description="tokens per input when timing text models")
+    large_batch: int = Field(32, gt=0, description="batch of the throughput measurement")
+    reps: int = Field(60, gt=0, description="timed batch-1 calls per variant, over all rounds")
+    speed_rounds: int = Field(3, gt=0, description="rounds of fresh processes the calls are spread over")
+    threads: int | None = Field(None, gt=0, description="torch threads while measuring (default torch's)")
+
+    @model_validator(mode="after")
+    def _quantize_last(self) -> CompressRecipe:
+        kinds = [s.step for s in self.steps]
+        if "quantize" in kinds[:-1]:
+            raise ValueError("quantize must be the last step: int8 layers are not trained further")
+        return self
+
+
+def load_compress_recipe(path: Path | None, raw: dict[str, Any] | None = None) -> CompressRecipe:
+    """Validate a compression recipe from a YAML file (or an already parsed mapping)."""
+    if raw is None:
+        assert path is not None
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise RecipeError(f"cannot read compression recipe {path}: {e}") from e
+    try:
+        return CompressRecipe.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise RecipeError("invalid compression recipe:\n" + "\n".join(lines)) from e
+
+
+def parse_prune(text: str) -> dict[str, float]:
+    """``heads=0.25,ffn=0.5`` or ``unstructured=0.8`` to a mapping; a bad spec is a RecipeError."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("heads", "ffn", "unstructured"):
+            raise RecipeError(f"--prune {text!r}: expected heads=F,ffn=F or unstructured=F (F a fraction)")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise RecipeError(f"--prune {text!r}: {value!r} is not a number") from None
+    if not out:
+        raise RecipeError("--prune needs heads=F,ffn=F or unstructured=F")
+    return out
+
+
+def describe(step: Any) -> str:
+    """A short name for a step: ``int8``, ``prune heads=0.25 ffn=0.5``, ``distill minilm_l6 num_layers=3``
+    (the step's own ``describe()``; a step type without one is named by its ``step``)."""
+    own = getattr(step, "describe", None)
+    return own() if callable(own) else str(step.step)

@@ -1,0 +1,177 @@
+"""Plain helpers the tests share: tiny recipes, data writers, a task or trainer from a recipe, the command
+line as a user runs it, ports and browsers. Fixtures (the synthetic data files they point at) are in
+``tests/conftest.py``; tests import these from here, never from each other."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tansuo.recipe import Recipe, validate_recipe
+from tansuo.tasks import TASKS, Task
+from tansuo.train.setup import build_run
+from tansuo.train.trainer import Trainer
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def image_recipe(npz: Path, out: Path, **train: object) -> dict:
+    """A tiny ViT on the four-class bars of the ``image_npz`` fixture."""
+    return {
+        "task": "image",
+        "seed": 3,
+        "data": {"source": "npz", "path": str(npz), "max_shift": 1},
+        "model": {"name": "vit_test"},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 20,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "log_every": 5,
+            **train,
+        },
+    }
+
+
+def lm_recipe(text: Path, out: Path, **train: object) -> dict:
+    """A tiny GPT on the ``text_file`` fixture's corpus."""
+    return {
+        "task": "lm",
+        "seed": 3,
+        "data": {"path": str(text), "block_size": 16, "eval_windows": 16},
+        "model": {"name": "gpt_test", "overrides": {"dropout": 0.1}},
+        "train": {"out_dir": str(out), "max_steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 2, **train},
+    }
+
+
+def classify_recipe(train: Path, out: Path, **train_cfg: object) -> dict:
+    """A tiny BERT classifier on a labelled TSV (the ``sentiment_tsv`` fixture, or
+    :func:`write_sentiment_tsv`)."""
+    return {
+        "task": "classify",
+        "seed": 3,
+        "data": {"train": str(train), "vocab_size": 1000, "max_seq_len": 32},
+        "model": {"name": "bert_test", "overrides": {"dropout": 0.0}},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 2e-3,
+            "log_every": 10,
+            **train_cfg,
+        },
+    }
+
+
+def mlm_recipe(path: Path, out: Path, **train_cfg: object) -> dict:
+    """A tiny BERT pre-trained with masked words on a text file."""
+    return {
+        "task": "mlm",
+        "seed": 5,
+        "data": {"path": str(path), "vocab_size": 60, "max_seq_len": 16, "eval_windows": 64},
+        "model": {"name": "bert_test", "overrides": {"dropout": 0.0}},
+        "train": {"out_dir": str(out), "max_steps": 30, "batch_size": 16, "lr": 3e-3, **train_cfg},
+    }
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    """A raw recipe as a YAML file, for the command line."""
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+POSITIVE = ["good", "great", "lovely", "superb", "fun", "brilliant", "moving", "charming"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "terrible", "weak", "clumsy", "tedious"]
+FILLER = ["the", "movie", "film", "plot", "was", "a", "really", "acting", "story", "and", "quite"]
+
+
+def write_sentiment_tsv(path: Path, rows: int) -> Path:
+    """``rows`` reviews "the film was CUE really", a positive cue (label 1) or a negative one (label 0) in
+    turn: a set a tiny classifier learns in a few dozen steps."""
+    lines = ["sentence\tlabel"] + [
+        f"the film was {(POSITIVE if i % 2 else NEGATIVE)[i % 8]} really\t{i % 2}" for i in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def recipe_and_task(raw: dict) -> tuple[Recipe, Task]:
+    """The validated recipe and its task, on data prepared under ``<out_dir>/data``."""
+    recipe, data = validate_recipe(raw)
+    return recipe, TASKS[recipe.task].from_recipe(data, recipe.seed, Path(recipe.train.out_dir) / "data")
+
+
+def task_from(raw: dict) -> Task:
+    """The recipe's task, on data prepared under ``<out_dir>/data``."""
+    return recipe_and_task(raw)[1]
+
+
+def make_trainer(raw: dict) -> Trainer:
+    """A trainer for a raw recipe, set up as ``tansuo train`` does (quiet); the test calls ``fit``."""
+    recipe, data = validate_recipe(raw)
+    run = build_run(recipe, data, Path(recipe.train.out_dir) / "data")
+    return Trainer(run.task, run.model, recipe.train, seed=recipe.seed, recipe=recipe.model_dump())
+
+
+class Interrupted(Exception):
+    """What :func:`interrupt_after` raises: a run cut short, as by Ctrl-C."""
+
+
+def interrupt_after(trainer: Trainer, micro_batches: int) -> None:
+    """Make ``trainer``'s fit stop with :class:`Interrupted` when it asks for micro-batch ``micro_batches``
+    (counted from where it starts)."""
+    original = trainer.task.train_batches
+
+    def batches(batch_size: int, start: int) -> Iterator[dict]:
+        for i, b in enumerate(original(batch_size, start)):
+            if i == micro_batches:
+                raise Interrupted
+            yield b
+
+    trainer.task.train_batches = batches  # type: ignore[method-assign]
+
+
+def run(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[int, str, str]:
+    """``tansuo ARGS`` in this process: (exit code, stdout, stderr)."""
+    from tansuo.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["tansuo", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_path() -> str:
+    """The headless browser's path; skips the test when there is none."""
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else None)
+    if found is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    return found
