@@ -140,3 +140,16 @@ def copy_best(results: dict[str, Any], study_dir: Path) -> Path | None:
 
     atomic_write_dir(dst, build)
     return dst
+
+
+def finish_study(
+    study: optuna.Study, spec: ExploreSpec, storage: str, *, copy: bool = True
+) -> tuple[dict[str, Any], dict[str, Path], Path | None]:
+    """Collect a study's results, write report.html / report.md / results.json and copy the recommended
+    bundle to ``best/`` (``copy``); returns the results, the report paths and the copy (None without one)."""
+    from tansuo.explore.report import write_report
+
+    results = collect(study, spec, storage)
+    paths = write_report(results, spec.study_dir)
+    best = copy_best(results, spec.study_dir) if copy else None
+    return results, paths, best

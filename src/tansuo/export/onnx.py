@@ -179,6 +179,18 @@ def export_onnx(
     }
 
 
+def export_checked(
+    model: nn.Module, path: Path, tolerance: float = 1e-4, *, fuse: bool = True
+) -> dict[str, Any]:
+    """:func:`export_onnx` for a bundle's model, refusing what cannot be exported with the way out: a model
+    that already is an ONNX Runtime model, or one holding int8 torch layers."""
+    if getattr(model, "onnx_file", None) is not None:
+        raise TansuoError("this bundle already is an ONNX model: copy its model.onnx")
+    if any(r.get("step") == "quantize" for r in getattr(model, "compression", None) or []):
+        raise TansuoError("this bundle holds int8 torch layers, which do not export; export the fp32 bundle")
+    return export_onnx(model, path, tolerance, fuse=fuse)
+
+
 def _export(
     wrapper: nn.Module, args: tuple, path: Path, names: list[str], shapes: dict, fuse: bool
 ) -> dict[str, int]:

@@ -15,6 +15,7 @@ are parsed and records each request's status and latency.
 import asyncio
 import hmac
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -31,7 +32,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tansuo import __version__
-from tansuo.bundle import Bundle
+from tansuo.bundle import Bundle, load_bundle
+from tansuo.device import resolve_device
 from tansuo.errors import TansuoError
 from tansuo.export.onnx import BACKENDS, model_for_backend
 from tansuo.serve.batching import Batcher, BusyError
@@ -136,6 +138,32 @@ class Server:
             "tansuo_version": __version__,
             **self.endpoint.card(),
         }
+
+
+def read_api_key(api_key_file: Path | None) -> str | None:
+    """The key every ``/v1`` request must send: the file's contents when a file is given, else the
+    ``TANSUO_API_KEY`` environment variable, else None (no key)."""
+    if api_key_file is None:
+        return os.environ.get("TANSUO_API_KEY") or None
+    try:
+        key = Path(api_key_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TansuoError(f"cannot read --api-key-file {api_key_file}: {e}") from e
+    if not key:
+        raise TansuoError(f"--api-key-file {api_key_file} is empty; write the key in it")
+    return key
+
+
+def serve_bundle(
+    path: Path, config: ServeConfig, device: str = "auto", threads: int | None = None
+) -> tuple[Server, Any]:
+    """Load a bundle for serving on ``config.backend`` (ONNX Runtime runs on the CPU) and build the ASGI
+    application around it; returns the server and the application (what ``tansuo serve`` runs)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = resolve_device("cpu" if config.backend == "onnxruntime" and device == "auto" else device)
+    server = Server(load_bundle(path, device=dev), config, dev)
+    return server, create_app(server)
 
 
 def _metrics() -> Metrics:

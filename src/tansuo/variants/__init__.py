@@ -27,6 +27,7 @@ from tansuo.variants.pipeline import (
     check_steps,
     choose,
     compress,
+    default_out,
     register_runner,
     run_steps,
     runner_for,
@@ -41,6 +42,7 @@ from tansuo.variants.steps import (
     describe,
     load_compress_recipe,
     parse_prune,
+    recipe_from_options,
 )
 
 __all__ = [
@@ -59,12 +61,14 @@ __all__ = [
     "check_steps",
     "choose",
     "compress",
+    "default_out",
     "describe",
     "export_fp32",
     "load_compress_recipe",
     "onnx_int8_available",
     "parse_prune",
     "quantize_onnxruntime",
+    "recipe_from_options",
     "register_runner",
     "report_markdown",
     "rows",

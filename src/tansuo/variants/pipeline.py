@@ -203,3 +203,10 @@ def compress(
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     return report
+
+
+def default_out(bundle: Path) -> Path:
+    """The run folder ``tansuo compress`` writes by default: ``runs/compress-<run name>``."""
+    source = Path(bundle).resolve()
+    name = source.parent.name if source.name == "bundle" else source.name  # runs/X/bundle -> X
+    return Path("runs") / f"compress-{name}"

@@ -158,3 +158,75 @@ def describe(step: Any) -> str:
     (the step's own ``describe()``; a step type without one is named by its ``step``)."""
     own = getattr(step, "describe", None)
     return own() if callable(own) else str(step.step)
+
+
+def recipe_from_options(
+    *,
+    recipe: Path | None = None,
+    quantize: str | None = None,
+    quantize_backend: str = "auto",
+    prune: str | None = None,
+    importance: str = "taylor",
+    finetune_steps: int = 0,
+    distill_into: str | None = None,
+    student: dict[str, Any] | None = None,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    hidden: float = 0.0,
+    train: dict[str, Any] | None = None,
+    max_drop: float | None = None,
+    objective: str = "latency",
+    threads: int | None = None,
+) -> CompressRecipe:
+    """The compression recipe ``tansuo compress`` runs: a recipe file (``train`` overrides and ``max_drop``
+    applied to it), or the steps the flags name, in the order distill, prune, quantize.
+
+    Raises:
+        RecipeError: Both a recipe and step flags, no step at all, or an invalid step.
+    """
+    train = dict(train or {})
+    if recipe is not None:
+        if any(v is not None for v in (quantize, prune, distill_into)):
+            raise RecipeError("give either --recipe or the step flags (--quantize, --prune, --distill-into)")
+        spec = load_compress_recipe(recipe)
+        steps = [
+            s.model_copy(update={"train": {**s.train, **train}}) if "train" in type(s).model_fields else s
+            for s in spec.steps
+        ]
+        update: dict[str, Any] = {"steps": steps}
+        if max_drop is not None:
+            update["max_drop"] = max_drop
+        return spec.model_copy(update=update)
+    raw_steps: list[dict[str, Any]] = []
+    if distill_into is not None:
+        raw_steps.append(
+            {
+                "step": "distill",
+                "into": distill_into,
+                "overrides": dict(student or {}),
+                "alpha": alpha,
+                "temperature": temperature,
+                "hidden": hidden,
+                "train": train,
+            }
+        )
+    if prune is not None:
+        raw_steps.append(
+            {
+                "step": "prune",
+                **parse_prune(prune),
+                "importance": importance,
+                "finetune_steps": finetune_steps,
+                "train": train,
+            }
+        )
+    if quantize is not None:
+        raw_steps.append({"step": "quantize", "mode": quantize, "backend": quantize_backend})
+    if not raw_steps:
+        raise RecipeError(
+            "nothing to do: give --quantize int8, --prune ..., --distill-into PRESET or --recipe"
+        )
+    raw: dict[str, Any] = {"steps": raw_steps, "max_drop": max_drop, "objective": objective}
+    if threads:
+        raw["threads"] = threads
+    return load_compress_recipe(None, raw)

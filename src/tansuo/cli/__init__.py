@@ -1,0 +1,31 @@
+"""The ``tansuo`` command line: one module per command, each parsing its options, calling one library
+function and printing the result.
+
+The only package that prints. Every :class:`~tansuo.errors.TansuoError` becomes a one-paragraph message on
+stderr and exit code 2; anything else is a bug and keeps its traceback. Plugins (:mod:`tansuo.plugins`) are
+loaded before the command runs, so their tasks, models and endpoints are there for every command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rich.markup import escape
+
+from tansuo.cli import compress, evaluate, explore, export, importing, models, predict, serve, train  # noqa: F401
+from tansuo.cli._app import app, console, err_console
+from tansuo.errors import TansuoError
+
+__all__ = ["app", "console", "err_console", "main"]
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into exit code 2."""
+    try:
+        from tansuo.plugins import load_plugins
+
+        load_plugins()
+        app()
+    except TansuoError as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(2)

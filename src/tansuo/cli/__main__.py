@@ -1,0 +1,3 @@
+from tansuo.cli import main
+
+main()
