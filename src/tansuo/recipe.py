@@ -36,11 +36,14 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every schema a user writes (recipes, explore sections, compression steps): unknown fields are
+    errors, and so are assignments of invalid values."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Which registered model to build, and the fields to change from its preset."""
 
     name: str = Field(description="a name from `tansuo models`")
@@ -50,7 +53,7 @@ class ModelConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """How to train: optimisation, schedule, evaluation and where the run is written."""
 
     out_dir: str = Field("runs/run", description="run folder: checkpoint, metrics log and bundle")
@@ -88,7 +91,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A whole run. ``data`` stays a plain mapping here; the task validates it (see `validate_recipe`)."""
 
     task: str
@@ -98,7 +101,8 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
+def format_errors(err: ValidationError, prefix: str = "", title: str = "invalid recipe") -> str:
+    """A pydantic error as the lines a user reads: ``  section.field: what is wrong (got value)``."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
@@ -110,7 +114,7 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
         lines.append(f"  {path or '<recipe>'}: {msg}{shown}")
-    return "invalid recipe:\n" + "\n".join(lines)
+    return f"{title}:\n" + "\n".join(lines)
 
 
 def apply_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -162,12 +166,12 @@ def validate_recipe(raw: dict[str, Any]) -> tuple[Recipe, BaseModel]:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e)) from None
+        raise RecipeError(format_errors(e)) from None
     check_overrides(recipe.model.name, recipe.model.overrides)  # before any data is prepared
     try:
         data = task_class.DataConfig.model_validate(recipe.data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(e, prefix="data")) from None
+        raise RecipeError(format_errors(e, prefix="data")) from None
     if recipe.train.max_steps is None and recipe.train.epochs is None:
         raise RecipeError("invalid recipe:\n  train: give train.max_steps or train.epochs")
     return recipe, data

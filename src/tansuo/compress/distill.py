@@ -122,8 +122,6 @@ class DistillTask:
         temperature: float = 2.0,
         hidden: float = 0.0,
     ) -> None:
-        if not hasattr(task, "logits"):
-            raise CompressionError(f"the {task.name!r} task cannot be distilled (it exposes no logits)")
         self.task, self.teacher = task, teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

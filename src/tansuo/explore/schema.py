@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from tansuo.errors import RecipeError
+from tansuo.recipe import Strict, format_errors
 from tansuo.variants.steps import CompressRecipe, Step
 
 
@@ -65,11 +66,7 @@ METRICS: dict[str, Metric] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Range(_Strict):
+class Range(Strict):
     """A numeric range: integers when ``low`` and ``high`` are integers (and ``step`` too, if given)."""
 
     low: float | int
@@ -106,7 +103,7 @@ class Range(_Strict):
 Param = list[Any] | Range | int | float | str | bool
 
 
-class Candidate(_Strict):
+class Candidate(Strict):
     model: str = Field(description="a registered preset (`tansuo models`)")
     label: str | None = Field(None, description="name in reports; default: the preset's name")
     overrides: dict[str, Any] = Field(default_factory=dict, description="fixed model config fields")
@@ -118,22 +115,22 @@ class Candidate(_Strict):
         return self.label or self.model
 
 
-class Variant(_Strict):
+class Variant(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="folder-safe name")
     steps: list[Step] = Field(default_factory=list, description="compress steps; none: the trained model")
     families: list[str] | None = Field(None, description="model families it applies to; None: all")
 
 
-class Budget(_Strict):
+class Budget(Strict):
     trials: int | None = Field(None, gt=0, description="trials in the whole study (all workers)")
     minutes: float | None = Field(None, gt=0, description="no new trial starts after this long")
 
 
-class Recommend(_Strict):
+class Recommend(Strict):
     max_drop: float = Field(1.0, ge=0, description="quality points below the best the pick may give up")
 
 
-class Measure(_Strict):
+class Measure(Strict):
     threads: int = Field(1, gt=0, description="torch threads while timing (recorded in the results)")
     reps: int = Field(50, gt=0, description="timed batch-1 calls per variant")
     large_batch: int = Field(32, gt=0, description="batch of the throughput measurement")
@@ -143,7 +140,7 @@ class Measure(_Strict):
     )
 
 
-class Explore(_Strict):
+class Explore(Strict):
     study: str | None = Field(None, description="study folder; default runs/explore-<recipe name>")
     candidates: list[Candidate] = Field(min_length=1)
     train: dict[str, Param] = Field(default_factory=dict, description="train fields: fixed or searched")
@@ -246,15 +243,7 @@ def _grid_axes(space: dict[str, Param], prefix: str) -> dict[str, list[Any]]:
 
 
 def _error(err: ValidationError, prefix: str) -> RecipeError:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in (prefix, *e["loc"]))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
-        shown = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
-        lines.append(f"  {path}: {msg}{shown}")
-    return RecipeError("invalid recipe:\n" + "\n".join(lines))
+    return RecipeError(format_errors(err, prefix))
 
 
 def _model_fields(model: str, where: str) -> tuple[str, set[str]]:

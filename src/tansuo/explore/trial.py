@@ -138,7 +138,7 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
     Raises :class:`TrialFailed` when training fails or no variant could be measured; a single variant that
     fails is recorded with its reason and the others go on.
     """
-    from tansuo.measure.run import compare_in_rounds, measure_in_subprocess
+    from tansuo.measure import measure_in_subprocess, speed_in_rounds
     from tansuo.variants import run_steps
 
     m = spec.explore.measure
@@ -171,12 +171,9 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
         except TansuoError as err:
             e.update(status="failed", reason=str(err))
     ok = [e for e in ok if e["status"] == "ok"]
-    if m.rounds > 1 and len(ok) > 1:  # speed again in rounds of fresh processes: ratios within the trial
-        speed = compare_in_rounds(
-            [Path(e["path"]) for e in ok], rounds=m.rounds, threads=m.threads, **measure
-        )
-        for e, figures in zip(ok, speed, strict=True):
-            e["figures"].update(figures)
+    if m.rounds > 1:  # speed again in rounds of fresh processes: ratios within the trial
+        paths = [Path(e["path"]) for e in ok]
+        speed_in_rounds(paths, [e["figures"] for e in ok], rounds=m.rounds, threads=m.threads, **measure)
     for e in ok:
         f = e["figures"]
         f["train_seconds"] = train_seconds + e["compress_seconds"]

@@ -4,6 +4,12 @@
 compares the speed of several in rounds of fresh processes.
 """
 
-from tansuo.measure.run import compare_in_rounds, measure_bundle, measure_in_subprocess, measure_speed
+from tansuo.measure.run import (
+    compare_in_rounds,
+    measure_bundle,
+    measure_in_subprocess,
+    measure_speed,
+    speed_in_rounds,
+)
 
-__all__ = ["compare_in_rounds", "measure_bundle", "measure_in_subprocess", "measure_speed"]
+__all__ = ["compare_in_rounds", "measure_bundle", "measure_in_subprocess", "measure_speed", "speed_in_rounds"]

@@ -207,6 +207,15 @@ def compare_in_rounds(
     return [speed_figures(a, b, large_batch, n) for a, b, n in zip(t1, tn, tokens, strict=True)]
 
 
+def speed_in_rounds(paths: list[Path], figures: list[dict[str, Any]], *, rounds: int, **kwargs: Any) -> None:
+    """Replace the speed figures of bundles already measured one by one with figures from
+    :func:`compare_in_rounds` (comparable ratios between them); nothing to compare for a single bundle."""
+    if len(paths) < 2:
+        return
+    for f, speed in zip(figures, compare_in_rounds(paths, rounds=rounds, **kwargs), strict=True):
+        f.update(speed)
+
+
 def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """:func:`measure_bundle` in a fresh Python process (honest peak memory), or with ``speed_only=True``
     only the raw call times; raises with its stderr."""
@@ -232,12 +241,18 @@ def measure_in_subprocess(path: Path, *, threads: int | None = None, **kwargs: A
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Measure one bundle; prints one JSON line.")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--speed-only", action="store_true", help="only time calls; print the raw seconds")
+    # --x / --no-x for every switch: measure_in_subprocess turns keyword True into --x and False into --no-x
+    p.add_argument(
+        "--speed-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="only time calls; print the raw seconds",
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--data-path", default=None)
-    p.add_argument("--no-quality", dest="quality", action="store_false")
+    p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     load_plugins()  # a bundle of a plugin's task measures like any other

@@ -76,7 +76,8 @@ class Metrics:
         lines = []
         with self._lock:
             for name, (kind, help) in self._help.items():
-                lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+                shown = help.replace("\\", "\\\\").replace("\n", "\\n")  # the exposition format's escapes
+                lines += [f"# HELP {name} {shown}", f"# TYPE {name} {kind}"]
                 if kind == "counter":
                     for key, v in sorted(self._counters[name].items()):
                         lines.append(f"{name}{_labels(key)} {_number(v)}")

@@ -30,7 +30,7 @@ from torch import nn
 from tansuo.atomic import atomic_write_json, atomic_write_text
 from tansuo.bundle import Bundle, load_bundle
 from tansuo.errors import CompressionError
-from tansuo.measure.run import compare_in_rounds, measure_in_subprocess
+from tansuo.measure.run import measure_in_subprocess, speed_in_rounds
 from tansuo.variants.report import report_markdown
 from tansuo.variants.runners import (
     build_student,
@@ -179,17 +179,15 @@ def compress(
         variants.append(v)
         if on_variant:
             on_variant(v)
-    if len(variants) > 1:  # speed again, every variant in rounds of fresh processes: comparable ratios
-        speed = compare_in_rounds(
-            [v.path for v in variants],
-            rounds=recipe.speed_rounds,
-            threads=recipe.threads,
-            seq_len=recipe.seq_len,
-            large_batch=recipe.large_batch,
-            reps=recipe.reps,
-        )
-        for v, figures in zip(variants, speed, strict=True):
-            v.figures.update(figures)
+    speed_in_rounds(  # speed again, every variant in rounds of fresh processes: comparable ratios
+        [v.path for v in variants],
+        [v.figures for v in variants],
+        rounds=recipe.speed_rounds,
+        threads=recipe.threads,
+        seq_len=recipe.seq_len,
+        large_batch=recipe.large_batch,
+        reps=recipe.reps,
+    )
     chosen = choose(variants, recipe.max_drop, recipe.objective)
     report = {
         "bundle": str(bundle_path),

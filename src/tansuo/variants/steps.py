@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from tansuo.errors import RecipeError
+from tansuo.recipe import Strict, format_errors
 
 __all__ = [
     "CompressRecipe",
@@ -33,11 +34,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class QuantizeStep(_Strict):
+class QuantizeStep(Strict):
     step: Literal["quantize"]
     mode: Literal["int8"] = "int8"
     #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
@@ -56,7 +53,7 @@ class QuantizeStep(_Strict):
         return self.mode
 
 
-class PruneStep(_Strict):
+class PruneStep(Strict):
     step: Literal["prune"]
     heads: float = Field(0.0, ge=0, lt=1, description="fraction of all attention heads to remove")
     ffn: float = Field(0.0, ge=0, lt=1, description="fraction of all feed-forward neurons to remove")
@@ -84,7 +81,7 @@ class PruneStep(_Strict):
         return f"prune heads={self.heads:g} ffn={self.ffn:g}{steps}"
 
 
-class DistillStep(_Strict):
+class DistillStep(Strict):
     step: Literal["distill"]
     into: str | None = Field(None, description="student preset; None: the teacher's own architecture")
     overrides: dict[str, Any] = Field(default_factory=dict, description="student architecture fields")
@@ -104,7 +101,7 @@ class DistillStep(_Strict):
 Step = Annotated[QuantizeStep | PruneStep | DistillStep, Field(discriminator="step")]
 
 
-class CompressRecipe(_Strict):
+class CompressRecipe(Strict):
     steps: list[Step] = Field(min_length=1)
     max_drop: float | None = Field(None, ge=0, description="allowed quality drop in points; None: keep last")
     objective: Literal["latency", "size"] = "latency"
@@ -133,8 +130,7 @@ def load_compress_recipe(path: Path | None, raw: dict[str, Any] | None = None) -
     try:
         return CompressRecipe.model_validate(raw)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise RecipeError("invalid compression recipe:\n" + "\n".join(lines)) from e
+        raise RecipeError(format_errors(e, title="invalid compression recipe")) from e
 
 
 def parse_prune(text: str) -> dict[str, float]:

@@ -1,0 +1,300 @@
+"""The contract every registered task keeps (as ``tests/models/test_model_contract.py`` does for models).
+
+Each test runs over ``sorted(TASKS)`` as collected. ``CASES`` says, per task name, how to make tiny data and
+its recipe (validated as ``tansuo train`` does), a typical input for ``predict`` and a file for
+``read_inputs``; a task registered without a case fails ``test_task_has_a_contract_case``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from tansuo.bundle import load_bundle, save_bundle
+from tansuo.errors import TansuoError
+from tansuo.models import create_model
+from tansuo.recipe import validate_recipe
+from tansuo.tasks import GENERATE, ONNX, TASKS, Task
+from tests.helpers import (
+    classify_recipe,
+    image_recipe,
+    lm_recipe,
+    mlm_recipe,
+    write_sentiment_tsv,
+)
+
+CPU = torch.device("cpu")
+BS = 4
+EVAL_BS = 8
+KNOWN_ABILITIES = {GENERATE, ONNX}
+
+
+@dataclass
+class Case:
+    """What one task's contract tests need, made in ``folder``."""
+
+    raw: dict  # a raw recipe on tiny data
+    inputs: list[str]  # one typical input for predict
+    inputs_file: Path  # the task's natural input file for read_inputs
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _words(path: Path, lines: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    words = ["the", "film", "was", "good", "bad", "and", "a", "story", "to be", "or not"]
+    path.write_text("\n".join(" ".join(rng.choice(words, size=6)) for _ in range(lines)) + "\n")
+    return path
+
+
+def _classify(folder: Path) -> Case:
+    data = write_sentiment_tsv(folder / "train.tsv", 60)
+    raw = classify_recipe(data, folder / "run")
+    raw["data"].update(vocab_size=200, max_seq_len=16)
+    inputs = folder / "inputs.tsv"
+    inputs.write_text("sentence\nthe film was good really\nthe film was dull\n")
+    return Case(raw, ["the film was good really"], inputs)
+
+
+def _mlm(folder: Path) -> Case:
+    corpus = _words(folder / "corpus.txt", 400, seed=1)
+    inputs = _words(folder / "inputs.txt", 2, seed=2)
+    return Case(mlm_recipe(corpus, folder / "run"), ["the film was [MASK] and good"], inputs)
+
+
+def _lm(folder: Path) -> Case:
+    corpus = _words(folder / "corpus.txt", 300, seed=3)
+    inputs = _words(folder / "inputs.txt", 2, seed=4)
+    raw = lm_recipe(corpus, folder / "run")
+    raw["data"]["eval_windows"] = 8
+    return Case(raw, ["the film"], inputs)
+
+
+def _image(folder: Path) -> Case:
+    rng = np.random.default_rng(0)
+    labels = np.arange(80) % 4
+    images = rng.uniform(0, 2, size=(80, 8, 8))
+    for i, y in enumerate(labels):
+        images[i, 2 * y : 2 * y + 2, :] += 12  # a bright bar whose row says the class
+    npz = folder / "bars.npz"
+    np.savez(npz, x=images.astype(np.float32), y=labels)
+    picture = folder / "one.npy"
+    np.save(picture, images[0].astype(np.float32))
+    listing = folder / "inputs.txt"
+    listing.write_text(f"{picture}\n")
+    return Case(image_recipe(npz, folder / "run"), [str(picture)], listing)
+
+
+#: task name -> a factory of its tiny data, recipe and inputs (a new task adds one entry)
+CASES: dict[str, Callable[[Path], Case]] = {
+    "classify": _classify,
+    "image": _image,
+    "lm": _lm,
+    "mlm": _mlm,
+}
+
+NAMES = sorted(TASKS)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@dataclass
+class Built:
+    name: str
+    case: Case
+    data: BaseModel
+    seed: int
+    task: Task
+    model_name: str
+    model_overrides: dict  # the recipe's (dropout off); the task's sizes are added in make_model
+    folder: Path
+
+    def make_model(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return create_model(self.model_name, **{**self.model_overrides, **self.task.model_overrides()})
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    name = request.param
+    if name not in CASES:
+        pytest.fail(f"task {name!r} has no entry in CASES of {__file__}; add one (tiny data, recipe, inputs)")
+    folder = tmp_path_factory.mktemp(f"task-{name}")
+    case = CASES[name](folder)
+    recipe, data = validate_recipe(case.raw)
+    assert recipe.task == name
+    task = TASKS[name].from_recipe(data, recipe.seed, folder / "work")
+    overrides = {**recipe.model.overrides, "dropout": 0.0}
+    return Built(name, case, data, recipe.seed, task, recipe.model.name, overrides, folder)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nth(task: Task, start: int, n: int = 0) -> dict[str, torch.Tensor]:
+    for i, batch in enumerate(task.train_batches(BS, start)):
+        if i == n:
+            return batch
+    raise AssertionError("unreachable")
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_has_a_contract_case(name: str) -> None:
+    assert name in CASES, (
+        f"task {name!r} is registered but has no entry in CASES of tests/tasks/test_task_contract.py; "
+        "add one (a factory of tiny data, a recipe and inputs) so the task keeps the contract"
+    )
+
+
+def test_from_recipe_builds_the_registered_class(built: Built) -> None:
+    task = built.task
+    assert type(task) is TASKS[built.name]
+    assert task.name == built.name
+    assert isinstance(task, Task)
+    assert isinstance(task.default_metric, str) and task.default_metric
+    assert task.unit in ("tokens", "samples")
+    spe = task.steps_per_epoch(BS)
+    assert spe is None or (isinstance(spe, int) and spe > 0)
+
+
+def test_model_overrides_build_the_model(built: Built) -> None:
+    overrides = built.task.model_overrides()
+    assert isinstance(overrides, dict) and overrides
+    model = built.make_model()
+    for key, value in overrides.items():
+        assert getattr(model.config, key) == value, key
+
+
+def test_training_batches_are_cpu_tensors_and_a_pure_function_of_seed_and_step(built: Built) -> None:
+    first = _nth(built.task, 0)
+    assert isinstance(first, dict) and first
+    for key, value in first.items():
+        assert isinstance(key, str)
+        assert isinstance(value, torch.Tensor) and value.device.type == "cpu", key
+    assert _equal(first, _nth(built.task, 0))  # asked again from the same start
+    third = _nth(built.task, 0, n=3)
+    assert _equal(third, _nth(built.task, 3))  # batch 3 from 0 is batch 0 from 3
+    assert not _equal(first, third)
+
+
+def test_loss_is_a_finite_scalar_whose_gradients_reach_the_parameters(built: Built) -> None:
+    model = built.make_model()
+    model.train()
+    loss = built.task.loss(model, _nth(built.task, 0))
+    assert loss.dim() == 0 and loss.is_floating_point()
+    assert torch.isfinite(loss)
+    loss.backward()
+    params = dict(model.named_parameters())
+    reached = [n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None)
+    first = next(iter(params))  # the input embedding or stem: the farthest from the loss
+    assert first in reached, f"no gradient reaches {first}"
+    assert len(reached) >= len(params) // 2, sorted(set(params) - set(reached))
+
+
+def test_logits_and_targets_match_the_loss(built: Built) -> None:
+    model = built.make_model().eval()
+    batch = _nth(built.task, 0)
+    with torch.no_grad():
+        logits, targets = built.task.logits(model, batch)
+        loss = built.task.loss(model, batch)
+    assert logits.dim() == 2 and logits.shape[0] > 0
+    assert targets.shape == (logits.shape[0],)
+    assert torch.isfinite(logits).all()
+    if logits.shape[1] > 1:  # class scores: the loss is their cross-entropy
+        assert not targets.is_floating_point()
+        assert int(targets.min()) >= 0 and int(targets.max()) < logits.shape[1]
+        torch.testing.assert_close(loss, F.cross_entropy(logits.float(), targets), rtol=1e-5, atol=1e-6)
+
+
+def test_count_is_positive(built: Built) -> None:
+    n = built.task.count(_nth(built.task, 0))
+    assert isinstance(n, int) and n > 0
+
+
+def test_evaluate_gives_the_default_metric_and_changes_nothing(built: Built) -> None:
+    task, model = built.task, built.make_model()
+    before, rng = _state(model), torch.get_rng_state()
+    metrics = task.evaluate(model, task.heldout_split, EVAL_BS, CPU)
+    assert isinstance(metrics, dict)
+    value = metrics[task.default_metric]
+    assert isinstance(value, float) and math.isfinite(value)
+    assert torch.equal(rng, torch.get_rng_state())
+    after = _state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = task.evaluate(model, task.heldout_split, EVAL_BS, CPU)[task.default_metric]
+    assert again == pytest.approx(value, abs=1e-6)
+
+
+def test_bundle_round_trip_keeps_the_task_metric_and_outputs(built: Built, tmp_path: Path) -> None:
+    task, model = built.task, built.make_model().eval()
+    path = save_bundle(tmp_path / "bundle", model, task)
+    loaded = load_bundle(path)
+    assert type(loaded.task) is type(task)
+    assert loaded.task.heldout_split == task.heldout_split
+    split = task.heldout_split
+    want = task.evaluate(model, split, EVAL_BS, CPU)[task.default_metric]
+    got = loaded.task.evaluate(loaded.model, split, EVAL_BS, CPU)[task.default_metric]
+    assert got == pytest.approx(want, abs=1e-6)
+    torch.manual_seed(1)
+    x = task.example_input(model, 2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(*x), model(*x), rtol=0, atol=0)
+    assert task.model_overrides() == loaded.task.model_overrides()
+
+
+def test_predict_gives_one_row_per_input_and_a_printable_line(built: Built) -> None:
+    model = built.make_model()
+    rows = built.task.predict(model, built.case.inputs, CPU)
+    assert isinstance(rows, list) and len(rows) == len(built.case.inputs)
+    for row in rows:
+        assert isinstance(row, dict)
+        line = built.task.format_prediction(row, 3)
+        assert isinstance(line, str) and line.strip()
+
+
+def test_example_input_is_what_the_model_takes(built: Built) -> None:
+    model = built.make_model().eval()
+    x = built.task.example_input(model, 2, 8)
+    assert isinstance(x, tuple) and x
+    assert all(isinstance(t, torch.Tensor) for t in x)
+    with torch.no_grad():
+        out = model(*x)
+    assert out.shape[0] == 2
+    assert torch.isfinite(out).all()
+
+
+def test_abilities_are_declared_not_probed(built: Built) -> None:
+    task = built.task
+    assert isinstance(task.abilities, frozenset)
+    assert task.abilities <= KNOWN_ABILITIES, task.abilities - KNOWN_ABILITIES
+    assert (GENERATE in task.abilities) == callable(getattr(task, "generate", None))
+
+
+def test_read_inputs_gives_texts_or_a_tansuo_error(built: Built) -> None:
+    try:
+        inputs = built.task.read_inputs(built.case.inputs_file)
+    except TansuoError as e:
+        assert str(e)
+        return
+    assert isinstance(inputs, list) and inputs
+    assert all(isinstance(t, str) and t for t in inputs)
