@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
+from pydantic import Field
 
 from tansuo.bundle import load_bundle, save_bundle
-from tansuo.errors import CompressionError
+from tansuo.errors import CompressionError, RecipeError
 from tansuo.models import create_model
-from tansuo.recipe import validate_recipe
+from tansuo.recipe import Strict, validate_recipe
 from tansuo.tasks import get_task
 from tansuo.variants import (
     STEP_RUNNERS,
@@ -96,3 +98,39 @@ def test_onnxruntime_int8_from_python(vit_bundle: Path, tmp_path: Path) -> None:
         ref, out = b.model(x), loaded(x)
     assert torch.equal(out, int8(x))
     assert (20 * torch.log10(ref.norm() / (ref - out).norm())).item() > 15  # int8 stays close to fp32
+
+
+class HalveStep(Strict):
+    """A step type registered from outside the schema module: recipes may name it once its runner is in."""
+
+    step: Literal["halve"]
+    factor: float = Field(0.5, gt=0, lt=1)
+
+    def describe(self) -> str:
+        return f"halve x{self.factor:g}"
+
+
+def test_a_registered_pydantic_step_is_valid_in_recipes(vit_bundle: Path, tmp_path: Path) -> None:
+    from tansuo.variants import load_compress_recipe
+    from tansuo.variants.steps import STEP_TYPES
+
+    def run(bundle, step, out: Path) -> Path:
+        move_bundle(bundle.path, out)
+        return out
+
+    with pytest.raises(RecipeError, match="does not match any of the expected tags"):
+        load_compress_recipe(None, {"steps": [{"step": "halve"}]})
+    register_runner(HalveStep, run)
+    try:
+        recipe = load_compress_recipe(
+            None, {"steps": [{"step": "halve", "factor": 0.25}, {"step": "quantize"}]}
+        )
+        assert isinstance(recipe.steps[0], HalveStep) and recipe.steps[0].factor == 0.25
+        assert recipe.model_dump()["steps"][0] == {"step": "halve", "factor": 0.25}
+        with pytest.raises(RecipeError, match=r"steps.0.halve.factor"):
+            load_compress_recipe(None, {"steps": [{"step": "halve", "factor": 2}]})
+        out = list(run_steps(vit_bundle, recipe.steps[:1], tmp_path / "variants"))
+        assert out[0][2] == ["halve x0.25"]
+    finally:
+        STEP_RUNNERS.pop(HalveStep)
+        STEP_TYPES.pop("halve")

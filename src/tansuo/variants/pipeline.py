@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from torch import nn
 
 from tansuo.atomic import atomic_write_json, atomic_write_text
@@ -42,7 +43,14 @@ from tansuo.variants.runners import (
     run_prune,
     run_quantize,
 )
-from tansuo.variants.steps import CompressRecipe, DistillStep, PruneStep, QuantizeStep, describe
+from tansuo.variants.steps import (
+    CompressRecipe,
+    DistillStep,
+    PruneStep,
+    QuantizeStep,
+    describe,
+    register_step_type,
+)
 
 __all__ = [
     "STEP_RUNNERS",
@@ -88,7 +96,10 @@ def register_runner(
     run: Callable[[Bundle, Any, Path], Path],
     check: Callable[[Bundle, nn.Module, Any], nn.Module] | None = None,
 ) -> StepRunner:
-    """Register how steps of ``step_type`` run (and are checked up front; default: no check)."""
+    """Register how steps of ``step_type`` run (and are checked up front; default: no check). A pydantic
+    step class is also registered as a step recipes may name (``steps.register_step_type``)."""
+    if isinstance(step_type, type) and issubclass(step_type, BaseModel):
+        register_step_type(step_type)
     runner = StepRunner(run, check or (lambda bundle, model, step: model))
     STEP_RUNNERS[step_type] = runner
     return runner

@@ -7,19 +7,25 @@
     max_drop: 1.0          # quality points; omit to keep the last variant whatever it costs
     objective: latency     # what "most compressed" means: latency (batch 1, p50) or size
 
-Each step is a pydantic model told apart by its ``step`` literal; :mod:`tansuo.variants.pipeline` runs it.
-Explore recipes (:mod:`tansuo.explore.schema`) take the same steps as their compression variants.
+Each step is a pydantic model told apart by its ``step`` literal and registered in :data:`STEP_TYPES`
+(``register_step_type``; :func:`tansuo.variants.pipeline.register_runner` does it for its step class), so a
+step defined in a plugin is valid in recipes too; :mod:`tansuo.variants.pipeline` runs it. Explore recipes
+(:mod:`tansuo.explore.schema`) take the same steps as their compression variants.
 """
 
 from __future__ import annotations
 
+import functools
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import core_schema
 
 from tansuo.errors import RecipeError
+from tansuo.plugins import load_plugins
 from tansuo.recipe import Strict, format_errors
 
 __all__ = [
@@ -27,13 +33,59 @@ __all__ = [
     "DistillStep",
     "PruneStep",
     "QuantizeStep",
+    "STEP_TYPES",
     "Step",
     "describe",
     "load_compress_recipe",
     "parse_prune",
+    "register_step_type",
 ]
 
+STEP_TYPES: dict[str, type[BaseModel]] = {}
+S = TypeVar("S", bound=type[BaseModel])
 
+
+def register_step_type(cls: S) -> S:
+    """Registers a step class (a pydantic model with a ``step: Literal["name"]`` field) under its name."""
+    field = cls.model_fields.get("step")
+    names = typing.get_args(field.annotation) if field is not None else ()
+    if len(names) != 1 or not isinstance(names[0], str):
+        raise TypeError(f"{cls.__name__} needs a field `step: Literal['name']` to be a compression step")
+    STEP_TYPES[names[0]] = cls
+    _adapter.cache_clear()
+    return cls
+
+
+@functools.cache
+def _adapter() -> TypeAdapter:
+    types = tuple(STEP_TYPES.values())
+    union = Union[types] if len(types) > 1 else types[0]  # noqa: UP007 (built from a runtime tuple)
+    return TypeAdapter(Annotated[union, Field(discriminator="step")])
+
+
+def _validate_step(value: Any, info: Any) -> BaseModel:
+    if isinstance(value, tuple(STEP_TYPES.values())):
+        return value
+    if isinstance(value, dict) and value.get("step") not in STEP_TYPES:
+        load_plugins()  # a step from a plugin that is not imported yet
+    return _adapter().validate_python(value)
+
+
+class _AnyStep:
+    """One step of any registered type, resolved when validated (so steps registered later count)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(
+            _validate_step, serialization=core_schema.plain_serializer_function_ser_schema(_dump)
+        )
+
+
+def _dump(step: BaseModel) -> dict[str, Any]:
+    return step.model_dump()
+
+
+@register_step_type
 class QuantizeStep(Strict):
     step: Literal["quantize"]
     mode: Literal["int8"] = "int8"
@@ -53,6 +105,7 @@ class QuantizeStep(Strict):
         return self.mode
 
 
+@register_step_type
 class PruneStep(Strict):
     step: Literal["prune"]
     heads: float = Field(0.0, ge=0, lt=1, description="fraction of all attention heads to remove")
@@ -81,6 +134,7 @@ class PruneStep(Strict):
         return f"prune heads={self.heads:g} ffn={self.ffn:g}{steps}"
 
 
+@register_step_type
 class DistillStep(Strict):
     step: Literal["distill"]
     into: str | None = Field(None, description="student preset; None: the teacher's own architecture")
@@ -98,7 +152,8 @@ class DistillStep(Strict):
         return f"distill {self.into or 'self'}" + (f" {extra}" if extra else "")
 
 
-Step = Annotated[QuantizeStep | PruneStep | DistillStep, Field(discriminator="step")]
+#: a step of any registered type (``{step: quantize, ...}``, ``{step: prune, ...}``, a plugin's)
+Step = _AnyStep
 
 
 class CompressRecipe(Strict):

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from tansuo.data.tokenizers import decode, encode
 from tansuo.errors import TansuoError
+from tansuo.models.generation import GenerationJob, batch_fits, generate_batch
 from tansuo.serve.endpoints.base import ApiError, Endpoint, Submit, register_endpoint
-from tansuo.serve.generation import GenerationJob, batch_fits, generate_batch
 
 
 # ------------------------------------------------------------------------------------- generation

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tansuo.models import create_model
-from tansuo.serve.generation import GenerationJob, batch_fits, generate_batch
+from tansuo.models.generation import GenerationJob, batch_fits, generate_batch
 
 CPU = torch.device("cpu")
 
