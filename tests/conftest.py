@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import FILLER, NEGATIVE, POSITIVE, image_recipe, lm_recipe  # noqa: F401  (the old place; import from tests.helpers)
+from tests.helpers import FILLER, NEGATIVE, POSITIVE
 
 
 @pytest.fixture(autouse=True)
