@@ -1,5 +1,5 @@
 """The ``tansuo`` command line: one module per command, each parsing its options, calling one library
-function and printing the result.
+function and printing the result; the commands are registered below.
 
 The only package that prints. Every :class:`~tansuo.errors.TansuoError` becomes a one-paragraph message on
 stderr and exit code 2; anything else is a bug and keeps its traceback. Plugins (:mod:`tansuo.plugins`) are
@@ -12,9 +12,22 @@ import sys
 
 from rich.markup import escape
 
-from tansuo.cli import compress, evaluate, explore, export, importing, models, predict, serve, train  # noqa: F401
+from tansuo.cli import compress, evaluate, explore, export, importing, models, predict, serve, train
 from tansuo.cli._app import app, console, err_console
 from tansuo.errors import TansuoError
+
+# the commands, in the order `tansuo --help` lists them
+app.command()(train.train)
+app.command("eval")(evaluate.eval_)
+app.command()(evaluate.generate)
+app.command()(predict.predict)
+app.command()(compress.compress)
+app.command()(export.export)
+app.command()(serve.serve)
+app.command()(explore.explore)
+app.command()(explore.report)
+app.command()(models.models)
+app.add_typer(importing.import_app, name="import")
 
 __all__ = ["app", "console", "err_console", "main"]
 

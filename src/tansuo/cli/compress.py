@@ -10,14 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from tansuo.cli._app import (
-    app,
     console,
     parse_sets,
     setup_logging,
 )
 
 
-@app.command()
 def compress(
     bundle: Annotated[Path, typer.Argument(help="the bundle to compress (the teacher, for distillation)")],
     quantize: Annotated[

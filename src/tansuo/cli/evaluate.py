@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     metrics_table,
     print_class_report,
@@ -18,7 +17,6 @@ from tansuo.cli._app import (
 from tansuo.errors import TansuoError
 
 
-@app.command("eval")
 def eval_(
     bundle: Annotated[Path, typer.Argument(help="bundle folder written by `tansuo train`")],
     split: Annotated[str | None, typer.Option(help="split to evaluate; default: the held-back split")] = None,
@@ -44,7 +42,6 @@ def eval_(
         print_class_report(split, metrics)
 
 
-@app.command()
 def generate(
     bundle: Annotated[Path, typer.Argument(help="a language-model bundle")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",

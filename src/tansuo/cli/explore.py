@@ -12,7 +12,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from tansuo.cli._app import (
-    app,
     console,
     err_console,
     recipe_sets,
@@ -62,7 +61,6 @@ def _finish_study(study: Any, spec: Any, storage: str, *, copy: bool = True) -> 
     console.print(f"report: {paths['html']} (also {paths['md'].name}, {paths['json'].name})", highlight=False)
 
 
-@app.command()
 def explore(
     recipe: Annotated[
         Path, typer.Argument(help="a recipe with an explore: section, e.g. recipes/quickstart.yaml")
@@ -188,7 +186,6 @@ def explore(
     _finish_study(study, spec, label)
 
 
-@app.command()
 def report(
     study_dir: Annotated[Path, typer.Argument(help="a study folder written by tansuo explore")],
     storage: Annotated[

@@ -8,14 +8,12 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     setup_logging,
 )
 from tansuo.errors import TansuoError
 
 
-@app.command()
 def export(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder (bert, vit or resnet classifier)")],
     out: Annotated[Path, typer.Option(help="the .onnx file to write")],

@@ -8,13 +8,11 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     setup_logging,
 )
 
 import_app = typer.Typer(no_args_is_help=True, help="Turn models from elsewhere into tansuo bundles.")
-app.add_typer(import_app, name="import")
 
 
 @import_app.command("hf")

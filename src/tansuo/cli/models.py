@@ -8,12 +8,10 @@ import typer
 from rich.table import Table
 
 from tansuo.cli._app import (
-    app,
     console,
 )
 
 
-@app.command()
 def models(
     pattern: Annotated[str | None, typer.Argument(help="filter, e.g. 'vit*'")] = None,
 ) -> None:

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     err_console,
     setup_logging,
@@ -17,7 +16,6 @@ from tansuo.cli._app import (
 from tansuo.errors import TansuoError
 
 
-@app.command()
 def predict(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
     inputs: Annotated[

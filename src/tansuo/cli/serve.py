@@ -8,13 +8,11 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     setup_logging,
 )
 
 
-@app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder")],
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
-    app,
     console,
     err_console,
     metrics_table,
@@ -18,7 +17,6 @@ from tansuo.cli._app import (
 )
 
 
-@app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/digits-vit.yaml")],
     set_: Annotated[
