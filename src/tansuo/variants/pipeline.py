@@ -20,6 +20,7 @@ are :mod:`tansuo.compress`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,7 +204,10 @@ def compress(
     report = {
         "bundle": str(bundle_path),
         "recipe": recipe.model_dump(),
-        "variants": [{"name": v.name, "path": str(v.path), "steps": v.steps, **v.figures} for v in variants],
+        "variants": [
+            {"name": v.name, "path": str(v.path), "steps": v.steps, **v.figures, **_fallback(v.path)}
+            for v in variants
+        ],
         "chosen": None if chosen is None else chosen.name,
     }
     if chosen is not None:
@@ -219,3 +223,11 @@ def default_out(bundle: Path) -> Path:
     source = Path(bundle).resolve()
     name = source.parent.name if source.name == "bundle" else source.name  # runs/X/bundle -> X
     return Path("runs") / f"compress-{name}"
+
+
+def _fallback(bundle: Path) -> dict[str, Any]:
+    """The accuracy-aware int8 search of a variant (which layers stayed fp32, what each cost and bought)."""
+    config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
+    records = config.get("compression") or [{}]
+    info = records[-1].get("accuracy_aware")
+    return {} if info is None else {"int8_fallback": info}

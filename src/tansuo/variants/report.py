@@ -61,6 +61,9 @@ def report_markdown(report: dict[str, Any]) -> str:
             "work on zeros, so neither latency nor the size on disk improves.",
             "",
         ]
+    for v in report["variants"]:
+        if "int8_fallback" in v:
+            lines += [_fallback_text(v["name"], v["int8_fallback"]), ""]
     max_drop = report["recipe"]["max_drop"]
     if report["chosen"] is None:
         lines.append(f"No variant stays within {max_drop} points of the original; the original stays.")
@@ -72,3 +75,22 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
         lines.append(f"Chosen: {report['chosen']} ({why}), written to {report.get('chosen_bundle')}.")
     return "\n".join(lines) + "\n"
+
+
+def _fallback_text(name: str, f: dict[str, Any]) -> str:
+    """What the accuracy-aware int8 search of a variant did, in a sentence a person reads."""
+    head = (
+        f"{name}: accuracy-aware int8 on the {f['split']} split ({f['metric']}, limit {f['max_drop']:g}): "
+        f"the whole model int8 scores {f['whole_model']:.4f} against fp32's {f['fp32']:.4f} "
+        f"(drop {f['whole_model_drop']:.2f})"
+    )
+    if not f["steps"]:
+        return head + ": within the limit, every layer int8."
+    kept = "; ".join(
+        f"+{s['fp32']} -> {s['quality']:.4f} (drop {s['drop']:.2f}, {s['seconds']:.1f} s)" for s in f["steps"]
+    )
+    verdict = "within the limit" if f["within_limit"] else "still over the limit"
+    return (
+        f"{head}. Kept in fp32, most sensitive first: {kept}; {verdict} with {len(f['fp32_layers'])} "
+        f"layer(s) in fp32 (search {f.get('search_seconds', 0):.1f} s)."
+    )

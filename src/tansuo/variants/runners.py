@@ -39,6 +39,7 @@ from tansuo.measure.run import compare_in_rounds
 from tansuo.models import create_model, get_model_entry
 from tansuo.recipe import TrainConfig
 from tansuo.train.trainer import Trainer
+from tansuo.variants import accuracy
 from tansuo.variants.onnx_int8 import check_onnx_int8, export_fp32, onnx_int8_available, quantize_onnxruntime
 from tansuo.variants.steps import DistillStep, PruneStep, QuantizeStep
 
@@ -134,6 +135,7 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
         return (value, m) if best is None or value > best[0] else best
 
     backends = _backends(model, step)
+    judge = None if step.max_drop is None else accuracy.Judge(model, task)
     candidates: dict[str, nn.Module] = {}
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         if "torch" in backends:
@@ -150,6 +152,8 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
                     raise CompressionError("this model has no Linear layers to quantize")
                 best = keep(m, f"torch {8 - rr}-bit", best)
             candidates["torch"] = best[1]
+            if judge is not None:
+                candidates["torch"] = judge.fallback(candidates["torch"], step, snr_of)
         if "onnxruntime" in backends:
             if skip:
                 raise CompressionError("skip is supported by the torch backend only; set backend: torch")
@@ -161,6 +165,8 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
                 )
                 best = keep(m, f"onnxruntime {8 - rr}-bit weights", best)
             candidates["onnxruntime"] = best[1]
+            if judge is not None and len(candidates) > 1:
+                judge.drop_if_outside(candidates, "onnxruntime", step.max_drop)
         for qmodel in candidates.values():
             qmodel.compression[-1].update(mode=step.mode, sqnr_db=dict(sqnr))
         paths = {

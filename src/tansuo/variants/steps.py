@@ -100,6 +100,11 @@ class QuantizeStep(Strict):
     #: activation ranges per sample (predictions independent of the batch) or per batch (quantize_dynamic)
     per_sample: bool = True
     calibration_batches: int = Field(4, gt=0, description="training batches for reduce_range=auto")
+    #: accuracy-aware int8: the most quality the int8 model may lose on the validation split (points x100;
+    #: a loss's own units); when the whole model loses more, its most sensitive Linear layers stay in fp32,
+    #: one at a time, until it is within (torch backend; an ONNX Runtime variant outside it is dropped)
+    max_drop: float | None = Field(None, ge=0)
+    max_fp32_layers: int = Field(8, gt=0, description="most layers the accuracy-aware search keeps in fp32")
 
     def describe(self) -> str:
         return self.mode
@@ -272,7 +277,11 @@ def recipe_from_options(
             }
         )
     if quantize is not None:
-        raw_steps.append({"step": "quantize", "mode": quantize, "backend": quantize_backend})
+        # with --max-drop the int8 step is accuracy-aware (on the validation split; the choice between the
+        # variants then uses the held-out split)
+        raw_steps.append(
+            {"step": "quantize", "mode": quantize, "backend": quantize_backend, "max_drop": max_drop}
+        )
     if not raw_steps:
         raise RecipeError(
             "nothing to do: give --quantize int8, --prune ..., --distill-into PRESET or --recipe"
