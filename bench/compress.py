@@ -9,8 +9,11 @@ Cases and targets (from the compression issue):
 - ``digits-int8``: the digits ViT (recipes/digits-vit.yaml) in int8: within 0.5 points of fp32.
 - ``digits-distill``: a student at half the width (embed_dim 32), distilled with hidden-state matching:
   within 1 point of its teacher.
-- ``sst2-int8``: the fine-tuned MiniLM-L6 SST-2 bundle in int8: >= 1.8x faster at batch 1 x 128, <= 0.5
-  points lost.
+- ``sst2-int8``: the fine-tuned MiniLM-L6 SST-2 bundle in int8, every Linear layer: >= 1.8x faster at batch
+  1 x 128, <= 0.5 points lost (the 1.8x is bounded near 1.55x on this CPU: bench/int8_ceiling.py).
+- ``sst2-int8-aware``: the same, accuracy-aware (``max_drop: 0.5`` on the quantize step: the most sensitive
+  layers stay fp32 until the validation drop is within): >= 1.45x, <= 0.5 points lost; prints which layers
+  stayed fp32 and how long the search took.
 - ``sst2-prune``: 25% of heads and 50% of FFN neurons removed (taylor importance), fine-tuned: >= 1.4x
   faster, <= 1 point lost.
 - ``sst2-distill``: a 3-layer student (layers 2, 4, 6 of the teacher) distilled from the 6-layer teacher:
@@ -31,7 +34,7 @@ from typing import Any
 
 from _common import add_threads, bench_main, busy_note, fail, header
 
-CASES = ("digits-int8", "digits-distill", "sst2-int8", "sst2-prune", "sst2-distill")
+CASES = ("digits-int8", "digits-distill", "sst2-int8", "sst2-int8-aware", "sst2-prune", "sst2-distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +85,7 @@ def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             **measure,
         },
         "sst2-int8": {"steps": [{"step": "quantize"}], **measure},
+        "sst2-int8-aware": {"steps": [{"step": "quantize", "max_drop": 0.5}], **measure},
         "sst2-prune": {
             "steps": [
                 {
@@ -121,6 +125,8 @@ def judge(case: str, ref: dict[str, Any], v: dict[str, Any]) -> tuple[bool, str]
         return drop <= 1.0, f"drop {drop:.2f} pts (<= 1.0)"
     if case == "sst2-int8":
         return speed >= 1.8 and drop <= 0.5, f"{speed:.2f}x (>= 1.8), drop {drop:.2f} pts (<= 0.5)"
+    if case == "sst2-int8-aware":
+        return speed >= 1.45 and drop <= 0.5, f"{speed:.2f}x (>= 1.45), drop {drop:.2f} pts (<= 0.5)"
     if case == "sst2-prune":
         return speed >= 1.4 and drop <= 1.0, f"{speed:.2f}x (>= 1.4), drop {drop:.2f} pts (<= 1.0)"
     return kept >= 0.97 and speed >= 1.8, f"keeps {100 * kept:.1f}% (>= 97%), {speed:.2f}x (>= 1.8)"
@@ -155,6 +161,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n{case} ({wall / 60:.1f} min): {'PASS' if ok else 'FAIL'} - {why}")
         for r in rows(done):
             print("  " + " | ".join(r))
+        f = v.get("int8_fallback")
+        if f is not None:
+            kept = ", ".join(f["fp32_layers"]) or "none"
+            print(
+                f"  accuracy-aware: whole model drop {f['whole_model_drop']:.2f} on {f['split']}; "
+                f"fp32: {kept}; search {f.get('search_seconds', 0):.0f} s"
+            )
     return results
 
 
