@@ -43,7 +43,8 @@ def batch_seed(seed: int, n: int, salt: int = 0) -> int:
 
 @runtime_checkable
 class Task(Protocol):
-    """What every task provides. See ``tasks/lm.py`` and ``tasks/image.py`` for the two implementations."""
+    """What every task provides; :class:`TaskBase` gives the optional parts, ``tasks/image.py`` is a short
+    example and ``tests/plugins/regress.py`` one written outside the package."""
 
     name: ClassVar[str]
     #: pydantic model that validates the recipe's ``data:`` section
