@@ -77,14 +77,14 @@ def test_a_narrow_student_learns_from_the_teacher(image_npz: Path, tmp_path: Pat
     torch.manual_seed(1)
     student = create_model("vit_test", **{**task.model_overrides(), "embed_dim": 16, "num_heads": 2})
     dtask = DistillTask(task, teacher, student, alpha=0.5, temperature=2.0, hidden=1.0)
-    assert dtask.extra is not None and dtask.extra.proj.weight.shape == (teacher.config.embed_dim, 16)
+    assert dtask.extra is not None and dtask.extra[0].proj.weight.shape == (teacher.config.embed_dim, 16)
     cfg = TrainConfig(out_dir=str(tmp_path / "student"), max_steps=40, batch_size=16, lr=3e-3, log_every=5)
     trainer = Trainer(dtask, student, cfg, seed=3, extra=dtask.extra)
-    proj_before = dtask.extra.proj.weight.detach().clone()
+    proj_before = dtask.extra[0].proj.weight.detach().clone()
     result = trainer.fit()
     log = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if r["event"] == "train"]
     assert losses[-1] < 0.6 * losses[0]
-    assert not torch.equal(dtask.extra.proj.weight, proj_before)  # the projection is trained too
+    assert not torch.equal(dtask.extra[0].proj.weight, proj_before)  # the projection is trained too
     assert result["test"]["accuracy"] >= 0.5  # 4 classes: chance is 0.25
     assert all(p.grad is None for p in teacher.parameters())

@@ -35,6 +35,13 @@ def compress(
         str, typer.Option(help="structured pruning scores: taylor (gradient x activation) or magnitude")
     ] = "taylor",
     finetune_steps: Annotated[int, typer.Option(min=0, help="fine-tuning steps after pruning")] = 0,
+    finetune_epochs: Annotated[
+        float | None, typer.Option(min=0, help="the fine-tuning budget after pruning in epochs instead")
+    ] = None,
+    schedule: Annotated[
+        str,
+        typer.Option(help="pruning schedule: gradual (cuts spread over the fine-tuning) or one-shot"),
+    ] = "gradual",
     distill_into: Annotated[
         str | None, typer.Option(help="student preset (`tansuo models`); trained on the teacher's task")
     ] = None,
@@ -43,7 +50,9 @@ def compress(
     ] = None,
     alpha: Annotated[float, typer.Option(help="weight of the hard-label loss in distillation")] = 0.5,
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 2.0,
-    hidden: Annotated[float, typer.Option(help="weight of hidden-state matching (0: off)")] = 0.0,
+    hidden: Annotated[
+        float, typer.Option(help="weight of matching the teacher's hidden states (distill, prune; 0: off)")
+    ] = 0.0,
     train_set: Annotated[
         list[str] | None,
         typer.Option(
@@ -57,7 +66,10 @@ def compress(
     ] = None,
     max_drop: Annotated[
         float | None,
-        typer.Option(help="allowed quality drop in points: keep the most compressed variant within it"),
+        typer.Option(
+            help="allowed quality drop in points: keep the most compressed variant within it; int8 then "
+            "keeps its most sensitive layers in fp32 and pruning searches the largest ratio within it"
+        ),
     ] = None,
     objective: Annotated[str, typer.Option(help="most compressed means: latency or size")] = "latency",
     out: Annotated[Path | None, typer.Option(help="run folder (default: runs/compress-<run name>)")] = None,
@@ -77,6 +89,8 @@ def compress(
         prune=prune,
         importance=importance,
         finetune_steps=finetune_steps,
+        finetune_epochs=finetune_epochs,
+        schedule=schedule,
         distill_into=distill_into,
         student=parse_sets(student, "--student"),
         alpha=alpha,

@@ -23,10 +23,14 @@ from tansuo.compress.distill import DistillationLoss, DistillTask, HiddenStateLo
 from tansuo.compress.prune import (
     StructuredPruneConfig,
     UnstructuredPruneConfig,
+    gradual_schedule,
     magnitude_scores,
     prune_,
     restore_pruned,
+    stage_config,
+    stage_steps,
     taylor_scores,
+    units,
 )
 from tansuo.compress.quantize import Int8DynamicConfig, Int8DynamicLinear, quantize_, restore_quantized
 from tansuo.compress.registry import (
@@ -47,6 +51,7 @@ __all__ = [
     "Technique",
     "UnstructuredPruneConfig",
     "apply_technique",
+    "gradual_schedule",
     "init_from_teacher",
     "magnitude_scores",
     "prune_",
@@ -56,5 +61,8 @@ __all__ = [
     "restore_pruned",
     "restore_quantized",
     "restore_structure",
+    "stage_config",
+    "stage_steps",
     "taylor_scores",
+    "units",
 ]

@@ -110,6 +110,9 @@ class DistillTask:
         student: The model being trained (needed to capture its hidden states).
         alpha, temperature: See :class:`DistillationLoss`.
         hidden: Weight of the hidden-state term (0: off).
+        layers: Which hidden states are matched: ``"last"``, the stack's output, or ``"all"``, every student
+            layer's output with the teacher layer it starts from (:func:`teacher_layers`; the same layer
+            when the depths match, as after pruning), each through its own projection, averaged.
     """
 
     def __init__(
@@ -121,28 +124,47 @@ class DistillTask:
         alpha: float = 0.5,
         temperature: float = 2.0,
         hidden: float = 0.0,
+        layers: str = "last",
     ) -> None:
+        if layers not in ("last", "all"):
+            raise CompressionError(f"hidden-state layers must be 'last' or 'all', got {layers!r}")
         self.task, self.teacher = task, teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.kd = DistillationLoss(alpha, temperature)
         self.hidden_weight = hidden
-        self.hidden: HiddenStateLoss | None = None
-        self._captured: dict[str, torch.Tensor] = {}
+        self.hidden: nn.ModuleList | None = None
+        self._captured: dict[tuple[str, int], torch.Tensor] = {}
+        self._handles: list[Any] = []
         if hidden > 0:
-            self.hidden = HiddenStateLoss(_width(student), _width(teacher))
-            _stack(student).register_forward_hook(self._capture("student"))
-            _stack(teacher).register_forward_hook(self._capture("teacher"))
+            s_stack, t_stack = _stack(student), _stack(teacher)
+            if layers == "last":
+                pairs = [(s_stack, t_stack)]
+            else:
+                order = teacher_layers(len(t_stack.layers), len(s_stack.layers))
+                pairs = [(s_stack.layers[i], t_stack.layers[j]) for i, j in enumerate(order)]
+            width_s, width_t = _width(student), _width(teacher)
+            self.hidden = nn.ModuleList(HiddenStateLoss(width_s, width_t) for _ in pairs)
+            for k, (s_module, t_module) in enumerate(pairs):
+                self._handles.append(s_module.register_forward_hook(self._capture(("student", k))))
+                self._handles.append(t_module.register_forward_hook(self._capture(("teacher", k))))
 
-    def _capture(self, key: str):
+    def _capture(self, key: tuple[str, int]):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             self._captured[key] = output
 
         return hook
 
+    def close(self) -> None:
+        """Remove the hooks this task put on the student and the teacher (the teacher may teach again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._captured.clear()
+
     @property
     def extra(self) -> nn.Module | None:
-        """Modules trained beside the student (the hidden-state projection), not part of its bundle."""
+        """Modules trained beside the student (the hidden-state projections), not part of its bundle."""
         return self.hidden
 
     def __getattr__(self, name: str) -> Any:
@@ -160,10 +182,14 @@ class DistillTask:
         loss = self.kd(student_logits, teacher_logits, targets)
         if self.hidden is not None:
             mask = batch.get("attention_mask")
-            h_s, h_t = self._captured.pop("student"), self._captured.pop("teacher")
-            if h_s.dim() == 2:  # (B, C) features: no positions
-                h_s, h_t, mask = h_s[:, None], h_t[:, None], None
-            loss = loss + self.hidden_weight * self.hidden(h_s, h_t, None if mask is None else mask.bool())
+            terms = []
+            for k, match in enumerate(self.hidden):
+                h_s, h_t = self._captured.pop(("student", k)), self._captured.pop(("teacher", k))
+                m = None if mask is None else mask.bool()
+                if h_s.dim() == 2:  # (B, C) features: no positions
+                    h_s, h_t, m = h_s[:, None], h_t[:, None], None
+                terms.append(match(h_s, h_t, m))
+            loss = loss + self.hidden_weight * torch.stack(terms).mean()
         return loss
 
 

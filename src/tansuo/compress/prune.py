@@ -196,6 +196,49 @@ def taylor_scores(
     return scores
 
 
+def gradual_schedule(final: float, stages: int) -> list[float]:
+    """The fraction pruned after each of ``stages`` pruning events, rising as Zhu & Gupta's cubic schedule
+    (2017, "To prune, or not to prune"): fast at first, when there is slack, slower towards the end, and
+    exactly ``final`` at the last event. ``stages=1`` is one cut."""
+    if stages < 1:
+        raise CompressionError(f"a pruning schedule needs at least one stage, got {stages}")
+    return [final * (1.0 - (1.0 - k / stages) ** 3) if k < stages else final for k in range(1, stages + 1)]
+
+
+def stage_steps(total: int, stages: int, prune_share: float = 0.5) -> list[int]:
+    """Fine-tuning steps after each pruning event: the first ``stages - 1`` events are spread evenly over
+    ``prune_share`` of ``total``, the last one gets the rest to recover. Each stage gets at least one step
+    (so there are at most ``total`` stages); the counts add up to ``total``."""
+    stages = max(1, min(stages, total))
+    if stages == 1:
+        return [total]
+    each = max(1, int(total * prune_share) // (stages - 1))
+    head = [each] * (stages - 1)
+    return [*head, total - sum(head)]
+
+
+def units(model: nn.Module) -> dict[str, int]:
+    """How many attention heads and feed-forward neurons the model's prunable modules hold in all."""
+    attention, ffn = prunable(model)
+    return {
+        "heads": sum(a.num_heads for a in attention.values()),
+        "ffn": sum(m.out_proj.in_features for m in ffn.values()),
+    }
+
+
+def stage_config(original: dict[str, int], current: dict[str, int], heads: float, ffn: float) -> Any:
+    """The :class:`StructuredPruneConfig` that takes a model with ``current`` units (:func:`units`) to the
+    fractions ``heads`` and ``ffn`` of its ``original`` units removed (the same count a single cut at those
+    fractions removes); None when there is nothing left to remove."""
+    ratios = {}
+    for part, target in (("heads", heads), ("ffn", ffn)):
+        keep = original[part] - int(round(target * original[part]))
+        ratios[part] = max(0, current[part] - keep) / current[part] if current[part] else 0.0
+    if ratios["heads"] == 0 and ratios["ffn"] == 0:
+        return None
+    return StructuredPruneConfig(**ratios)
+
+
 def _keep_global(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """Indices (sorted) each module keeps when ``ratio`` of all units go, lowest normalised score first, at
     least one per module."""

@@ -94,6 +94,23 @@ def fallback_search(
     return Fallback(None, kept, steps)
 
 
+def bisect_scale(within: Callable[[float], bool], candidates: int) -> list[tuple[float, bool]]:
+    """The ratio search of accuracy-aware pruning: ``within(scale)`` builds and measures the variant at
+    ``scale`` times the largest ratio and says whether it stays within the limit. Tries 1 first (stopping
+    there when it is within), then bisects between the largest scale within (0 at first) and the smallest
+    outside; ``candidates`` tries in all. Returns every (scale, within) tried, in order."""
+    lo, hi, scale = 0.0, 1.0, 1.0
+    tried: list[tuple[float, bool]] = []
+    for _ in range(candidates):
+        ok = within(scale)
+        tried.append((scale, ok))
+        if ok and scale == 1.0:
+            break
+        lo, hi = (scale, hi) if ok else (lo, scale)
+        scale = (lo + hi) / 2
+    return tried
+
+
 class Judge:
     """The quality of int8 variants of ``model`` against it, on the task's validation split."""
 

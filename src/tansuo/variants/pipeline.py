@@ -226,8 +226,13 @@ def default_out(bundle: Path) -> Path:
 
 
 def _fallback(bundle: Path) -> dict[str, Any]:
-    """The accuracy-aware int8 search of a variant (which layers stayed fp32, what each cost and bought)."""
+    """What the searches of a variant's last step did: the accuracy-aware int8 search (which layers stayed
+    fp32, what each cost and bought), the pruning ratio search (every candidate) and the pruning schedule."""
     config = json.loads((Path(bundle) / "config.json").read_text(encoding="utf-8"))
-    records = config.get("compression") or [{}]
-    info = records[-1].get("accuracy_aware")
-    return {} if info is None else {"int8_fallback": info}
+    record = (config.get("compression") or [{}])[-1]
+    found = {
+        "int8_fallback": record.get("accuracy_aware"),
+        "prune_search": record.get("ratio_search"),
+        "prune_schedule": record.get("schedule"),
+    }
+    return {k: v for k, v in found.items() if v is not None}

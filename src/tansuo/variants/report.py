@@ -64,6 +64,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     for v in report["variants"]:
         if "int8_fallback" in v:
             lines += [_fallback_text(v["name"], v["int8_fallback"]), ""]
+        if "prune_schedule" in v:
+            lines += [_schedule_text(v["name"], v["prune_schedule"]), ""]
+        if "prune_search" in v:
+            lines += [_search_text(v["name"], v["prune_search"]), ""]
     max_drop = report["recipe"]["max_drop"]
     if report["chosen"] is None:
         lines.append(f"No variant stays within {max_drop} points of the original; the original stays.")
@@ -93,4 +97,28 @@ def _fallback_text(name: str, f: dict[str, Any]) -> str:
     return (
         f"{head}. Kept in fp32, most sensitive first: {kept}; {verdict} with {len(f['fp32_layers'])} "
         f"layer(s) in fp32 (search {f.get('search_seconds', 0):.1f} s)."
+    )
+
+
+def _schedule_text(name: str, s: dict[str, Any]) -> str:
+    pairs = zip(s["fractions"], s["steps"], strict=True)
+    cuts = ", ".join(f"{100 * f:.0f}% then {n} steps" for f, n in pairs)
+    return f"{name}: gradual pruning in {len(s['steps'])} cuts (of the final ratios): {cuts}."
+
+
+def _search_text(name: str, s: dict[str, Any]) -> str:
+    """What the pruning ratio search tried, in a sentence a person reads."""
+    tried = "; ".join(
+        f"x{c['scale']:g} -> {c['quality']:.4f} (drop {c['drop']:.2f}, "
+        f"{'within' if c['within_limit'] else 'over'}, {c['seconds'] / 60:.1f} min)"
+        for c in s["candidates"]
+    )
+    verdict = (
+        f"kept x{s['chosen_scale']:g}, the largest within"
+        if s["within_limit"]
+        else f"none within: kept the smallest, x{s['chosen_scale']:g}, still over the limit"
+    )
+    return (
+        f"{name}: pruning ratio search on the {s['split']} split ({s['metric']}, limit {s['max_drop']:g}, "
+        f"unpruned {s['reference']:.4f}), ratios scaled from the step's: {tried}; {verdict}."
     )

@@ -119,9 +119,20 @@ class PruneStep(Strict):
     importance: Literal["magnitude", "taylor"] = "taylor"
     score_batches: int = Field(16, gt=0, description="training batches for taylor importance")
     finetune_steps: int = Field(0, ge=0, description="optimizer steps of fine-tuning after pruning")
+    finetune_epochs: float | None = Field(None, gt=0, description="the fine-tuning budget in epochs instead")
+    #: gradual: ``stages`` cuts on Zhu & Gupta's cubic schedule over the first half of the fine-tuning
+    #: budget (importance measured again before each), the second half to recover; one-shot: one cut first
+    schedule: Literal["gradual", "one-shot"] = "gradual"
+    stages: int = Field(4, gt=0, description="pruning events of the gradual schedule")
     distill: bool = Field(True, description="fine-tune with the unpruned model as the teacher")
     alpha: float = Field(0.5, ge=0, le=1, description="hard-label weight when fine-tuning with a teacher")
     temperature: float = Field(2.0, gt=0)
+    hidden: float = Field(0.0, ge=0, description="weight of matching the teacher's hidden states (0: off)")
+    hidden_layers: Literal["last", "all"] = Field("all", description="match every layer's output or the last")
+    #: the most quality the pruned model may lose on the validation split (points; a loss's own units):
+    #: the ratios given are the largest tried, scaled down by bisection until the fine-tuned model is within
+    max_drop: float | None = Field(None, ge=0)
+    search_candidates: int = Field(3, gt=0, description="pruned and fine-tuned candidates the search tries")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the bundle's train section")
 
     @model_validator(mode="after")
@@ -130,13 +141,31 @@ class PruneStep(Strict):
             raise ValueError("give heads and/or ffn (structured) or unstructured (a sparsity)")
         if self.unstructured is not None and (self.heads or self.ffn):
             raise ValueError("structured (heads, ffn) and unstructured pruning are separate steps")
+        if self.finetune_epochs is not None and self.finetune_steps:
+            raise ValueError("give the fine-tuning budget as finetune_steps or finetune_epochs, not both")
         return self
 
-    def describe(self) -> str:
+    @property
+    def finetunes(self) -> bool:
+        return bool(self.finetune_steps or self.finetune_epochs)
+
+    def scaled(self, scale: float) -> PruneStep:
+        """This step with every ratio multiplied by ``scale`` (a candidate of the ratio search)."""
         if self.unstructured is not None:
-            return f"unstructured {self.unstructured:g}"
-        steps = f" +{self.finetune_steps} steps" if self.finetune_steps else ""
-        return f"prune heads={self.heads:g} ffn={self.ffn:g}{steps}"
+            ratios = {"unstructured": self.unstructured * scale}
+        else:
+            ratios = {"heads": self.heads * scale, "ffn": self.ffn * scale}
+        return self.model_copy(update={**ratios, "max_drop": None})
+
+    def describe(self) -> str:
+        if self.finetune_epochs:
+            budget = f" +{self.finetune_epochs:g} epochs"
+        else:
+            budget = f" +{self.finetune_steps} steps" if self.finetune_steps else ""
+        search = f" within {self.max_drop:g}" if self.max_drop is not None else ""
+        if self.unstructured is not None:
+            return f"unstructured {self.unstructured:g}{budget}{search}"
+        return f"prune heads={self.heads:g} ffn={self.ffn:g}{budget}{search}"
 
 
 @register_step_type
@@ -224,6 +253,8 @@ def recipe_from_options(
     prune: str | None = None,
     importance: str = "taylor",
     finetune_steps: int = 0,
+    finetune_epochs: float | None = None,
+    schedule: str = "gradual",
     distill_into: str | None = None,
     student: dict[str, Any] | None = None,
     alpha: float = 0.5,
@@ -273,6 +304,12 @@ def recipe_from_options(
                 **parse_prune(prune),
                 "importance": importance,
                 "finetune_steps": finetune_steps,
+                "finetune_epochs": finetune_epochs,
+                "schedule": schedule,
+                "hidden": hidden,
+                # with --max-drop the largest ratio within it, judged on the validation split (the
+                # choice between the variants then uses the held-out split)
+                "max_drop": max_drop,
                 "train": train,
             }
         )
