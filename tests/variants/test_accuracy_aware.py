@@ -149,3 +149,21 @@ def test_compress_reports_which_layers_stayed_fp32(damaged_bundle, tmp_path: Pat
     assert report["chosen"] == "01-quantize"  # within the limit on the held-out split too
     text = (tmp_path / "run" / "report.md").read_text()
     assert f"Kept in fp32, most sensitive first: +{damaged} -> 1.0000" in text
+
+
+def test_smoothquant_competes_with_the_plain_ranges_by_snr(damaged_bundle, tmp_path: Path) -> None:
+    _engine()
+    path, _ = damaged_bundle
+    step = QuantizeStep(step="quantize", backend="torch")  # reduce_range and smooth: auto
+    run_quantize(load_bundle(path), step, tmp_path / "int8")
+    record = load_bundle(tmp_path / "int8").model.compression[-1]
+    snr = record["sqnr_db"]
+    assert set(snr) == {"torch 7-bit", "torch 8-bit", "torch 7-bit smooth 0.5", "torch 8-bit smooth 0.5"}
+    best = max(snr, key=snr.get)
+    assert ("smooth" in best) == ("smooth" in record)  # the candidate kept is the one with the highest SNR
+    assert ("8-bit" in best) == (record["reduce_range"] is False)
+    off = QuantizeStep(step="quantize", backend="torch", smooth="off", reduce_range=True)
+    run_quantize(load_bundle(path), off, tmp_path / "plain")
+    assert list(load_bundle(tmp_path / "plain").model.compression[-1]["sqnr_db"]) == ["torch 7-bit"]
+    with pytest.raises(ValueError, match="smooth"):
+        QuantizeStep(step="quantize", smooth=1.5)

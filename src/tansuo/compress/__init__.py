@@ -32,7 +32,14 @@ from tansuo.compress.prune import (
     taylor_scores,
     units,
 )
-from tansuo.compress.quantize import Int8DynamicConfig, Int8DynamicLinear, quantize_, restore_quantized
+from tansuo.compress.quantize import (
+    Int8DynamicConfig,
+    Int8DynamicLinear,
+    input_absmax,
+    quantize_,
+    restore_quantized,
+    smooth_factors,
+)
 from tansuo.compress.registry import (
     Technique,
     apply_technique,
@@ -53,6 +60,7 @@ __all__ = [
     "apply_technique",
     "gradual_schedule",
     "init_from_teacher",
+    "input_absmax",
     "magnitude_scores",
     "prune_",
     "quantize_",
@@ -61,6 +69,7 @@ __all__ = [
     "restore_pruned",
     "restore_quantized",
     "restore_structure",
+    "smooth_factors",
     "stage_config",
     "stage_steps",
     "taylor_scores",

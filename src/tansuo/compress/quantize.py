@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +72,21 @@ class Int8DynamicConfig:
 
     reduce_range: bool = True
     per_sample: bool = True
+    #: SmoothQuant's migration strength (Xiao et al. 2023): with calibrated input ranges, each input channel
+    #: j is divided by ``s_j = max|x_j|^a / max|w_j|^(1-a)`` and the weight's column j multiplied by it, so
+    #: activation outliers move into the (per-channel quantized) weights; None: no migration
+    smooth: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.smooth is not None and not 0.0 < self.smooth < 1.0:
+            raise CompressionError(f"smooth (SmoothQuant's alpha) must lie in (0, 1), got {self.smooth}")
 
 
 class Int8DynamicLinear(nn.Module):
     """A Linear layer with int8 weights that runs on fbgemm's int8 kernel (CPU only).
 
-    State: ``weight`` int8 ``(out, in)``, ``weight_scale`` fp32 ``(out,)``, ``bias`` fp32 ``(out,)`` or none.
+    State: ``weight`` int8 ``(out, in)``, ``weight_scale`` fp32 ``(out,)``, ``bias`` fp32 ``(out,)`` or none,
+    and with SmoothQuant's migration ``input_scale`` fp32 ``(in,)``, which multiplies the input first.
     Build one with :meth:`from_float`.
     """
 
@@ -88,6 +97,7 @@ class Int8DynamicLinear(nn.Module):
         bias: bool = True,
         reduce_range: bool = True,
         per_sample: bool = True,
+        smoothed: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -95,19 +105,35 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features) if smoothed else None)
         self._packed: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module._unpack())
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, config: Int8DynamicConfig = Int8DynamicConfig()
+        cls,
+        linear: nn.Linear,
+        config: Int8DynamicConfig = Int8DynamicConfig(),
+        input_absmax: torch.Tensor | None = None,
     ) -> Int8DynamicLinear:
-        """Quantize a float Linear: ``scale = max |w| / 127`` per output row, ``q = round(w / scale)``."""
+        """Quantize a float Linear: ``scale = max |w| / 127`` per output row, ``q = round(w / scale)``;
+        with ``config.smooth`` and the calibrated ``input_absmax`` (per input channel), after migrating
+        the activations' outliers into the weight (:func:`smooth_factors`)."""
         w = linear.weight.detach().float().cpu()
         has_bias = linear.bias is not None
+        smoothed = config.smooth is not None and input_absmax is not None
         module = cls(
-            linear.in_features, linear.out_features, has_bias, config.reduce_range, config.per_sample
+            linear.in_features,
+            linear.out_features,
+            has_bias,
+            config.reduce_range,
+            config.per_sample,
+            smoothed=smoothed,
         )
+        if smoothed:
+            factors = smooth_factors(input_absmax, w, config.smooth)
+            w = w * factors[None, :]
+            module.input_scale.copy_(1.0 / factors)
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         module.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         module.weight_scale.copy_(scale)
@@ -143,7 +169,10 @@ class Int8DynamicLinear(nn.Module):
         """``(B, ..., in)`` float to ``(B, ..., out)`` float32; dimension 0 is the batch."""
         if self._packed is None:
             self._packed = self._pack()
-        x = x.float().contiguous()
+        x = x.float()
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        x = x.contiguous()
         if not self.per_sample or x.dim() < 2 or x.shape[0] == 1:
             return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
         rows = x.split(1, dim=0)  # one activation range per sample
@@ -154,7 +183,54 @@ class Int8DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         per = "per sample" if self.per_sample else "per batch"
         bits = 7 if self.reduce_range else 8
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {bits}-bit {per}"
+        smooth = ", smoothed" if self.input_scale is not None else ""
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, int8, {bits}-bit {per}{smooth}"
+
+
+def smooth_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``s_j = max|x_j|^alpha / max_i |w_ij|^(1 - alpha)``: the input
+    is divided by them and the weight's columns multiplied, leaving the product unchanged in exact
+    arithmetic. Channels that never fired, or whose weight column is zero, keep factor 1."""
+    x = input_absmax.detach().float().cpu()
+    w = weight.detach().float().cpu().abs().amax(dim=0)
+    factors = x.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1.0 - alpha)
+    dead = (x <= 1e-5) | (w <= 1e-5) | ~torch.isfinite(factors)
+    return torch.where(dead, torch.ones_like(factors), factors)
+
+
+def input_absmax(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The largest absolute input each Linear layer (that ``filter_fn`` accepts) sees per input channel over
+    ``batches``, ``forward(model, batch)`` running the model: the calibration SmoothQuant needs."""
+    filter_fn = filter_fn or _default_filter
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).cpu()
+            seen[name] = x if name not in seen else torch.maximum(seen[name], x)
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and filter_fn(module, name):
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise CompressionError("calibration ran no Linear layer: give at least one batch the model reads")
+    return seen
 
 
 def _default_filter(module: nn.Module, name: str) -> bool:
@@ -165,6 +241,7 @@ def quantize_(
     model: nn.Module,
     config: Any = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    **kwargs: Any,
 ) -> list[str]:
     """Quantize ``model`` in place with the technique registered for ``type(config)`` (default
     :class:`Int8DynamicConfig`), append its record to ``model.compression`` (so ``save_bundle`` /
@@ -172,18 +249,31 @@ def quantize_(
 
     :class:`Int8DynamicConfig` replaces every ``nn.Linear`` that ``filter_fn(module, name)`` accepts (default:
     all) by an :class:`Int8DynamicLinear`. A Linear whose weight is shared with another module (a tied LM or
-    MLM decoder) is left in fp32, so the sharing survives. The model must be on the CPU.
+    MLM decoder) is left in fp32, so the sharing survives. The model must be on the CPU. ``kwargs`` go to
+    the technique: ``input_absmax`` (:func:`input_absmax`) for ``Int8DynamicConfig(smooth=...)``.
     """
     config = config if config is not None else Int8DynamicConfig()
-    record = apply_technique(model, config, filter_fn=filter_fn, step="quantize")
+    record = apply_technique(model, config, filter_fn=filter_fn, step="quantize", **kwargs)
     return list(record.get("modules", []))
 
 
 def quantize_int8(
-    model: nn.Module, config: Int8DynamicConfig, *, filter_fn: Callable[[nn.Module, str], bool] | None = None
+    model: nn.Module,
+    config: Int8DynamicConfig,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    input_absmax: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The :class:`Int8DynamicConfig` technique: swap the Linear layers in place; returns the record."""
+    """The :class:`Int8DynamicConfig` technique: swap the Linear layers in place; returns the record.
+    ``config.smooth`` needs ``input_absmax`` (:func:`input_absmax`); a layer missing from it is not
+    smoothed."""
     quantized_engine()  # fail before touching the model
+    if config.smooth is not None and not input_absmax:
+        raise CompressionError(
+            "Int8DynamicConfig(smooth=...) needs calibrated input ranges: "
+            "quantize_(model, config, input_absmax=input_absmax(model, batches, forward))"
+        )
+    absmax = input_absmax or {}
     filter_fn = filter_fn or _default_filter
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise CompressionError("quantize_ works on a CPU model (int8 kernels are CPU-only); call model.cpu()")
@@ -197,9 +287,10 @@ def quantize_int8(
             continue
         if owners.get(id(module.weight), 0) > 1:
             continue  # tied to an embedding
-        _set_submodule(model, name, Int8DynamicLinear.from_float(module, config))
+        smooth = absmax.get(name) if config.smooth is not None else None
+        _set_submodule(model, name, Int8DynamicLinear.from_float(module, config, smooth))
         names.append(name)
-    return {
+    record = {
         "step": "quantize",
         "mode": "int8",
         "backend": "torch",
@@ -207,19 +298,31 @@ def quantize_int8(
         "reduce_range": config.reduce_range,
         "per_sample": config.per_sample,
     }
+    if config.smooth is not None:
+        record["smooth"] = config.smooth
+        record["smoothed"] = [n for n in names if n in absmax]
+    return record
 
 
 def restore_quantized(
-    model: nn.Module, names: list[str], reduce_range: bool = True, per_sample: bool = True
+    model: nn.Module,
+    names: list[str],
+    reduce_range: bool = True,
+    per_sample: bool = True,
+    smoothed: Iterable[str] = (),
 ) -> None:
-    """Replace the named Linear layers by empty :class:`Int8DynamicLinear` layers of the same shapes, so that
-    a quantized state dict loads (how bundles are read back)."""
+    """Replace the named Linear layers by empty :class:`Int8DynamicLinear` layers of the same shapes (with an
+    input scale for those in ``smoothed``), so that a quantized state dict loads (how bundles are read
+    back)."""
+    smoothed = set(smoothed)
     for name in names:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise CompressionError(f"the bundle quantized {name!r}, but this model has no Linear layer there")
         bias = linear.bias is not None
-        empty = Int8DynamicLinear(linear.in_features, linear.out_features, bias, reduce_range, per_sample)
+        empty = Int8DynamicLinear(
+            linear.in_features, linear.out_features, bias, reduce_range, per_sample, smoothed=name in smoothed
+        )
         _set_submodule(model, name, empty)
 
 
@@ -227,7 +330,9 @@ def restore_int8(model: nn.Module, record: dict[str, Any]) -> None:
     """Replay a ``quantize`` record of the torch backend (bundles written before ``per_sample`` existed
     quantized per batch)."""
     reduce_range, per_sample = record.get("reduce_range", True), record.get("per_sample", False)
-    restore_quantized(model, record.get("modules", []), reduce_range, per_sample)
+    restore_quantized(
+        model, record.get("modules", []), reduce_range, per_sample, smoothed=record.get("smoothed", ())
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

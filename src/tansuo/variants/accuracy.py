@@ -133,15 +133,22 @@ class Judge:
     def drop_of(self, model: nn.Module) -> float:
         return drop(self.reference, self.quality(model), self.maximize)
 
-    def _int8(self, config: Int8DynamicConfig, quantized: set[str]) -> nn.Module:
+    def _int8(self, config: Int8DynamicConfig, quantized: set[str], absmax: Any = None) -> nn.Module:
         m = copy.deepcopy(self.model)
-        quantize_(m, config, filter_fn=lambda _, name: name in quantized)
+        quantize_(m, config, filter_fn=lambda _, name: name in quantized, input_absmax=absmax)
         return m
 
-    def fallback(self, qmodel: nn.Module, step: Any, snr_of: Callable[[nn.Module], float]) -> nn.Module:
+    def fallback(
+        self,
+        qmodel: nn.Module,
+        step: Any,
+        snr_of: Callable[[nn.Module], float],
+        input_absmax: dict[str, torch.Tensor] | None = None,
+    ) -> nn.Module:
         """``qmodel`` (the whole-model torch int8 variant) if within ``step.max_drop``; else the first variant
         with the most sensitive layers in fp32 that is, or (none within) the last one tried, its record
-        saying so. The record's ``accuracy_aware`` entry tells what each step cost and bought."""
+        saying so. The record's ``accuracy_aware`` entry tells what each step cost and bought.
+        ``input_absmax``: the calibration a smoothed ``qmodel`` was built with."""
         record = qmodel.compression[-1]
         whole = self.quality(qmodel)
         info: dict[str, Any] = {
@@ -156,14 +163,15 @@ class Judge:
             record["accuracy_aware"] = {**info, "fp32_layers": [], "within_limit": True, "steps": []}
             return qmodel
         started = time.perf_counter()
-        config = Int8DynamicConfig(record["reduce_range"], record["per_sample"])
+        config = Int8DynamicConfig(record["reduce_range"], record["per_sample"], record.get("smooth"))
         names = list(record["modules"])
-        ranked = rank_layers(names, lambda name: snr_of(self._int8(config, {name})))
+        absmax = input_absmax if config.smooth is not None else None
+        ranked = rank_layers(names, lambda name: snr_of(self._int8(config, {name}, absmax)))
         order = [name for name, _ in ranked]
         built: dict[tuple[str, ...], nn.Module] = {}
 
         def build(fp32: list[str]) -> nn.Module:
-            built[tuple(fp32)] = m = self._int8(config, set(names) - set(fp32))
+            built[tuple(fp32)] = m = self._int8(config, set(names) - set(fp32), absmax)
             return m
 
         result = fallback_search(

@@ -27,6 +27,7 @@ from tansuo.compress import (
     UnstructuredPruneConfig,
     gradual_schedule,
     init_from_teacher,
+    input_absmax,
     magnitude_scores,
     prune_,
     quantize_,
@@ -117,10 +118,18 @@ def _backends(model: nn.Module, step: QuantizeStep) -> list[str]:
     return backends
 
 
+def _smooth_candidates(step: QuantizeStep) -> list[float | None]:
+    """SmoothQuant alphas to try on the torch backend (None: no migration)."""
+    if step.smooth == "auto":
+        return [None, 0.5]
+    return [None] if step.smooth == "off" else [float(step.smooth)]
+
+
 def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
     """int8 on the torch (fbgemm) or the ONNX Runtime backend. ``auto`` builds both (when ONNX Runtime is
     installed and the family exports) and keeps the faster at batch 1; within a backend, 7- or 8-bit
-    ranges are chosen by the logits' SNR against fp32 on calibration batches."""
+    ranges (and on torch, with or without SmoothQuant's migration) are chosen by the logits' SNR against
+    fp32 on calibration batches."""
     model, task = bundle.model.cpu().eval(), bundle.task
     skip = tuple(step.skip)
     ranges = [True, False] if step.reduce_range == "auto" else [bool(step.reduce_range)]
@@ -144,20 +153,27 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         if "torch" in backends:
             quantized_engine()
+            smooths = _smooth_candidates(step)
+            absmax = None
+            if any(a is not None for a in smooths):
+                absmax = input_absmax(model, batches, lambda m, b: task.logits(m, b))
             best = None
             for rr in ranges:
-                m = copy.deepcopy(model)  # quantize_ appends its record to the copy's compression
-                names = quantize_(
-                    m,
-                    Int8DynamicConfig(rr, step.per_sample),
-                    filter_fn=lambda _, name: not (skip and name.startswith(skip)),
-                )
-                if not names:
-                    raise CompressionError("this model has no Linear layers to quantize")
-                best = keep(m, f"torch {8 - rr}-bit", best)
+                for alpha in smooths:
+                    m = copy.deepcopy(model)  # quantize_ appends its record to the copy's compression
+                    names = quantize_(
+                        m,
+                        Int8DynamicConfig(rr, step.per_sample, smooth=alpha),
+                        filter_fn=lambda _, name: not (skip and name.startswith(skip)),
+                        input_absmax=absmax,
+                    )
+                    if not names:
+                        raise CompressionError("this model has no Linear layers to quantize")
+                    smoothing = "" if alpha is None else f" smooth {alpha:g}"
+                    best = keep(m, f"torch {8 - rr}-bit{smoothing}", best)
             candidates["torch"] = best[1]
             if judge is not None:
-                candidates["torch"] = judge.fallback(candidates["torch"], step, snr_of)
+                candidates["torch"] = judge.fallback(candidates["torch"], step, snr_of, absmax)
         if "onnxruntime" in backends:
             if skip:
                 raise CompressionError("skip is supported by the torch backend only; set backend: torch")

@@ -94,6 +94,9 @@ class QuantizeStep(Strict):
     #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
     #: logits on calibration batches the higher signal-to-noise ratio against fp32
     reduce_range: Literal["auto", True, False] = "auto"
+    #: SmoothQuant's migration of activation outliers into the weights (its alpha, in (0, 1)), torch
+    #: backend; auto: with 0.5 and without, whichever gives the higher SNR (as reduce_range)
+    smooth: Literal["auto", "off"] | float = "auto"
     #: torch: fbgemm int8 Linear layers in the PyTorch model; onnxruntime: the model exported to ONNX and
     #: quantized by ONNX Runtime (families that declare onnx_inputs: bert, vit, resnet); auto: the faster here
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
@@ -105,6 +108,12 @@ class QuantizeStep(Strict):
     #: one at a time, until it is within (torch backend; an ONNX Runtime variant outside it is dropped)
     max_drop: float | None = Field(None, ge=0)
     max_fp32_layers: int = Field(8, gt=0, description="most layers the accuracy-aware search keeps in fp32")
+
+    @model_validator(mode="after")
+    def _smooth_range(self) -> QuantizeStep:
+        if isinstance(self.smooth, float) and not 0.0 < self.smooth < 1.0:
+            raise ValueError(f"smooth must be auto, off or an alpha in (0, 1), got {self.smooth}")
+        return self
 
     def describe(self) -> str:
         return self.mode
