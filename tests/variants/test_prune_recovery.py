@@ -236,3 +236,13 @@ def test_cli_options_reach_the_prune_step() -> None:
     assert (step.finetune_epochs, step.schedule, step.hidden, step.max_drop) == (2.0, "one-shot", 1.0, 1.0)
     assert step.describe() == "prune heads=0.25 ffn=0.5 +2 epochs within 1"
     assert step.scaled(0.5).heads == 0.125 and step.scaled(0.5).max_drop is None
+
+
+def test_a_first_cut_with_nothing_due_yet_is_no_error(vit_bundle: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(vit_bundle)  # vit_test: 4 heads in all; 0.2 of them is one, due at the second cut
+    assert units(bundle.model)["heads"] == 4
+    step = PruneStep(
+        step="prune", heads=0.2, importance="magnitude", finetune_steps=3, stages=3, train={"batch_size": 16}
+    )
+    record = load_bundle(prune_once(bundle, step, tmp_path / "p")).model.compression[-1]
+    assert sum(record["attention"].values()) == 3 and record["heads"] == 0.2

@@ -235,29 +235,29 @@ class _Continued:
         return getattr(self.task, name)
 
 
-def _scores(model: nn.Module, task: Any, step: PruneStep) -> dict[str, torch.Tensor]:
+def _scores(model: nn.Module, task: Any, step: PruneStep, start: int = 0) -> dict[str, torch.Tensor]:
     if step.importance == "magnitude":
         return magnitude_scores(model)
     device = resolve_device("auto")
     model.to(device)
     batches = (
         {k: v.to(device) for k, v in b.items()}
-        for _, b in zip(range(step.score_batches), task.train_batches(32, start=0), strict=False)
+        for _, b in zip(range(step.score_batches), task.train_batches(32, start=start), strict=False)
     )
     return taylor_scores(model, batches, task.loss)
 
 
-def _cut(model: nn.Module, task: Any, step: PruneStep, original: dict[str, int], fraction: float) -> bool:
+def _cut(
+    model: nn.Module, task: Any, step: PruneStep, original: dict[str, int], fraction: float, start: int
+) -> None:
     """Prune ``model`` (in place) to ``fraction`` of the step's final ratios of the ``original`` units, with
-    importance measured now. False when there was nothing left to remove."""
+    importance measured now (on training batches from ``start``); nothing when no unit is due to go yet."""
     if step.unstructured is not None:
         prune_(model, UnstructuredPruneConfig(step.unstructured * fraction))
-        return True
+        return
     config = stage_config(original, units(model), step.heads * fraction, step.ffn * fraction)
-    if config is None:
-        return False
-    prune_(model, config, scores=_scores(model, task, step))
-    return True
+    if config is not None:
+        prune_(model, config, scores=_scores(model, task, step, start))
 
 
 def _budget(bundle: Bundle, step: PruneStep, out: Path) -> int:
@@ -286,7 +286,7 @@ def prune_once(bundle: Bundle, step: PruneStep, out: Path) -> Path:
     train_dir = out.with_name(out.name + "-train")
     done = 0
     for k, (fraction, steps) in enumerate(zip(fractions, plan, strict=True)):
-        _cut(model, task, step, original, fraction)
+        _cut(model, task, step, original, fraction, done)
         record = _merge_records(model, start, step, plan, fractions[k])
         log.info("prune stage %d/%d: %s, then %d steps", k + 1, len(plan), _kept(record), steps)
         if not steps:
@@ -342,6 +342,8 @@ def _merge_records(
     """Fold the records this step appended into one: the shapes of the last cut (what a bundle replays),
     the ratios of the original units reached so far (``fraction`` of the step's), and the schedule."""
     records = model.compression[start:]
+    if not records:  # no unit was due to go yet (a small model, an early cut)
+        return {}
     merged = dict(records[-1])
     fractions = gradual_schedule(1.0, len(plan))
     if step.unstructured is not None:
@@ -360,6 +362,8 @@ def _merge_records(
 
 
 def _kept(record: dict[str, Any]) -> str:
+    if not record:
+        return "nothing removed yet"
     if record.get("kind") != "structured":
         return f"sparsity {record.get('sparsity', 0):.3f}"
     return f"{sum(record['attention'].values())} heads, {sum(record['feed_forward'].values())} neurons kept"
