@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=100, help="timed batch-1 calls per variant")
     p.add_argument("--prune-epochs", type=float, default=1.0, help="fine-tuning epochs while pruning")
     p.add_argument("--prune-steps", type=int, default=None, help="fine-tuning steps instead of epochs")
+    p.add_argument("--prune-alpha", type=float, default=0.0, help="hard-label weight while pruning")
     p.add_argument("--distill-epochs", type=float, default=1.0, help="epochs of SST-2 distillation")
     add_threads(p, "torch threads while measuring")
     return p.parse_args(argv)
@@ -95,6 +96,7 @@ def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "stages": 4,
         "hidden": 1.0,
         "hidden_layers": "all",
+        "alpha": args.prune_alpha,
         "train": {"lr": 5.0e-5, "warmup_steps": 50, "eval_every": 250},
     }
     return {

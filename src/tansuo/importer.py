@@ -1,4 +1,7 @@
-"""``tansuo import hf``: a local Hugging Face BERT-family folder becomes a tansuo bundle.
+"""``tansuo import hf``: a local Hugging Face BERT-family or decoder folder becomes a tansuo bundle.
+
+A decoder (GPT-2, Llama, Mistral, Qwen2, SmolLM: :mod:`tansuo.models.hf_decoders`) becomes an ``lm`` bundle
+with the folder's ``tokenizer.json``, ready for ``tansuo generate`` and ``tansuo eval --data TEXT``.
 
 The folder holds ``config.json``, the weights (safetensors, or a PyTorch ``.bin`` read tensors-only) and
 the tokenizer (``tokenizer.json`` or ``vocab.txt``; ``tokenizer_config.json``'s ``do_lower_case`` is
@@ -20,15 +23,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tansuo.data import load_bert_tokenizer
+from tansuo.data import load_bert_tokenizer, load_tokenizer
 from tansuo.errors import TansuoError
 from tansuo.models.hf import (
+    SUPPORTED_MODEL_TYPES,
     HFImportError,
     bert_config_from_hf,
     import_bert,
     load_hf_state_dict,
     read_hf_config,
 )
+from tansuo.models.hf_decoders import DECODER_TYPES, decoder_config_from_hf, import_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,17 @@ def import_hf(folder: str | Path, out: str | Path, labels: list[str] | None = No
     if not folder.is_dir():
         raise HFImportError(f"{folder} is not a folder; pass a Hugging Face model folder (with config.json)")
     hf_config = read_hf_config(folder)
+    model_type = hf_config.get("model_type")
+    if model_type in DECODER_TYPES:
+        if labels is not None:
+            raise TansuoError(f"--labels names a classifier's classes; {folder} is a {model_type} decoder")
+        return import_hf_decoder(folder, out, hf_config)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFImportError(
+            f"unsupported Hugging Face checkpoint: model_type is {model_type!r}; tansuo imports encoders of "
+            f"model_type {', '.join(SUPPORTED_MODEL_TYPES)} and decoders of model_type "
+            f"{', '.join(DECODER_TYPES)}"
+        )
     bert_config_from_hf(hf_config)  # refuses other architectures before anything is read
     state_dict = load_hf_state_dict(folder)
     classifier = next(
@@ -126,3 +142,33 @@ def import_hf(folder: str | Path, out: str | Path, labels: list[str] | None = No
     origin = {"imported_from": str(folder.resolve()), "architectures": hf_config.get("architectures")}
     path = save_bundle(out, model, task, metrics={}, origin=origin)
     return ImportReport(bundle=path, task=task.name, num_params=model.num_params(), labels=names, fresh=fresh)
+
+
+def import_hf_decoder(folder: Path, out: str | Path, hf_config: dict) -> ImportReport:
+    """A Hugging Face decoder folder (``config.json``, weights, ``tokenizer.json``) as an ``lm`` bundle."""
+    from tansuo.bundle import save_bundle
+    from tansuo.tasks.lm import LMDataConfig, LMTask
+
+    decoder_config_from_hf(hf_config)  # refuses what tansuo's decoder cannot be before anything is read
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise HFImportError(
+            f"{folder} has no tokenizer.json: save the model's fast tokenizer beside it "
+            "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        )
+    try:
+        tokenizer = load_tokenizer(tok_file)
+    except TansuoError as e:
+        raise HFImportError(f"cannot import {folder}'s tokenizer: {e}") from e
+    model, _ = import_decoder(folder)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise HFImportError(
+            f"{tok_file} has {tokenizer.get_vocab_size()} tokens but the embedding table only "
+            f"{model.config.vocab_size} rows: the tokenizer belongs to another model"
+        )
+    block = min(model.config.max_seq_len, 1024)  # what eval and fine-tuning windows default to
+    data = LMDataConfig(tokenizer=str(tok_file), block_size=block)
+    task = LMTask(data, seed=0, tokenizer=tokenizer, work_dir=None)
+    origin = {"imported_from": str(folder.resolve()), "architectures": hf_config.get("architectures")}
+    path = save_bundle(out, model, task, metrics={}, origin=origin)
+    return ImportReport(bundle=path, task=task.name, num_params=model.num_params())

@@ -52,7 +52,7 @@ def test_export_form_is_the_same_function(bias):
     # row of padding only, and heads of different count than width / head_dim (as after pruning)
     torch.manual_seed(0)
     attn = MultiHeadAttention(16, 4, bias=bias).eval()
-    attn.q_proj, attn.num_heads = torch.nn.Linear(16, 8, bias=bias), 2
+    attn.q_proj, attn.num_heads, attn.num_kv_heads = torch.nn.Linear(16, 8, bias=bias), 2, 2
     attn.kv_proj = torch.nn.Linear(16, 16, bias=bias)
     attn.out_proj = torch.nn.Linear(8, 16, bias=bias)
     x = torch.randn(3, 5, 16)

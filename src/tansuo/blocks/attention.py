@@ -107,6 +107,11 @@ class MultiHeadAttention(nn.Module):
         dropout: Dropout on the attention probabilities (training only).
         rotary: Rotary embedding applied to queries and keys of self-attention (never to cross-attention).
             It may be shared by every layer of a model.
+        num_kv_heads: Key/value heads, dividing ``num_heads``: grouped-query attention (Ainslie et al. 2023),
+            each key/value head shared by ``num_heads / num_kv_heads`` query heads (1: multi-query);
+            default ``num_heads``. The KV cache holds the key/value heads only.
+        qkv_bias: Whether the query, key and value projections have biases (Qwen2: yes, its output
+            projection no); default ``bias``.
     """
 
     def __init__(
@@ -118,22 +123,29 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         rotary: RotaryEmbedding | None = None,
+        num_kv_heads: int | None = None,
+        qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.kv_dim = kv_dim or embed_dim
         self.dropout = dropout
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.kv_proj = nn.Linear(self.kv_dim, 2 * embed_dim, bias=bias)  # keys and values in one matmul
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        kv_width = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
+        self.kv_proj = nn.Linear(self.kv_dim, 2 * kv_width, bias=qkv_bias)  # keys and values in one matmul
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rotary = rotary
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        return x.view(B, T, heads or self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
     def forward(
         self,
@@ -163,15 +175,21 @@ class MultiHeadAttention(nn.Module):
         if memory is not None and cache is not None:
             raise ValueError("a KV cache is for self-attention; cross-attention memory is not cached")
         exporting = torch.compiler.is_exporting()
-        if exporting and memory is None and cache is None and not causal and self.rotary is None:
+        grouped = self.num_kv_heads != self.num_heads
+        plain = memory is None and cache is None and not causal and self.rotary is None and not grouped
+        if exporting and plain:
             return self._exported_self_attention(x, key_padding_mask)
         q = self._heads(self.q_proj(x))  # (B, H, T, D)
-        k, v = (self._heads(t) for t in self.kv_proj(x if memory is None else memory).chunk(2, dim=-1))
+        kv = self.kv_proj(x if memory is None else memory).chunk(2, dim=-1)
+        k, v = (self._heads(t, self.num_kv_heads) for t in kv)  # (B, Hkv, T, D)
         offset = 0 if cache is None else cache.length
         if self.rotary is not None and memory is None:
             q, k = self.rotary.rotate(q, offset), self.rotary.rotate(k, offset)
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, H, S, D), S = offset + T
+            k, v = cache.update(k, v)  # (B, Hkv, S, D), S = offset + T
+        if grouped:  # each key/value head serves a group of query heads
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
         if causal and key_padding_mask is None and offset == 0 and S == T:

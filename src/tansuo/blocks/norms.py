@@ -37,13 +37,14 @@ class RMSNorm(nn.Module):
         return f"{self.weight.numel()}, eps={self.eps}"
 
 
-def build_norm(kind: str, dim: int, *, bias: bool = True) -> nn.Module:
+def build_norm(kind: str, dim: int, *, bias: bool = True, eps: float | None = None) -> nn.Module:
     """Builds a normalisation layer by name, for builders whose configs name their norm with a string.
 
     Args:
         kind: ``"layernorm"`` or ``"rmsnorm"``.
         dim: Width of the vectors to normalise.
         bias: Whether LayerNorm has a bias (RMSNorm never has one).
+        eps: Added to the variance; default each layer's own (LayerNorm 1e-5, RMSNorm 1e-6).
 
     Returns:
         The layer.
@@ -52,7 +53,7 @@ def build_norm(kind: str, dim: int, *, bias: bool = True) -> nn.Module:
         ValueError: If ``kind`` is not one of ``NORM_KINDS``.
     """
     if kind == "layernorm":
-        return nn.LayerNorm(dim, bias=bias)
+        return nn.LayerNorm(dim, bias=bias) if eps is None else nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim) if eps is None else RMSNorm(dim, eps=eps)
     raise ValueError(f"norm must be one of {', '.join(NORM_KINDS)}, not {kind!r}")

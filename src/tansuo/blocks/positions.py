@@ -89,16 +89,27 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: Width D of each head; must be even.
         max_seq_len: Number of positions precomputed.
-        base: Base of the geometric frequencies (10000 in RoFormer and LLaMA).
+        base: Base of the geometric frequencies (10000 in RoFormer and LLaMA 2, 500000 in Llama 3; Hugging
+            Face configs call it ``rope_theta``).
+        llama3_scaling: Llama 3.1's frequency scaling for long contexts, as ``(factor, low_freq_factor,
+            high_freq_factor, original_max_position_embeddings)``; None for none.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        base: float = 10000.0,
+        llama3_scaling: tuple[float, float, float, int] | None = None,
+    ) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head width, got {head_dim}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+        if llama3_scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, *llama3_scaling)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (T, D)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -122,6 +133,26 @@ class RotaryEmbedding(nn.Module):
         return (x32 * cos + rotated * sin).type_as(x)
 
     forward = rotate
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
+) -> torch.Tensor:
+    """Llama 3.1's rotary scaling: wavelengths longer than ``original / low_freq_factor`` are stretched by
+    ``factor``, those shorter than ``original / high_freq_factor`` kept, and those between blended smoothly
+    (the ``"llama3"`` ``rope_type`` of Hugging Face transformers)."""
+    if high_freq_factor <= low_freq_factor:
+        raise ValueError(
+            f"llama3 rotary scaling needs high_freq_factor ({high_freq_factor}) > low_freq_factor "
+            f"({low_freq_factor})"
+        )
+    low_wavelen, high_wavelen = original / low_freq_factor, original / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}"

@@ -287,13 +287,18 @@ def _columns(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
 
 def shrink_attention(attn: MultiHeadAttention, heads: torch.Tensor) -> None:
     """Keep only ``heads`` (indices) of a self-attention module, in place."""
+    if attn.num_kv_heads != attn.num_heads:
+        raise CompressionError(
+            "head pruning of grouped-query attention is not supported (a key/value head serves several "
+            "query heads); prune the feed-forward neurons only (heads=0)"
+        )
     D = attn.head_dim
     rows = (heads[:, None] * D + torch.arange(D)).flatten().to(attn.q_proj.weight.device)
     inner = attn.num_heads * D
     attn.q_proj = _rows(attn.q_proj, rows)
     attn.kv_proj = _rows(attn.kv_proj, torch.cat([rows, rows + inner]))
     attn.out_proj = _columns(attn.out_proj, rows)
-    attn.num_heads = len(heads)
+    attn.num_heads = attn.num_kv_heads = len(heads)
 
 
 def shrink_ffn(mlp: FeedForward, neurons: torch.Tensor) -> None:

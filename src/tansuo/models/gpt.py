@@ -4,11 +4,15 @@ Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-
 Karpathy's nanoGPT (``model.py``): token embedding (+ learned positions), pre-norm causal layers, final
 norm, a language-model head tied to the token embedding (Press & Wolf 2017, "Using the Output Embedding to
 Improve Language Models"). LLaMA's choices (Touvron et al. 2023) are options: RMSNorm, rotary positions
-(Su et al. 2021), SwiGLU feed-forward (Shazeer 2020).
+(Su et al. 2021) with their base and Llama 3.1's scaling, SwiGLU feed-forward (Shazeer 2020), grouped-query
+attention (Ainslie et al. 2023), biases on the query/key/value projections only (Qwen2), an untied head.
+With them the one class holds GPT-2 and the Llama family (Llama, Mistral, Qwen2, SmolLM) imported from
+Hugging Face checkpoints (:mod:`tansuo.models.hf_decoders`).
 
 Shapes: B batch, T sequence length, C embedding width, H heads, V vocabulary size.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +48,18 @@ class GPTConfig:
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA: cheaper, no mean, no bias)
     positions: str = "learned"  # "learned" (GPT-2) or "rotary" (relative positions, no parameters)
     mlp: str = "gelu"  # "gelu" (GPT-2 MLP) or "swiglu" (LLaMA gated MLP)
+    activation: str = "gelu"  # the gelu MLP's: "gelu" (exact) or "gelu_tanh" (GPT-2's tanh approximation)
+    mlp_hidden: int = 0  # feed-forward hidden width when > 0 (imported checkpoints); 0: from mlp_ratio
+    num_kv_heads: int = 0  # key/value heads for grouped-query attention when > 0; 0: num_heads
+    qkv_bias: str = "same"  # biases on the q/k/v projections: "same" as bias, "yes" or "no" (Qwen2: yes)
+    tie_embeddings: bool = True  # the head shares the token embedding's weights
+    norm_eps: float = 0.0  # the norms' epsilon when > 0; 0: each norm's default (1e-5 LayerNorm, 1e-6 RMS)
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    rope_scaling: str = "none"  # "none" or "llama3" (Llama 3.1's long-context frequency scaling)
+    rope_factor: float = 8.0  # llama3 scaling: the factor long wavelengths are stretched by
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192  # the context the frequencies were trained for
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -54,6 +70,13 @@ class GPTConfig:
         check_choice(self, "norm", ("layernorm", "rmsnorm"))
         check_choice(self, "positions", ("learned", "rotary"))
         check_choice(self, "mlp", ("gelu", "swiglu"))
+        check_choice(self, "activation", ("gelu", "gelu_tanh"))
+        check_choice(self, "qkv_bias", ("same", "yes", "no"))
+        check_choice(self, "rope_scaling", ("none", "llama3"))
+        if self.num_kv_heads < 0 or self.mlp_hidden < 0 or self.norm_eps < 0:
+            raise ValueError("num_kv_heads, mlp_hidden and norm_eps must be >= 0 (0: the default)")
+        if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -65,16 +88,31 @@ class GPTConfig:
             )
 
 
+def _norm(config: GPTConfig) -> nn.Module:
+    return build_norm(config.norm, config.embed_dim, bias=config.bias, eps=config.norm_eps or None)
+
+
 def _layer(config: GPTConfig, rotary: RotaryEmbedding | None) -> TransformerLayer:
     C = config.embed_dim
     if config.mlp == "swiglu":
-        hidden = 8 * math.ceil(2 * config.mlp_ratio * C / 3 / 8)  # 2/3 of the GELU width, a multiple of 8
+        hidden = config.mlp_hidden or 8 * math.ceil(2 * config.mlp_ratio * C / 3 / 8)  # 2/3 of GELU's width
         mlp = SwiGLU(C, hidden, bias=config.bias)
     else:
-        mlp = FeedForward(C, config.mlp_ratio * C, bias=config.bias)  # dropout: the layer's residual one
-    attn = MultiHeadAttention(C, config.num_heads, bias=config.bias, dropout=config.dropout, rotary=rotary)
-    norms = (build_norm(config.norm, C, bias=config.bias) for _ in range(2))
-    return TransformerLayer(attn, mlp, *norms, dropout=config.dropout)
+        tanh = config.activation == "gelu_tanh"
+        activation = functools.partial(nn.GELU, approximate="tanh") if tanh else nn.GELU
+        hidden = config.mlp_hidden or config.mlp_ratio * C
+        mlp = FeedForward(C, hidden, bias=config.bias, activation=activation)  # dropout: the layer's own
+    qkv_bias = {"same": None, "yes": True, "no": False}[config.qkv_bias]
+    attn = MultiHeadAttention(
+        C,
+        config.num_heads,
+        bias=config.bias,
+        dropout=config.dropout,
+        rotary=rotary,
+        num_kv_heads=config.num_kv_heads or None,
+        qkv_bias=qkv_bias,
+    )
+    return TransformerLayer(attn, mlp, _norm(config), _norm(config), dropout=config.dropout)
 
 
 def _drop_tied_head(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -106,15 +144,27 @@ class GPT(nn.Module):
         C, H = config.embed_dim, config.num_heads
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = LearnedPositions(config.max_seq_len, C) if config.positions == "learned" else None
-        rotary = RotaryEmbedding(C // H, config.max_seq_len) if config.positions == "rotary" else None
+        rotary = None
+        if config.positions == "rotary":
+            scaling = None
+            if config.rope_scaling == "llama3":
+                scaling = (
+                    config.rope_factor,
+                    config.rope_low_freq_factor,
+                    config.rope_high_freq_factor,
+                    config.rope_original_max_seq_len,
+                )
+            rotary = RotaryEmbedding(C // H, config.max_seq_len, config.rope_theta, scaling)
         self.dropout = nn.Dropout(config.dropout)
         layers = [_layer(config, rotary) for _ in range(config.num_layers)]
-        self.stack = TransformerStack(layers, build_norm(config.norm, C, bias=config.bias))
+        self.stack = TransformerStack(layers, _norm(config))
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
         self._init_weights()
-        self.register_state_dict_post_hook(_drop_tied_head)
-        self.register_load_state_dict_pre_hook(_restore_tied_head)
+        if config.tie_embeddings:
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_restore_tied_head)
 
     def _init_weights(self) -> None:
         # nanoGPT / GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled
@@ -142,9 +192,10 @@ class GPT(nn.Module):
         return total
 
     def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
-        """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to (and is
-        capped at) ``max_seq_len``."""
-        shape = (batch_size, min(seq_len or self.config.max_seq_len, self.config.max_seq_len))
+        """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to
+        ``max_seq_len`` up to 256 (an 8k-context Llama's whole context is no example) and is capped at it."""
+        L = self.config.max_seq_len
+        shape = (batch_size, min(seq_len or min(L, 256), L))
         return torch.randint(0, self.config.vocab_size, shape, device=self.tok_emb.weight.device)
 
     def init_cache(
@@ -170,8 +221,8 @@ class GPT(nn.Module):
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
-        H = self.config.num_heads
-        D = self.config.embed_dim // H
+        H = self.config.num_kv_heads or self.config.num_heads  # the cache holds key/value heads
+        D = self.config.embed_dim // self.config.num_heads
         return [
             KVCache(batch_size, H, max_seq_len, D, device=device, dtype=dtype)
             for _ in range(self.config.num_layers)
@@ -260,14 +311,16 @@ class GPT(nn.Module):
         if max_new_tokens <= 0:
             return idx
         L = self.config.max_seq_len
-        cache = self.init_cache(idx.shape[0]) if use_cache else None
+        # the cache holds what this call can reach, not the whole context (8k positions for a Llama)
+        size = min(L, idx.shape[1] + max_new_tokens)
+        cache = self.init_cache(idx.shape[0], max_seq_len=size) if use_cache else None
         logits = self._last_logits(idx[:, -L:], cache)
         for step in range(max_new_tokens):
             next_token = sample_logits(logits, temperature, top_k, generator, top_p)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
             if step == max_new_tokens - 1:
                 break
-            if cache is not None and cache[0].length < L:
+            if cache is not None and cache[0].length < size:
                 logits = self._last_logits(next_token, cache)
             else:  # no cache, or a full one: the last L tokens from the start
                 for layer_cache in cache or []:
@@ -317,27 +370,50 @@ def gpt(
     norm: str = "layernorm",
     positions: str = "learned",
     mlp: str = "gelu",
+    activation: str = "gelu",
+    mlp_hidden: int = 0,
+    num_kv_heads: int = 0,
+    qkv_bias: str = "same",
+    tie_embeddings: bool = True,
+    norm_eps: float = 0.0,
+    rope_theta: float = 10000.0,
+    rope_scaling: str = "none",
+    rope_factor: float = 8.0,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_original_max_seq_len: int = 8192,
 ) -> GPT:
     """Builds a GPT from every hyperparameter (see :class:`GPTConfig` for what each means)."""
-    config = GPTConfig(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        embed_dim=embed_dim,
-        max_seq_len=max_seq_len,
-        mlp_ratio=mlp_ratio,
-        dropout=dropout,
-        bias=bias,
-        norm=norm,
-        positions=positions,
-        mlp=mlp,
-    )
-    return GPT(config)
+    fields = dict(locals())
+    return GPT(GPTConfig(**fields))
 
 
 _GPT_TEST = dict(vocab_size=64, max_seq_len=32, num_layers=2, num_heads=2, embed_dim=32)
 _GPT_CHAR_SMALL = dict(vocab_size=65, max_seq_len=64, num_layers=4, num_heads=4, embed_dim=128)
 _GPT_MINI = dict(vocab_size=65, max_seq_len=256, num_layers=6, num_heads=6, embed_dim=384)
+_GPT2 = dict(  # GPT-2 small (124M): the Hugging Face "gpt2" checkpoint's shape
+    vocab_size=50257,
+    max_seq_len=1024,
+    num_layers=12,
+    num_heads=12,
+    embed_dim=768,
+    bias=True,
+    activation="gelu_tanh",
+)
+_SMOLLM2_135M = dict(  # SmolLM2-135M: a Llama-architecture decoder (GQA 9/3 heads, SwiGLU, RMSNorm, tied)
+    vocab_size=49152,
+    max_seq_len=8192,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    embed_dim=576,
+    mlp_hidden=1536,
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    positions="rotary",
+    rope_theta=100000.0,
+    mlp="swiglu",
+)
 
 
 @register_model
@@ -356,3 +432,18 @@ def gpt_char_small(**overrides) -> GPT:
 def gpt_mini(**overrides) -> GPT:
     """nanoGPT's ``shakespeare_char`` GPU configuration: 6 layers, 6 heads, width 384, context 256 (10.7M)."""
     return gpt(**{**_GPT_MINI, **overrides})
+
+
+@register_model
+def gpt2(**overrides) -> GPT:
+    """GPT-2 small's architecture (Radford et al. 2019): 12 layers, 12 heads, width 768, context 1024,
+    vocabulary 50,257, biases, tanh-GELU (124M). ``tansuo import hf`` builds GPT-2 checkpoints from it."""
+    return gpt(**{**_GPT2, **overrides})
+
+
+@register_model
+def llama(**overrides) -> GPT:
+    """A Llama-family decoder (RMSNorm, rotary, SwiGLU, grouped-query attention) at SmolLM2-135M's size:
+    30 layers, 9 query / 3 key-value heads, width 576, context 8192, vocabulary 49,152 (135M).
+    ``tansuo import hf`` builds Llama, Mistral, Qwen2 and SmolLM checkpoints from it."""
+    return gpt(**{**_SMOLLM2_135M, **overrides})
