@@ -51,8 +51,12 @@ def compress(
     alpha: Annotated[float, typer.Option(help="weight of the hard-label loss in distillation")] = 0.5,
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 2.0,
     hidden: Annotated[
-        float, typer.Option(help="weight of matching the teacher's hidden states (distill, prune; 0: off)")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="weight of matching the teacher's hidden states (distill: default 0, off; prune: default 1, "
+            "every layer)"
+        ),
+    ] = None,
     train_set: Annotated[
         list[str] | None,
         typer.Option(

@@ -84,6 +84,11 @@ class HiddenStateLoss(nn.Module):
         return (err * m).sum() / m.sum().clamp(min=1.0)
 
 
+def has_stack(model: nn.Module) -> bool:
+    """Whether ``model`` has a Transformer stack whose hidden states distillation can match."""
+    return any(isinstance(m, TransformerStack) for m in model.modules())
+
+
 def _stack(model: nn.Module) -> TransformerStack:
     for module in model.modules():
         if isinstance(module, TransformerStack):

@@ -36,6 +36,7 @@ from tansuo.compress import (
     taylor_scores,
     units,
 )
+from tansuo.compress.distill import has_stack
 from tansuo.compress.prune import keep_zeros, prunable, sparsity
 from tansuo.compress.quantize import quantized_engine
 from tansuo.device import resolve_device
@@ -304,7 +305,7 @@ def prune_once(bundle: Bundle, step: PruneStep, out: Path) -> Path:
                 model,
                 alpha=step.alpha,
                 temperature=step.temperature,
-                hidden=step.hidden,
+                hidden=step.hidden if has_stack(model) else 0.0,  # a CNN has no layer-wise states
                 layers=step.hidden_layers,
             )
             extra = stage_task.extra
