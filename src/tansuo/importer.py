@@ -172,3 +172,39 @@ def import_hf_decoder(folder: Path, out: str | Path, hf_config: dict) -> ImportR
     origin = {"imported_from": str(folder.resolve()), "architectures": hf_config.get("architectures")}
     path = save_bundle(out, model, task, metrics={}, origin=origin)
     return ImportReport(bundle=path, task=task.name, num_params=model.num_params())
+
+
+def import_gguf(path: str | Path, out: str | Path) -> ImportReport:
+    """A GGUF file (llama.cpp's format) as an ``lm`` bundle at ``out``: the decoder with every tensor
+    dequantized to float32 (:mod:`tansuo.models.gguf_import`), ``tokenizer.json`` built from the file's
+    vocabulary and merges, and the chat template and special tokens kept in the bundle's origin
+    (``config.json``).
+
+    Raises:
+        GGUFImportError: A missing, damaged or unsupported file (the message names what is supported).
+    """
+    from tansuo.bundle import save_bundle
+    from tansuo.models.gguf_import import import_gguf_model, tokenizer_from_gguf
+    from tansuo.tasks.lm import LMDataConfig, LMTask
+
+    path = Path(path).expanduser()
+    model, meta = import_gguf_model(path)
+    tokenizer = tokenizer_from_gguf(meta)
+    block = min(model.config.max_seq_len, 1024)
+    data = LMDataConfig(tokenizer=str(Path(out) / "tokenizer.json"), block_size=block)  # the bundle's own
+    task = LMTask(data, seed=0, tokenizer=tokenizer, work_dir=None)
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def special(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    origin = {
+        "imported_from": str(path.resolve()),
+        "gguf": {"architecture": meta.get("general.architecture"), "name": meta.get("general.name")},
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "special_tokens": {k: special(k) for k in ("bos", "eos", "padding", "unknown")},
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+    }
+    saved = save_bundle(out, model, task, metrics={}, origin=origin)
+    return ImportReport(bundle=saved, task=task.name, num_params=model.num_params())
