@@ -132,8 +132,13 @@ def test_base_model_with_tokenizer_json_keeps_its_tokenizer(mlm_folder, tmp_path
 def test_unsupported_and_incomplete_folders_say_what_works(tmp_path: Path) -> None:
     gpt = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)).save_pretrained(gpt)
-    with pytest.raises(HFImportError, match="tansuo imports model_type 'bert'"):
+    with pytest.raises(HFImportError, match="no tokenizer.json"):  # a decoder is imported with its tokenizer
         import_hf(gpt, tmp_path / "out")
+    opt = tmp_path / "opt"
+    opt.mkdir()
+    (opt / "config.json").write_text(json.dumps({"model_type": "opt"}), encoding="utf-8")
+    with pytest.raises(HFImportError, match="'opt'; tansuo imports encoders of model_type bert and decoders"):
+        import_hf(opt, tmp_path / "out")
     with pytest.raises(HFImportError, match="config.json"):
         import_hf(tmp_path, tmp_path / "out")
     no_vocab = tmp_path / "no-vocab"
