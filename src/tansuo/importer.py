@@ -168,7 +168,7 @@ def import_hf_decoder(folder: Path, out: str | Path, hf_config: dict) -> ImportR
         )
     block = min(model.config.max_seq_len, 1024)  # what eval and fine-tuning windows default to
     data = LMDataConfig(tokenizer=str(tok_file), block_size=block)
-    task = LMTask(data, seed=0, tokenizer=tokenizer, work_dir=None)
+    task = LMTask(data, seed=0, tokenizer=tokenizer, work_dir=None, chat=_hf_chat(folder))
     origin = {"imported_from": str(folder.resolve()), "architectures": hf_config.get("architectures")}
     path = save_bundle(out, model, task, metrics={}, origin=origin)
     return ImportReport(bundle=path, task=task.name, num_params=model.num_params())
@@ -177,8 +177,8 @@ def import_hf_decoder(folder: Path, out: str | Path, hf_config: dict) -> ImportR
 def import_gguf(path: str | Path, out: str | Path) -> ImportReport:
     """A GGUF file (llama.cpp's format) as an ``lm`` bundle at ``out``: the decoder with every tensor
     dequantized to float32 (:mod:`tansuo.models.gguf_import`), ``tokenizer.json`` built from the file's
-    vocabulary and merges, and the chat template and special tokens kept in the bundle's origin
-    (``config.json``).
+    vocabulary and merges, the chat template and its special tokens in ``task.json`` (``tansuo chat``), the
+    file's name and special tokens in ``config.json``'s origin.
 
     Raises:
         GGUFImportError: A missing, damaged or unsupported file (the message names what is supported).
@@ -199,12 +199,40 @@ def import_gguf(path: str | Path, out: str | Path) -> ImportReport:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        task.chat = {"template": template, "bos_token": special("bos"), "eos_token": special("eos")}
     origin = {
         "imported_from": str(path.resolve()),
         "gguf": {"architecture": meta.get("general.architecture"), "name": meta.get("general.name")},
-        "chat_template": meta.get("tokenizer.chat_template"),
         "special_tokens": {k: special(k) for k in ("bos", "eos", "padding", "unknown")},
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
     }
     saved = save_bundle(out, model, task, metrics={}, origin=origin)
     return ImportReport(bundle=saved, task=task.name, num_params=model.num_params())
+
+
+def _hf_chat(folder: Path) -> dict | None:
+    """A Hugging Face folder's chat template (``chat_template.jinja``, or ``chat_template`` in
+    ``tokenizer_config.json``, the ``default`` one of a list) and its special tokens; None without one."""
+    config_file = folder / "tokenizer_config.json"
+    config: dict = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise HFImportError(f"{config_file} is unreadable: {e}") from e
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if not template:
+        return None
+
+    def token(name: str) -> str | None:
+        value = config.get(name)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {"template": template, "bos_token": token("bos_token"), "eos_token": token("eos_token")}

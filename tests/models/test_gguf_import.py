@@ -203,8 +203,9 @@ def test_import_command_writes_an_lm_bundle_with_the_chat_template(
     code, out, err = run(["import", "gguf", str(path), "--out", str(tmp_path / "b")], monkeypatch, capsys)
     assert code == 0 and "lm" in out, err
     config = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert config["origin"]["chat_template"] == TEMPLATE
     assert config["origin"]["special_tokens"]["eos"] == "<|im_end|>"
+    chat = json.loads((tmp_path / "b" / "task.json").read_text())["chat"]
+    assert chat == {"template": TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     bundle = load_bundle(tmp_path / "b")
     model, _ = import_gguf_model(path)
     ids = torch.randint(0, model.config.vocab_size, (1, 8))

@@ -12,7 +12,7 @@ import sys
 
 from rich.markup import escape
 
-from tansuo.cli import compress, evaluate, explore, export, importing, models, predict, serve, train
+from tansuo.cli import chat, compress, evaluate, explore, export, importing, models, predict, serve, train
 from tansuo.cli._app import app, console, err_console
 from tansuo.errors import TansuoError
 
@@ -20,6 +20,7 @@ from tansuo.errors import TansuoError
 app.command()(train.train)
 app.command("eval")(evaluate.eval_)
 app.command()(evaluate.generate)
+app.command()(chat.chat)
 app.command()(predict.predict)
 app.command()(compress.compress)
 app.command()(export.export)

@@ -54,8 +54,12 @@ def generate(
     num_samples: Annotated[int, typer.Option(min=1, help="independent samples")] = 1,
     seed: Annotated[int | None, typer.Option(help="seed for reproducible samples")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    chat: Annotated[
+        bool, typer.Option("--chat", help="the prompt is a user turn: apply the bundle's chat template")
+    ] = False,
+    system: Annotated[str | None, typer.Option(help="with --chat: a system message before it")] = None,
 ) -> None:
-    """Sample text from a language-model bundle, using a KV cache."""
+    """Sample text from a language-model bundle, using a KV cache (--chat: a chat model's answer)."""
     setup_logging(False)
     from tansuo.bundle import load_bundle
     from tansuo.device import resolve_device
@@ -66,6 +70,26 @@ def generate(
 
     if GENERATE not in b.task.abilities:
         raise TansuoError(f"{bundle} is a {b.task.name!r} bundle; generate needs an lm bundle (use predict)")
+    if system is not None and not chat:
+        raise TansuoError("--system goes with --chat (a system message opens a conversation)")
+    if chat:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": prompt})
+        for i in range(num_samples):
+            answer = b.task.reply(
+                b.model,
+                messages,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=None if seed is None else seed + i,
+                device=dev,
+            )
+            console.print(answer, markup=False, highlight=False)
+            if i + 1 < num_samples:
+                console.print("---")
+        return
     for i in range(num_samples):
         text = b.task.generate(
             b.model,

@@ -14,6 +14,7 @@ Shapes: B batch, T sequence length, C embedding width, H heads, V vocabulary siz
 
 import functools
 import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +288,8 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         top_p: float | None = None,
+        stop_tokens: Collection[int] = (),
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Continues each sequence by sampling one token at a time. Call ``model.eval()`` first.
 
@@ -302,9 +305,12 @@ class GPT(nn.Module):
             generator: Random generator for reproducible sampling.
             use_cache: Use a KV cache (faster; same result up to float rounding).
             top_p: Sample only among the likeliest tokens whose probabilities add up to top_p.
+            stop_tokens: Token ids that end a sequence (a chat model's end of turn): decoding stops once
+                every row has produced one (a row that stopped keeps repeating its stop token).
+            on_token: Called with each step's new tokens ``(B, 1)`` as they are sampled (streaming).
 
         Returns:
-            ``(B, T + max_new_tokens)``: the prompt followed by the new tokens.
+            ``(B, T + n)``: the prompt followed by the n <= ``max_new_tokens`` new tokens.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -315,10 +321,17 @@ class GPT(nn.Module):
         size = min(L, idx.shape[1] + max_new_tokens)
         cache = self.init_cache(idx.shape[0], max_seq_len=size) if use_cache else None
         logits = self._last_logits(idx[:, -L:], cache)
+        stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
             next_token = sample_logits(logits, temperature, top_k, generator, top_p)  # (B, 1)
+            if len(stops):
+                next_token = torch.where(done, idx[:, -1:], next_token)  # a finished row repeats its stop
+                done = done | torch.isin(next_token, stops)
             idx = torch.cat([idx, next_token], dim=1)
-            if step == max_new_tokens - 1:
+            if on_token is not None:
+                on_token(next_token)
+            if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 break
             if cache is not None and cache[0].length < size:
                 logits = self._last_logits(next_token, cache)

@@ -9,8 +9,9 @@ windows. nanoGPT's ``estimate_loss`` averages 200 batches of 12 such windows.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,7 @@ from tansuo.data import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+from tansuo.data.chat import render_chat
 from tansuo.errors import DataError
 from tansuo.tasks.base import GENERATE, Batch, batch_seed, register_task
 from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
@@ -61,7 +63,20 @@ class LMTask(TokenCorpusTask):
     default_metric: ClassVar[str] = "loss"
     abilities: ClassVar[frozenset[str]] = frozenset({GENERATE})
 
+    def __init__(
+        self, data: Any, seed: int, tokenizer: Any, work_dir: Path | None, chat: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(data, seed, tokenizer, work_dir)
+        #: a chat model's template and special tokens ({"template", "bos_token", "eos_token"}), or None
+        self.chat = chat
+
     # ------------------------------------------------------------ building
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, data_path: str | None = None) -> LMTask:
+        task = super().from_bundle(bundle_dir, data_path)
+        task.chat = json.loads((bundle_dir / "task.json").read_text(encoding="utf-8")).get("chat")
+        return task
+
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> LMTask:
         assert isinstance(data, LMDataConfig)
@@ -124,13 +139,76 @@ class LMTask(TokenCorpusTask):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def state(self) -> dict[str, Any]:
-        return {"vocab_size": self.vocab_size}
+        return {"vocab_size": self.vocab_size, **({"chat": self.chat} if self.chat else {})}
 
     def format_prediction(self, row: dict[str, Any], top: int) -> str:
         return row["text"]
 
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         return [{"prompt": p, "text": self.generate(model, p, device=device)} for p in inputs]
+
+    # ------------------------------------------------------------ chat
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The conversation rendered with the bundle's chat template, the assistant's turn opened.
+
+        Raises:
+            ChatError: The bundle has no template (not a chat model) or the messages are malformed.
+        """
+        chat = self.chat or {}
+        return render_chat(
+            chat.get("template"), messages, bos_token=chat.get("bos_token"), eos_token=chat.get("eos_token")
+        )
+
+    def reply(
+        self,
+        model: nn.Module,
+        messages: list[dict[str, Any]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The assistant's answer to ``messages``, decoded until the end-of-turn token; ``on_text`` gets
+        each new piece of text as it is decoded (streaming)."""
+        prompt = self.chat_prompt(messages)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        eos = (self.chat or {}).get("eos_token")
+        eos_id = self.tokenizer.token_to_id(eos) if eos else None
+        stops = [] if eos_id is None else [eos_id]
+        new: list[int] = []
+        shown = ""
+
+        def stream(token: torch.Tensor) -> None:
+            nonlocal shown
+            t = int(token[0, 0])
+            if t in stops:
+                return
+            new.append(t)
+            text = self.tokenizer.decode(new)
+            if on_text is not None and not text.endswith("\ufffd"):  # a character still being spelled
+                on_text(text[len(shown) :])
+                shown = text
+
+        g = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        model.generate(
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=g,
+            stop_tokens=stops,
+            on_token=stream,
+        )
+        text = self.tokenizer.decode(new)
+        if on_text is not None and len(text) > len(shown):
+            on_text(text[len(shown) :])
+        return text
 
     # ------------------------------------------------------------ generation
     def generate(
