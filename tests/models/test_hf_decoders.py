@@ -176,6 +176,15 @@ def test_import_command_writes_an_lm_bundle_that_generates(tmp_path: Path, monke
         capsys,
     )
     assert code == 0 and out.startswith("the cat"), err
+    task = json.loads((tmp_path / "b" / "task.json").read_text())["data"]
+    assert (task["block_size"], task["eval_windows"]) == (64, 64)  # min(context, 512); a CPU-sized eval
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 400)
+    code, out, err = run(
+        ["eval", str(tmp_path / "b"), "--data", str(tmp_path / "text.txt"), "--device", "cpu"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 0 and "perplexity" in out, err
     (tmp_path / "hf" / "tokenizer.json").unlink()
     code, _, err = run(
         ["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c")], monkeypatch, capsys

@@ -54,6 +54,10 @@ class LMDataConfig(BaseModel):
     eval_windows: int = Field(2400, gt=0, description="random windows per evaluation (nanoGPT: 200 x 12)")
 
 
+#: most logits (floats) one evaluation forward may produce: 2**27 floats, 512 MB in float32
+EVAL_LOGITS_BUDGET = 1 << 27
+
+
 @register_task
 class LMTask(TokenCorpusTask):
     """Next-token prediction with a causal decoder (GPT)."""
@@ -131,9 +135,13 @@ class LMTask(TokenCorpusTask):
         model.eval()
         g = torch.Generator().manual_seed(batch_seed(0, 10**9 + (split == "val"), salt=12_345))
         x, y = lm_batch(tokens, self.data.eval_windows, self.data.block_size, g)  # (N, T) each
+        # rows per forward: at most batch_size, and fewer when the logits (rows x T x V floats) would pass
+        # EVAL_LOGITS_BUDGET (a 49k-token vocabulary over 1,024 positions is 200 MB a row)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", self.vocab_size)
+        rows = max(1, min(batch_size, EVAL_LOGITS_BUDGET // (x.shape[1] * vocab)))
         total = 0.0
-        for i in range(0, len(x), batch_size):
-            chunk = {"x": x[i : i + batch_size].to(device), "y": y[i : i + batch_size].to(device)}
+        for i in range(0, len(x), rows):
+            chunk = {"x": x[i : i + rows].to(device), "y": y[i : i + rows].to(device)}
             total += self.loss(model, chunk).item() * len(chunk["x"])
         loss = total / len(x)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
