@@ -25,8 +25,8 @@ from tansuo.compress import (
 from tansuo.errors import CompressionError, RecipeError
 from tansuo.models import create_model
 from tansuo.variants import accuracy, recipe_from_options
+from tansuo.variants.pruning import _budget, _Continued, prune_once, run_prune
 from tansuo.variants.report import report_markdown
-from tansuo.variants.runners import _budget, _Continued, prune_once, run_prune
 from tansuo.variants.steps import PruneStep
 from tests.helpers import image_recipe, make_trainer
 

@@ -72,28 +72,13 @@ def generate(
         raise TansuoError(f"{bundle} is a {b.task.name!r} bundle; generate needs an lm bundle (use predict)")
     if system is not None and not chat:
         raise TansuoError("--system goes with --chat (a system message opens a conversation)")
-    if chat:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": prompt})
-        for i in range(num_samples):
-            answer = b.task.reply(
-                b.model,
-                messages,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=None if seed is None else seed + i,
-                device=dev,
-            )
-            console.print(answer, markup=False, highlight=False)
-            if i + 1 < num_samples:
-                console.print("---")
-        return
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": prompt})
+    sample = b.task.reply if chat else b.task.generate  # a chat turn's answer, or the prompt continued
     for i in range(num_samples):
-        text = b.task.generate(
+        text = sample(
             b.model,
-            prompt,
+            messages if chat else prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tansuo.errors import TansuoError
+from tansuo.models.hf_decoders import fuse, load_complete
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,7 @@ def convert_tensors(reader: Any, fields: dict[str, Any], arch: str) -> dict[str,
             parts.setdefault(f"{prefix}.{target}.{what}", [None, None])[slot] = w
         else:
             log.info("skipped GGUF tensor %s (tansuo has no place for it)", name)
-    for key, (first, second) in parts.items():
-        if first is None or second is None:
-            raise GGUFImportError(f"the file has half of {key} (k without v, or gate without up)")
-        out[key] = torch.cat([first, second], dim=0)
+    out.update(fuse(parts, GGUFImportError))
     return out
 
 
@@ -263,19 +261,7 @@ def import_gguf_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     fields = decoder_fields(meta, names)
     model = create_model("llama", **fields)
     converted = convert_tensors(reader, fields, meta["general.architecture"])
-    expected = model.state_dict()
-    for name, tensor in converted.items():
-        if name not in expected:
-            raise GGUFImportError(f"the file has {name!r}, which a decoder of this metadata lacks")
-        if tensor.shape != expected[name].shape:
-            raise GGUFImportError(
-                f"tensor for {name!r} has shape {tuple(tensor.shape)}, the metadata implies "
-                f"{tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise GGUFImportError(f"the file lacks {len(missing)} tensors the model needs: {missing[:4]}")
-    model.load_state_dict(converted, strict=True)
+    load_complete(model, converted, GGUFImportError, "the file", "metadata")
     return model.eval(), meta
 
 

@@ -273,10 +273,7 @@ def convert_llama_state_dict(
             parts.setdefault(f"{prefix}.{target}.{kind}", [None, None])[slot] = tensor
         else:
             skipped.append(raw)  # rotary_emb.inv_freq: recomputed from rope_theta
-    for key, (first, second) in parts.items():
-        if first is None or second is None:
-            raise HFImportError(f"checkpoint has half of {key} (k without v, or gate without up)")
-        out[key] = torch.cat([first, second], dim=0)
+    out.update(fuse(parts, HFImportError))
     if skipped:
         log.info("skipped %d checkpoint tensors tansuo has no place for: %s", len(skipped), skipped[:6])
     return out
@@ -300,6 +297,34 @@ def _check_tied(head: torch.Tensor, hf_sd: dict[str, torch.Tensor], names: tuple
         )
 
 
+def fuse(parts: dict[str, list[torch.Tensor | None]], error: type[Exception]) -> dict[str, torch.Tensor]:
+    """Each tansuo tensor from its two source halves concatenated along the rows (k | v, gate | up)."""
+    for key, pair in parts.items():
+        if None in pair:
+            raise error(f"the checkpoint has half of {key} (k without v, or gate without up)")
+    return {key: torch.cat(pair, dim=0) for key, pair in parts.items()}  # type: ignore[arg-type]
+
+
+def load_complete(
+    model: nn.Module, converted: dict[str, torch.Tensor], error: type[Exception], source: str, config: str
+) -> None:
+    """Load ``converted`` into ``model`` (as float32), refusing with ``error`` a tensor the model lacks, one
+    of another shape than ``config`` implies, or one the model needs that ``source`` lacks."""
+    expected = model.state_dict()  # a tied head is left out of it
+    for name, tensor in converted.items():
+        if name not in expected:
+            raise error(f"{source} has {name!r}, which a decoder of this {config} lacks")
+        if tensor.shape != expected[name].shape:
+            raise error(
+                f"{source}'s tensor for {name!r} has shape {tuple(tensor.shape)}, {config} implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise error(f"{source} lacks {len(missing)} tensors the model needs: {missing[:4]}")
+    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True)
+
+
 def import_decoder(
     folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> tuple[nn.Module, dict]:
@@ -319,17 +344,5 @@ def import_decoder(
     raw = state_dict if state_dict is not None else load_hf_state_dict(folder)
     convert = convert_gpt2_state_dict if hf["model_type"] == "gpt2" else convert_llama_state_dict
     converted = convert(raw, fields)
-    expected = model.state_dict()  # a tied head is left out of it
-    for name, tensor in converted.items():
-        if name not in expected:
-            raise HFImportError(f"the checkpoint has {name!r}, which a decoder of this config.json lacks")
-        if tensor.shape != expected[name].shape:
-            raise HFImportError(
-                f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(converted))
-    if missing:
-        raise HFImportError(f"the checkpoint lacks {len(missing)} tensors the model needs: {missing[:4]}")
-    model.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True)
+    load_complete(model, converted, HFImportError, "the checkpoint", "config.json")
     return model.eval(), hf

@@ -13,8 +13,8 @@ The original and each variant are measured in a fresh process (:mod:`tansuo.meas
 Steps are run by the :class:`StepRunner` registered for their type in :data:`STEP_RUNNERS`
 (:func:`register_runner`): ``run(bundle, step, out) -> out`` and ``check(bundle, model, step) -> model``,
 which refuses up front what cannot run and returns the model the next step will see. The built-in runners
-are in :mod:`tansuo.variants.runners`; the techniques themselves (``quantize_``, ``prune_``, distillation)
-are :mod:`tansuo.compress`.
+are in :mod:`tansuo.variants.runners` (pruning's in :mod:`tansuo.variants.pruning`); the techniques
+themselves (``quantize_``, ``prune_``, distillation) are :mod:`tansuo.compress`.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ from tansuo.atomic import atomic_write_json, atomic_write_text
 from tansuo.bundle import Bundle, load_bundle
 from tansuo.errors import CompressionError
 from tansuo.measure.run import measure_in_subprocess, speed_in_rounds
+from tansuo.variants.pruning import check_prune, run_prune
 from tansuo.variants.report import report_markdown
 from tansuo.variants.runners import (
     build_student,
     check_distill,
-    check_prune,
     check_quantize,
     move_bundle,
     run_distill,
-    run_prune,
     run_quantize,
 )
 from tansuo.variants.steps import (
