@@ -171,8 +171,7 @@ def _merge_records(
     if step.unstructured is not None:
         merged["sparsity"] = step.unstructured * fraction
     else:
-        f = fraction
-        merged.update(heads=step.heads * f, ffn=step.ffn * f, importance=step.importance)
+        merged.update(heads=step.heads * fraction, ffn=step.ffn * fraction, importance=step.importance)
     if len(plan) > 1:
         merged["schedule"] = {
             "kind": "gradual",
