@@ -1,20 +1,33 @@
-"""Language modelling (``lm``): next-token prediction on a plain-text corpus, as in nanoGPT.
+"""Language modelling (``lm``): next-token prediction on a plain-text corpus, as in nanoGPT, or on
+instruction data (supervised fine-tuning of a chat model).
 
-The corpus is encoded once into a memory-mapped token file (so a corpus of gigabytes never becomes gigabytes
-of Python objects); the first ``train_fraction`` of tokens trains, the rest validates. Training batches are
-random windows of ``block_size`` tokens; validation loss is the mean over ``eval_windows`` random windows
-drawn with a fixed seed, so every evaluation (and ``tansuo eval`` later, at any batch size) sees the same
-windows. nanoGPT's ``estimate_loss`` averages 200 batches of 12 such windows.
+Text (``data.format: text``, or ``auto`` with any path not ending in ``.jsonl``): the corpus is encoded once
+into a memory-mapped token file (so a corpus of gigabytes never becomes gigabytes of Python objects); the
+first ``train_fraction`` of tokens trains, the rest validates. Training batches are random windows of
+``block_size`` tokens; validation loss is the mean over ``eval_windows`` random windows drawn with a fixed
+seed, so every evaluation (and ``tansuo eval`` later, at any batch size) sees the same windows. nanoGPT's
+``estimate_loss`` averages 200 batches of 12 such windows.
+
+Instructions (``data.format: instructions``, or ``auto`` with a ``.jsonl`` path): one conversation a line,
+rendered with the chat template and labelled on the assistant's tokens only (:mod:`tansuo.data.instructions`
+says how). A seeded ``train_fraction`` of the examples trains, packed into rows of ``block_size`` tokens
+(``data.packing``, the default) or one example a row; the rest is held back. An epoch is one pass over the
+rows in a seeded order. Evaluation is the mean loss per assistant token over the held-back examples, each in
+a row of its own (so no packing neighbour helps), and its perplexity. The chat template is the tokenizer
+bundle's (``data.tokenizer`` naming a bundle folder, e.g. an imported SmolLM2) unless ``data.chat`` gives
+one; without either, :data:`~tansuo.data.instructions.PLAIN_TEMPLATE` (``role: content`` lines, the answer
+ended by ``<|endoftext|>``). The template goes into the bundle, so the fine-tuned model chats.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +44,42 @@ from tansuo.data import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
-from tansuo.data.chat import render_chat
+from tansuo.data.chat import ChatError, render_chat
+from tansuo.data.instructions import (
+    IGNORE_INDEX,
+    PLAIN_EOS,
+    PLAIN_TEMPLATE,
+    Example,
+    Rows,
+    encode_segments,
+    fit_length,
+    one_per_row,
+    pack,
+    read_conversations,
+    render_segments,
+)
 from tansuo.errors import DataError
 from tansuo.tasks.base import GENERATE, Batch, batch_seed, register_task
 from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
 
-DATA_HINT = "pass --data PATH to a UTF-8 plain-text file (e.g. tiny shakespeare's input.txt)"
+logger = logging.getLogger(__name__)
+
+DATA_HINT = (
+    "pass --data PATH to a UTF-8 plain-text file (e.g. tiny shakespeare's input.txt) or a .jsonl file of "
+    "instructions"
+)
+
+
+class ChatConfig(BaseModel):
+    """A chat template given in the recipe (``data.chat``); each field set replaces the tokenizer bundle's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | None = Field(None, description="Jinja chat template, as transformers renders it")
+    bos_token: str | None = Field(None, description="the template's bos_token")
+    eos_token: str | None = Field(
+        None, description="the template's eos_token: the end of the assistant's turn"
+    )
 
 
 class LMDataConfig(BaseModel):
@@ -46,12 +89,32 @@ class LMDataConfig(BaseModel):
     #: fields naming data files, resolved against --data-dir when relative
     path_fields: ClassVar[tuple[str, ...]] = ("path",)
 
-    path: str | None = Field(None, description="plain-text corpus; --data PATH sets it")
-    tokenizer: str = Field("char", description="char, bpe, or a path to a tokenizer.json")
+    path: str | None = Field(
+        None, description="plain-text corpus or .jsonl instructions; --data PATH sets it"
+    )
+    format: Literal["auto", "text", "instructions"] = Field(
+        "auto", description="auto: instructions when path ends in .jsonl, else text"
+    )
+    tokenizer: str = Field(
+        "char",
+        description="char, bpe, a tokenizer.json, or a bundle folder (its tokenizer and chat template)",
+    )
     vocab_size: int = Field(4096, ge=256, description="target vocabulary size for bpe (>= 256 bytes)")
     block_size: int = Field(64, gt=0, description="context length; sets the model's max_seq_len")
-    train_fraction: float = Field(0.9, gt=0, lt=1, description="leading share of tokens used for training")
-    eval_windows: int = Field(2400, gt=0, description="random windows per evaluation (nanoGPT: 200 x 12)")
+    train_fraction: float = Field(
+        0.9, gt=0, lt=1, description="text: leading share of tokens; instructions: seeded share of examples"
+    )
+    eval_windows: int = Field(
+        2400, gt=0, description="text: random windows per evaluation (nanoGPT: 200 x 12)"
+    )
+    packing: bool = Field(True, description="instructions: pack examples into rows of block_size tokens")
+    chat: ChatConfig | None = Field(None, description="chat template (else the tokenizer bundle's)")
+
+    def instructions(self) -> bool:
+        """Whether the data is instruction JSONL (``format``, or with ``auto`` a ``.jsonl`` path)."""
+        if self.format == "auto":
+            return self.path is not None and self.path.lower().endswith(".jsonl")
+        return self.format == "instructions"
 
 
 #: most logits (floats) one evaluation forward may produce: 2**27 floats, 512 MB in float32
@@ -73,6 +136,8 @@ class LMTask(TokenCorpusTask):
         super().__init__(data, seed, tokenizer, work_dir)
         #: a chat model's template and special tokens ({"template", "bos_token", "eos_token"}), or None
         self.chat = chat
+        self._rows: Rows | None = None  # instructions: training rows (packed or not)
+        self._heldout: Rows | None = None  # instructions: held-back examples, one a row, shortest first
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -86,17 +151,23 @@ class LMTask(TokenCorpusTask):
         assert isinstance(data, LMDataConfig)
         source = _source(data.path)
         work_dir.mkdir(parents=True, exist_ok=True)
+        given, inherited = _given_tokenizer(data.tokenizer)
+        chat = _chat(inherited, data.chat, plain=data.instructions())
+        if data.instructions():
+            pieces = _rendered(source, chat)
+            tokenizer = given or _trained_tokenizer(data, (text for p in pieces for text, _ in p), chat)
+            task = cls(data, seed, tokenizer, work_dir, chat)
+            task._prepare_instructions(pieces)
+            return task
         tok_path, tokens_path = work_dir / "tokenizer.json", work_dir / "tokens.bin"
-        if data.tokenizer not in ("char", "bpe"):
-            tokenizer = load_tokenizer(data.tokenizer)
+        if given is not None:
+            tokenizer = given
         elif tok_path.is_file() and tokens_are_current(source, tokens_path, load_tokenizer(tok_path)):
             tokenizer = load_tokenizer(tok_path)  # same corpus as last time: reuse vocabulary and tokens
-        elif data.tokenizer == "char":
-            tokenizer = train_char_tokenizer(iter_text_chunks(source, hint=DATA_HINT))
         else:
-            tokenizer = train_bpe_tokenizer(iter_text_chunks(source, hint=DATA_HINT), data.vocab_size)
+            tokenizer = _trained_tokenizer(data, iter_text_chunks(source, hint=DATA_HINT), chat)
         save_tokenizer(tokenizer, tok_path)
-        task = cls(data, seed, tokenizer, work_dir)
+        task = cls(data, seed, tokenizer, work_dir, chat)
         task._prepare(source)
         return task
 
@@ -106,44 +177,164 @@ class LMTask(TokenCorpusTask):
     def window(self) -> tuple[int, str, int]:
         return self.data.block_size + 1, "block_size", self.data.block_size
 
+    def _prepare_instructions(self, pieces: list[list[tuple[str, bool]]] | None = None) -> None:
+        """Tokenized, labelled, split and (when ``data.packing``) packed examples of ``data.path``."""
+        source = _source(self.data.path)
+        if pieces is None:  # loaded from a bundle: render with the bundle's template
+            pieces = _rendered(source, self.chat or {})
+        n = len(pieces)
+        if n < 2:
+            raise DataError(
+                f"{source} holds {n} example; at least 2 are needed (one to train, one held back)"
+            )
+        eos = (self.chat or {}).get("eos_token")
+        eos_id = self.tokenizer.token_to_id(eos) if eos else None
+        g = torch.Generator().manual_seed(batch_seed(self.seed, 0, salt=27_183))
+        order = torch.randperm(n, generator=g).tolist()
+        n_train = min(n - 1, max(1, round(self.data.train_fraction * n)))
+        block = self.data.block_size
+        train = fit_length(
+            (encode_segments(pieces[i], self.tokenizer, eos_id) for i in order[:n_train]), block
+        )
+        held = fit_length(
+            (encode_segments(pieces[i], self.tokenizer, eos_id) for i in order[n_train:]), block
+        )
+        for name, part in (("training", train), ("held-back", held)):
+            if not part.examples:
+                raise DataError(
+                    f"{source}: no {name} example keeps a token of the assistant's answer within "
+                    f"data.block_size={block}; raise data.block_size"
+                )
+        if eos and eos_id is None:
+            logger.warning(
+                "end-of-turn token %r is not one token of the tokenizer: the model will not learn to stop",
+                eos,
+            )
+        if self.data.packing:
+            perm = torch.randperm(len(train.examples), generator=g).tolist()
+            self._rows = pack(train.examples, block, perm)
+        else:
+            self._rows = one_per_row(train.examples, block)
+        self._heldout = one_per_row(sorted(held.examples, key=_length), block)
+        filled = self._rows.lengths.sum() / (len(self._rows) * block)
+        logger.info(
+            "%s: %d examples (%d train, %d held back); %d cut to block_size=%d, %d dropped (no answer left); "
+            "%d training rows, %.0f%% filled; %d labelled tokens train, %d held back",
+            source,
+            n,
+            len(train.examples),
+            len(held.examples),
+            train.truncated + held.truncated,
+            block,
+            train.dropped + held.dropped,
+            len(self._rows),
+            100 * filled,
+            int((self._rows.y != IGNORE_INDEX).sum()),
+            int((self._heldout.y != IGNORE_INDEX).sum()),
+        )
+        if train.truncated + held.truncated:
+            logger.warning(
+                "%d of %d examples are longer than data.block_size=%d and were cut",
+                train.truncated + held.truncated,
+                n,
+                block,
+            )
+
+    def _instruction_rows(self) -> tuple[Rows, Rows]:
+        if self._rows is None or self._heldout is None:
+            self._prepare_instructions()
+        assert self._rows is not None and self._heldout is not None
+        return self._rows, self._heldout
+
     # ------------------------------------------------------------ Task protocol
     def model_overrides(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size, "max_seq_len": self.data.block_size}
 
+    def steps_per_epoch(self, batch_size: int) -> int | None:
+        if not self.data.instructions():
+            return None  # windows are sampled at random: no epochs
+        return math.ceil(len(self._instruction_rows()[0]) / batch_size)
+
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
+        if self.data.instructions():
+            yield from self._instruction_batches(batch_size, start)
+            return
         tokens = self._split("train")
         for n in count(start):
             g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=12_345))
             x, y = lm_batch(tokens, batch_size, self.data.block_size, g)
             yield {"x": x, "y": y}
 
+    def _instruction_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
+        """Epochs over the training rows, each in its own seeded order (a pure function of seed and step)."""
+        rows = self._instruction_rows()[0]
+        per_epoch = math.ceil(len(rows) / batch_size)
+        epoch, perm = -1, []
+        for n in count(start):
+            e, k = divmod(n, per_epoch)
+            if e != epoch:
+                g = torch.Generator().manual_seed(batch_seed(self.seed, e, salt=31_415))
+                epoch, perm = e, torch.randperm(len(rows), generator=g).numpy()
+            yield rows.batch(perm[k * batch_size : (k + 1) * batch_size])
+
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return model(batch["x"]).flatten(0, 1), batch["y"].flatten()  # (B * T, V), (B * T,)
+        logits, targets = model(batch["x"]).flatten(0, 1), batch["y"].flatten()  # (B * T, V), (B * T,)
+        if not self.data.instructions():
+            return logits, targets
+        keep = targets != IGNORE_INDEX  # the assistant's tokens only
+        return logits[keep], targets[keep]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits, targets = self.logits(model, batch)
-        return F.cross_entropy(logits.float(), targets)
+        logits = model(batch["x"]).flatten(0, 1)  # (B * T, V)
+        return F.cross_entropy(logits.float(), batch["y"].flatten(), ignore_index=IGNORE_INDEX)
 
     def count(self, batch: Batch) -> int:
+        if self.data.instructions():
+            return int((batch["y"] != IGNORE_INDEX).sum())  # the tokens that count: the assistant's
         return batch["x"].numel()
 
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, split: str, batch_size: int, device: torch.device
     ) -> dict[str, float]:
+        if self.data.instructions():
+            return self._evaluate_instructions(model, split, batch_size, device)
         tokens = self._split(split)
         model.eval()
         g = torch.Generator().manual_seed(batch_seed(0, 10**9 + (split == "val"), salt=12_345))
         x, y = lm_batch(tokens, self.data.eval_windows, self.data.block_size, g)  # (N, T) each
-        # rows per forward: at most batch_size, and fewer when the logits (rows x T x V floats) would pass
-        # EVAL_LOGITS_BUDGET (a 49k-token vocabulary over 1,024 positions is 200 MB a row)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", self.vocab_size)
-        rows = max(1, min(batch_size, EVAL_LOGITS_BUDGET // (x.shape[1] * vocab)))
+        rows = self._rows_per_forward(model, batch_size, x.shape[1])
         total = 0.0
         for i in range(0, len(x), rows):
             chunk = {"x": x[i : i + rows].to(device), "y": y[i : i + rows].to(device)}
             total += self.loss(model, chunk).item() * len(chunk["x"])
         loss = total / len(x)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def _rows_per_forward(self, model: nn.Module, batch_size: int, length: int) -> int:
+        """At most ``batch_size``, and fewer when the logits (rows x T x V floats) would pass
+        EVAL_LOGITS_BUDGET (a 49k-token vocabulary over 1,024 positions is 200 MB a row)."""
+        vocab = getattr(getattr(model, "config", None), "vocab_size", self.vocab_size)
+        return max(1, min(batch_size, EVAL_LOGITS_BUDGET // (length * vocab)))
+
+    def _evaluate_instructions(
+        self, model: nn.Module, split: str, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Mean loss per assistant token of the held-back examples, each alone in its row."""
+        if split not in ("train", "val"):
+            raise DataError(f"the lm task has splits 'train' and 'val', not {split!r}")
+        train, heldout = self._instruction_rows()
+        rows = heldout if split == "val" else train
+        model.eval()
+        step = self._rows_per_forward(model, batch_size, self.data.block_size)
+        total, tokens = 0.0, 0
+        for i in range(0, len(rows), step):
+            batch = rows.batch(range(i, min(i + step, len(rows))))
+            x, y = batch["x"].to(device), batch["y"].to(device)
+            logits = model(x).flatten(0, 1).float()  # (B * T, V)
+            total += F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+            tokens += int((y != IGNORE_INDEX).sum())
+        loss = total / tokens
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def state(self) -> dict[str, Any]:
@@ -244,6 +435,71 @@ class LMTask(TokenCorpusTask):
         )
         text = decode(self.tokenizer, out[0].tolist())
         return text if prompt else text[len(decode(self.tokenizer, ids)) :]
+
+
+def _length(example: Example) -> int:
+    return len(example.ids)
+
+
+def _given_tokenizer(spec: str) -> tuple[Any | None, dict[str, Any] | None]:
+    """The tokenizer ``data.tokenizer`` names (None for char / bpe, which are trained), and the chat
+    template of the bundle folder it names, if any."""
+    if spec in ("char", "bpe"):
+        return None, None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return load_tokenizer(path), None
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"data.tokenizer {path} is a folder without tokenizer.json; name a bundle or a file")
+    info = path / "task.json"
+    chat = json.loads(info.read_text(encoding="utf-8")).get("chat") if info.is_file() else None
+    return load_tokenizer(path / "tokenizer.json"), chat
+
+
+def _chat(
+    inherited: dict[str, Any] | None, given: ChatConfig | None, *, plain: bool
+) -> dict[str, Any] | None:
+    """The template in effect: the tokenizer bundle's, with what ``data.chat`` sets in its place; for
+    instructions without any, the plain format."""
+    chat = dict(inherited or {})
+    if given is not None:
+        chat.update({k: v for k, v in given.model_dump().items() if v is not None})
+    if not chat.get("template"):
+        if not plain:
+            return None
+        chat = {
+            "template": PLAIN_TEMPLATE,
+            "bos_token": chat.get("bos_token"),
+            "eos_token": chat.get("eos_token") or PLAIN_EOS,
+        }
+    return chat
+
+
+def _rendered(source: Path, chat: dict[str, Any]) -> list[list[tuple[str, bool]]]:
+    """Every example of an instruction file as text pieces marked by who says them."""
+    out = []
+    for conversation in read_conversations(source):
+        try:
+            out.append(render_segments(conversation.messages, chat))
+        except ChatError as e:
+            raise DataError(
+                f"{source}:{conversation.line}: {e}; roles are system, user and assistant, in an order the "
+                "model's chat template accepts"
+            ) from None
+    return out
+
+
+def _trained_tokenizer(data: LMDataConfig, texts: Iterator[str], chat: dict[str, Any] | None) -> Any:
+    """A char or byte-level BPE tokenizer trained on ``texts``; a chat template's special tokens are added
+    whole, so the end of a turn is one token."""
+    if data.tokenizer == "char":
+        tokenizer = train_char_tokenizer(texts)
+    else:
+        tokenizer = train_bpe_tokenizer(texts, data.vocab_size)
+    specials = [t for t in ((chat or {}).get("bos_token"), (chat or {}).get("eos_token")) if t]
+    if specials:
+        tokenizer.add_special_tokens(list(dict.fromkeys(specials)))
+    return tokenizer
 
 
 def _source(path: str | None) -> Path:
