@@ -1,6 +1,6 @@
 """Reusable Transformer building blocks. They take ready-made modules and sizes, never a model config."""
 
-from tansuo.blocks.attention import KVCache, MultiHeadAttention, attention_mask
+from tansuo.blocks.attention import KVCache, MultiHeadAttention, SlotKVCache, attention_mask
 from tansuo.blocks.feed_forward import FeedForward, SwiGLU
 from tansuo.blocks.layers import PostNormLayer, TransformerLayer, TransformerStack
 from tansuo.blocks.norms import NORM_KINDS, RMSNorm, build_norm
@@ -16,6 +16,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",
+    "SlotKVCache",
     "SwiGLU",
     "TransformerLayer",
     "TransformerStack",

@@ -37,6 +37,14 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """An empty cache writing into the given buffers ``(B, H, L, D)`` (views of a larger cache, such as
+        one row of a :class:`SlotKVCache`, so a prompt is prefilled in place)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length = k, v, 0
+        return cache
+
     @property
     def max_seq_len(self) -> int:
         return self.k.shape[2]
@@ -60,12 +68,97 @@ class KVCache:
         return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
 
 
+class SlotKVCache:
+    """Keys and values of independent sequences decoded as one batch, each row at its own length (continuous
+    batching: a sequence joins or leaves between steps while the others go on).
+
+    Rows ``[0, rows)`` are the active ones; a step feeds every active row ``T`` tokens, written at each row's
+    own length, and attention masks each row to its own keys (the causal mask at the row's positions).
+    ``length`` is then a ``(rows,)`` tensor, which positions (learned or rotary) read per row. Buffers are
+    ``(slots, H, capacity, D)``; :meth:`grow` enlarges the capacity, :meth:`move` compacts the rows.
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        num_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (slots, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (slots, H, capacity, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.host_lengths = [0] * slots  # the same, without a device sync
+        self.rows = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def length(self) -> torch.Tensor:
+        """Each active row's filled positions, ``(rows,)`` (a copy: :meth:`update` moves them on)."""
+        return self.lengths[: self.rows].clone()
+
+    @property
+    def longest(self) -> int:
+        return max(self.host_lengths[: self.rows], default=0)
+
+    def row(self, r: int) -> KVCache:
+        """An empty :class:`KVCache` over row ``r`` (to prefill it); record its length with :meth:`set`."""
+        return KVCache.over(self.k[r : r + 1], self.v[r : r + 1])
+
+    def set(self, r: int, length: int) -> None:
+        self.lengths[r] = length
+        self.host_lengths[r] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Copies row ``src`` (its filled positions) into row ``dst``."""
+        n = self.host_lengths[src]
+        self.k[dst, :, :n] = self.k[src, :, :n]
+        self.v[dst, :, :n] = self.v[src, :, :n]
+        self.set(dst, n)
+
+    def grow(self, capacity: int) -> None:
+        """Enlarges every row to hold ``capacity`` positions (the filled ones are kept)."""
+        if capacity <= self.capacity:
+            return
+        n = self.longest if self.rows else 0
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], old.shape[1], capacity, old.shape[3]))
+            new[:, :, :n] = old[:, :, :n]
+            setattr(self, name, new)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes ``(rows, H, T, D)`` at each row's length; returns ``(rows, H, S, D)`` with S the longest
+        row's new length (positions past a row's own length are stale; the causal mask hides them)."""
+        n, T = k.shape[0], k.shape[2]
+        if n != self.rows:
+            raise ValueError(f"{n} rows of keys for a cache with {self.rows} active rows")
+        S = self.longest + T
+        if self.capacity < S:
+            raise ValueError(f"a row would reach {S} positions; the cache holds {self.capacity} (grow it)")
+        columns = self.length[:, None] + torch.arange(T, device=k.device)  # (rows, T)
+        rows = torch.arange(n, device=k.device)[:, None]
+        self.k[rows, :, columns] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (rows, T, H, D)
+        self.v[rows, :, columns] = v.transpose(1, 2).to(self.v.dtype)
+        self.lengths[:n] += T
+        for r in range(n):
+            self.host_lengths[r] += T
+        return self.k[:n, :, :S].to(k.dtype), self.v[:n, :, :S].to(v.dtype)
+
+
 def attention_mask(
     query_len: int,
     key_len: int,
     *,
     causal: bool = False,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor | None:
@@ -75,7 +168,8 @@ def attention_mask(
         query_len: T; query i sits at absolute position ``offset + i``.
         key_len: S; key j sits at absolute position j.
         causal: Whether query i may only see keys at positions ``<= offset + i``.
-        offset: Absolute position of the first query (the KV cache length before this chunk).
+        offset: Absolute position of the first query (the KV cache length before this chunk); a ``(B,)``
+            tensor gives each row its own (a :class:`SlotKVCache`).
         key_padding_mask: ``(B, S)``, True for real keys, False for padding.
         device: Device of the mask.
 
@@ -84,7 +178,10 @@ def attention_mask(
         to every key: their output is meaningless but finite, where some kernels give NaN.
     """
     mask = None
-    if causal and not (query_len == 1 and offset == key_len - 1):  # one query at the end sees every key
+    if isinstance(offset, torch.Tensor):  # per-row positions: (B, 1, T, S)
+        query_pos = offset[:, None] + torch.arange(query_len, device=device)  # (B, T)
+        mask = (torch.arange(key_len, device=device)[None, None, :] <= query_pos[:, :, None])[:, None]
+    elif causal and not (query_len == 1 and offset == key_len - 1):  # one query at the end sees every key
         query_pos = torch.arange(offset, offset + query_len, device=device)
         mask = torch.arange(key_len, device=device)[None, :] <= query_pos[:, None]  # (T, S)
     if key_padding_mask is not None:
@@ -154,7 +251,7 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotKVCache | None = None,
     ) -> torch.Tensor:
         """Attends from ``x`` to itself (self-attention) or to ``memory`` (cross-attention).
 
@@ -192,7 +289,7 @@ class MultiHeadAttention(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
-        if causal and key_padding_mask is None and offset == 0 and S == T:
+        if causal and key_padding_mask is None and isinstance(offset, int) and offset == 0 and S == T:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # fused kernels
         else:
             mask = attention_mask(

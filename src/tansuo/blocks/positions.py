@@ -115,18 +115,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def rotate(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotates queries or keys by their absolute positions ``offset .. offset + T - 1``.
 
         Args:
             x: Queries or keys, ``(B, H, T, D)``.
-            offset: Absolute position of the first of the T positions (the KV cache length when decoding).
+            offset: Absolute position of the first of the T positions (the KV cache length when decoding);
+                a ``(B,)`` tensor gives each row its own.
 
         Returns:
             The rotated tensor, same shape and dtype; each pair's norm is unchanged.
         """
-        positions = _positions(x.shape[-2], offset, self.max_seq_len, self.cos.device)
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
+        if isinstance(offset, torch.Tensor):
+            steps = torch.arange(x.shape[-2], device=offset.device)
+            positions = _positions(offset[:, None] + steps, 0, self.max_seq_len, self.cos.device)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D)
+        else:
+            positions = _positions(x.shape[-2], offset, self.max_seq_len, self.cos.device)
+            cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         x32 = x.float()
         x1, x2 = x32.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)

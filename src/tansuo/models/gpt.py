@@ -26,6 +26,7 @@ from tansuo.blocks import (
     LearnedPositions,
     MultiHeadAttention,
     RotaryEmbedding,
+    SlotKVCache,
     SwiGLU,
     TransformerLayer,
     TransformerStack,
@@ -217,6 +218,25 @@ class GPT(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len ({max_seq_len}) exceeds the model's ({self.config.max_seq_len})")
+        H, D, device, dtype = self._cache_shape(device, dtype)
+        return [
+            KVCache(batch_size, H, max_seq_len, D, device=device, dtype=dtype)
+            for _ in range(self.config.num_layers)
+        ]
+
+    def init_slot_cache(
+        self, slots: int, capacity: int, device: torch.device | str | None = None
+    ) -> list[SlotKVCache]:
+        """Empty per-row-length caches, one per layer, for ``slots`` sequences of up to ``capacity`` positions
+        each, decoded together while they come and go (``generation.DecodeEngine``)."""
+        H, D, device, dtype = self._cache_shape(device, None)
+        capacity = min(capacity, self.config.max_seq_len)
+        layers = self.config.num_layers
+        return [SlotKVCache(slots, H, capacity, D, device=device, dtype=dtype) for _ in range(layers)]
+
+    def _cache_shape(
+        self, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> tuple[int, int, torch.device, torch.dtype]:
         weight = self.tok_emb.weight
         device = torch.device(device) if device is not None else weight.device
         if dtype is None:
@@ -224,25 +244,31 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast else weight.dtype
         H = self.config.num_kv_heads or self.config.num_heads  # the cache holds key/value heads
         D = self.config.embed_dim // self.config.num_heads
-        return [
-            KVCache(batch_size, H, max_seq_len, D, device=device, dtype=dtype)
-            for _ in range(self.config.num_layers)
-        ]
+        return H, D, device, dtype
 
     def forward_features(
-        self, idx: torch.Tensor, cache: list[KVCache] | None = None, pad: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        cache: list[KVCache] | list[SlotKVCache] | None = None,
+        pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids ``(B, T)`` to final-norm hidden states ``(B, T, C)``; see :meth:`forward`."""
         T = idx.shape[1]
         offset = 0 if cache is None else cache[0].length
-        if offset + T > self.config.max_seq_len:
+        cached = offset if isinstance(offset, int) else cache[0].longest  # per-row lengths: the longest
+        if cached + T > self.config.max_seq_len:
             raise ValueError(
-                f"{offset} cached + {T} new tokens exceed max_seq_len ({self.config.max_seq_len}); "
+                f"{cached} cached + {T} new tokens exceed max_seq_len ({self.config.max_seq_len}); "
                 "crop the context (generate does) or build the model with a larger max_seq_len"
             )
         x = self.tok_emb(idx)  # (B, T, C)
         mask = None
-        if pad is not None:  # left-padded rows: row b's real tokens start at column pad[b]
+        if isinstance(offset, torch.Tensor):  # a SlotKVCache: each row continues at its own length
+            if pad is not None:
+                raise ValueError("pad is for rows sharing one cache length; a SlotKVCache has per-row ones")
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(offset[:, None] + torch.arange(T, device=idx.device))  # (B, T, C)
+        elif pad is not None:  # left-padded rows: row b's real tokens start at column pad[b]
             columns = torch.arange(offset + T, device=idx.device)
             mask = columns[None, :] >= pad[:, None]  # (B, S): keys that are real tokens
             if self.pos_emb is not None:  # each row counts its positions from its first real token
