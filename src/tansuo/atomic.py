@@ -66,10 +66,12 @@ def atomic_write_dir(path: str | Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         build(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):  # nested folders too (a bundle's adapter/)
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                fsync_dir(f)
         fsync_dir(tmp)
         old = path.with_name(path.name + ".old")
         if old.exists():

@@ -10,6 +10,8 @@ bundle/
   tokenizer.json     text tasks only (Hugging Face tokenizers format)
   metrics.json       what the model measured, by split
   recipe.json        the validated recipe that trained it (when trained by tansuo)
+  adapter/           with LoRA adapters (a ``lora`` record): them alone, in PEFT's layout
+                     (adapter_config.json, adapter_model.safetensors; see tansuo.adapters.peft)
 ```
 Loading reads JSON and safetensors only; nothing is unpickled. Bundles are written atomically.
 """
@@ -87,6 +89,10 @@ def save_bundle(
         (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True) + "\n")
         if recipe is not None:
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        if any(r.get("step") == "lora" for r in getattr(model, "compression", None) or []):
+            from tansuo.adapters import write_adapter
+
+            write_adapter(model, tmp / "adapter", origin)
 
     atomic_write_dir(path, build)
     return path
@@ -104,8 +110,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path} is unreadable ({e}); the bundle is damaged, train it again") from e
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path: str | None = None) -> Bundle:
-    """Load a bundle folder: rebuild the model from the registry, load weights, rebuild the task."""
+def load_bundle(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    data_path: str | None = None,
+    adapter: str | Path | None = None,
+) -> Bundle:
+    """Load a bundle folder: rebuild the model from the registry, load weights, rebuild the task.
+
+    ``adapter``: a LoRA adapter folder (PEFT's layout, written by tansuo or by PEFT) merged into the
+    model's weights after loading (see :func:`apply_adapter`)."""
     path = Path(path)
     if not path.is_dir():
         old = path.with_name(path.name + ".old")
@@ -141,7 +155,64 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", data_path:
         model = _load_torch(path, config, device)
     task = task_class.from_bundle(path, data_path=data_path)
     metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    if adapter is not None:
+        model = apply_adapter(model, adapter, bundle_origin(config))
+        metrics = {}  # they were the base model's
     return Bundle(path=path, model=model, task=task, metrics=metrics, config=config)
+
+
+def bundle_origin(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a bundle's model came from: its ``origin``, or for a bundle trained with LoRA the base its
+    adapters were trained on (so their Hugging Face names are known)."""
+    if config.get("origin"):
+        return config["origin"]
+    record = next((r for r in config.get("compression") or [] if r.get("step") == "lora"), None)
+    return None if record is None else record.get("base")
+
+
+def apply_adapter(model: nn.Module, adapter: str | Path, origin: dict[str, Any] | None = None) -> nn.Module:
+    """Merge a LoRA adapter folder into ``model`` (after merging any adapters it has already): plain Linear
+    layers with ``W + alpha / r * B A``, no ``lora`` record left. Returns the model (changed in place).
+
+    Raises:
+        LoRAError: The folder is not an adapter this model can take (another architecture or size).
+    """
+    from tansuo.adapters import load_adapter_, merge_lora_
+
+    if any(p.device.type == "meta" for p in model.parameters()) or getattr(model, "onnx_file", None):
+        raise BundleError("--adapter needs a PyTorch bundle; an ONNX Runtime bundle's graph is fixed")
+    device = next(model.parameters()).device
+    merge_lora_(model)
+    load_adapter_(model, adapter, origin)
+    merge_lora_(model)
+    return model.to(device)
+
+
+def merge_bundle(path: str | Path, out: str | Path, adapter: str | Path | None = None) -> Path:
+    """``tansuo merge``: the bundle at ``path`` with its LoRA adapters, or with the adapter folder
+    ``adapter``, merged into plain weights, written (atomically) as a bundle without adapters at ``out``.
+
+    Raises:
+        BundleError: Neither the bundle has adapters nor is an adapter given.
+        LoRAError: See :func:`apply_adapter`.
+    """
+    from tansuo.adapters import merge_lora_
+
+    bundle = load_bundle(path)
+    if adapter is None and not any(r.get("step") == "lora" for r in bundle.config.get("compression") or []):
+        raise BundleError(f"{path} has no LoRA adapters to merge; name an adapter folder to merge into it")
+    origin = bundle_origin(bundle.config)
+    metrics = bundle.metrics
+    if adapter is not None:
+        apply_adapter(bundle.model, adapter, origin)
+        metrics = {}
+    else:
+        merge_lora_(bundle.model)
+    recipe = _read_json(Path(path) / "recipe.json") if (Path(path) / "recipe.json").is_file() else None
+    merged = {**(origin or {}), "merged_from": str(Path(path).resolve())}
+    if adapter is not None:
+        merged["adapter"] = str(Path(adapter).resolve())
+    return save_bundle(out, bundle.model, bundle.task, metrics, recipe, origin=merged)
 
 
 def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
@@ -162,6 +233,7 @@ def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -
 def _load_torch(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
     model = create_model(config["model_name"], **config["config"])
     if config.get("compression"):
+        import tansuo.adapters  # noqa: F401  (registers the "lora" step that bundles with adapters carry)
         from tansuo.compress import restore_structure
 
         if torch.device(device).type != "cpu" and any(

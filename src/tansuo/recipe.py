@@ -53,6 +53,23 @@ class ModelConfig(Strict):
     )
 
 
+class LoRASettings(Strict):
+    """``train.lora``: freeze the model and train low-rank adapters on the named Linear layers (LoRA, Hu et
+    al. 2021); the bundle keeps them, and ``adapter/`` in it holds them alone in PEFT's layout."""
+
+    r: int = Field(8, gt=0, description="rank of each adapter")
+    alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="suffixes of Linear layer names (q_proj, kv_proj, out_proj, in_proj, attn.out_proj ...) "
+        "or all-linear: every Linear layer but the output head",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapters (a fresh head: [head])"
+    )
+
+
 class TrainConfig(Strict):
     """How to train: optimisation, schedule, evaluation and where the run is written."""
 
@@ -83,6 +100,7 @@ class TrainConfig(Strict):
         0, ge=0, description="CPU threads for torch; 0 keeps torch's default. Small models train faster on 1"
     )
     compile: bool = False
+    lora: LoRASettings | None = Field(None, description="train LoRA adapters on a frozen model; None: off")
 
     @model_validator(mode="after")
     def _lr_bounds(self) -> TrainConfig:

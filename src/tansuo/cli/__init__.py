@@ -12,7 +12,19 @@ import sys
 
 from rich.markup import escape
 
-from tansuo.cli import chat, compress, evaluate, explore, export, importing, models, predict, serve, train
+from tansuo.cli import (
+    chat,
+    compress,
+    evaluate,
+    explore,
+    export,
+    importing,
+    merge,
+    models,
+    predict,
+    serve,
+    train,
+)
 from tansuo.cli._app import app, console, err_console
 from tansuo.errors import TansuoError
 
@@ -22,6 +34,7 @@ app.command("eval")(evaluate.eval_)
 app.command()(evaluate.generate)
 app.command()(chat.chat)
 app.command()(predict.predict)
+app.command()(merge.merge)
 app.command()(compress.compress)
 app.command()(export.export)
 app.command()(serve.serve)

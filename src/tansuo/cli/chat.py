@@ -22,6 +22,10 @@ def chat(
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="nucleus sampling")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for reproducible answers")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
+    ] = None,
 ) -> None:
     """Chat with a bundle: each line you type is a turn, the history is kept; /reset forgets it, /exit
     (or end of input) leaves."""
@@ -30,7 +34,7 @@ def chat(
     from tansuo.device import resolve_device
 
     dev = resolve_device(device)
-    b = load_bundle(bundle, device=dev)
+    b = load_bundle(bundle, device=dev, adapter=adapter)
     from tansuo.tasks import GENERATE
 
     if GENERATE not in b.task.abilities:

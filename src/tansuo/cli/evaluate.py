@@ -58,6 +58,10 @@ def generate(
         bool, typer.Option("--chat", help="the prompt is a user turn: apply the bundle's chat template")
     ] = False,
     system: Annotated[str | None, typer.Option(help="with --chat: a system message before it")] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
+    ] = None,
 ) -> None:
     """Sample text from a language-model bundle, using a KV cache (--chat: a chat model's answer)."""
     setup_logging(False)
@@ -65,7 +69,7 @@ def generate(
     from tansuo.device import resolve_device
 
     dev = resolve_device(device)
-    b = load_bundle(bundle, device=dev)
+    b = load_bundle(bundle, device=dev, adapter=adapter)
     from tansuo.tasks import GENERATE
 
     if GENERATE not in b.task.abilities:

@@ -31,6 +31,10 @@ def serve(
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch threads (default: all cores)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every request")] = False,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: the task's endpoint, /v1/model, /health, /ready, /metrics, a try-it page.
 
@@ -45,7 +49,7 @@ def serve(
     api_key = read_api_key(api_key_file)
     limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout)
     config = ServeConfig(backend, max_batch, max_wait_ms, api_key=api_key, limits=limits)
-    server, asgi = serve_bundle(bundle, config, device, threads)
+    server, asgi = serve_bundle(bundle, config, device, threads, adapter=adapter)
     url = f"http://{host}:{port}"
     console.print(
         f"serving {bundle} ({server.bundle.task.name}, {backend}) at {url}  POST "

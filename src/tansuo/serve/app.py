@@ -155,14 +155,19 @@ def read_api_key(api_key_file: Path | None) -> str | None:
 
 
 def serve_bundle(
-    path: Path, config: ServeConfig, device: str = "auto", threads: int | None = None
+    path: Path,
+    config: ServeConfig,
+    device: str = "auto",
+    threads: int | None = None,
+    adapter: Path | None = None,
 ) -> tuple[Server, Any]:
     """Load a bundle for serving on ``config.backend`` (ONNX Runtime runs on the CPU) and build the ASGI
-    application around it; returns the server and the application (what ``tansuo serve`` runs)."""
+    application around it; returns the server and the application (what ``tansuo serve`` runs).
+    ``adapter``: a LoRA adapter folder merged into the bundle's weights first."""
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device("cpu" if config.backend == "onnxruntime" and device == "auto" else device)
-    server = Server(load_bundle(path, device=dev), config, dev)
+    server = Server(load_bundle(path, device=dev, adapter=adapter), config, dev)
     return server, create_app(server)
 
 

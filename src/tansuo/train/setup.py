@@ -7,6 +7,7 @@ from :func:`tansuo.recipe.load_recipe` (a file, ``--set`` overrides, ``--data-di
 :func:`tansuo.recipe.validate_recipe` (a mapping).
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from tansuo.adapters import LoRAConfig, LoRAError, freeze_base_, lora_, origin_of
 from tansuo.device import seed_everything
 from tansuo.errors import RecipeError
 from tansuo.models import create_model
@@ -22,6 +24,8 @@ from tansuo.recipe import Recipe
 from tansuo.tasks import get_task
 from tansuo.tasks.base import Task
 from tansuo.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,7 +38,8 @@ class RunSetup:
 def build_run(rec: Recipe, data_cfg: Any, data_root: Path) -> RunSetup:
     """Seeds every generator with ``rec.seed``, builds the task from ``data_cfg`` (its prepared files under
     ``data_root``), the model from the registry (the task's sizes, e.g. vocabulary and classes, then the
-    recipe's overrides) and loads ``model.init_from`` when the recipe names one.
+    recipe's overrides), loads ``model.init_from`` when the recipe names one, and with ``train.lora`` adds
+    the adapters and freezes the rest.
 
     Raises:
         RecipeError: The overrides do not build the model (an unknown field, an invalid combination).
@@ -46,7 +51,36 @@ def build_run(rec: Recipe, data_cfg: Any, data_root: Path) -> RunSetup:
     except (ValueError, TypeError) as e:
         raise RecipeError(f"invalid recipe:\n  model: {e}") from None
     init = load_initial_weights(model, rec.model.init_from) if rec.model.init_from else None
+    if rec.train.lora is not None:
+        _add_lora(model, rec)
     return RunSetup(task, model, init)
+
+
+def _add_lora(model: nn.Module, rec: Recipe) -> None:
+    """``train.lora``: adapters on the loaded weights, everything else frozen (before the optimizer exists,
+    so it holds only what trains). The base the run started from goes into the LoRA record, so the bundle's
+    ``adapter/`` uses the Hugging Face names of an imported model."""
+    settings = rec.train.lora
+    config = LoRAConfig(
+        r=settings.r,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        targets=settings.targets if isinstance(settings.targets, str) else tuple(settings.targets),
+        modules_to_save=tuple(settings.modules_to_save),
+    )
+    try:
+        names = lora_(model, config, base=origin_of(rec.model.init_from))
+        trainable = freeze_base_(model, config.modules_to_save)
+    except LoRAError as e:
+        raise RecipeError(f"invalid recipe:\n  train.lora: {e}") from None
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA on %d layers: %d of %d parameters train (%.2f%%)",
+        len(names),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
 
 
 @dataclass
