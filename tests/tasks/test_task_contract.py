@@ -2,11 +2,13 @@
 
 Each test runs over ``sorted(TASKS)`` as collected. ``CASES`` says, per task name, how to make tiny data and
 its recipe (validated as ``tansuo train`` does), a typical input for ``predict`` and a file for
-``read_inputs``; a task registered without a case fails ``test_task_has_a_contract_case``.
+``read_inputs``; a task registered without a case fails ``test_task_has_a_contract_case``. ``MORE_CASES``
+runs a task again on another form of its data (``lm`` on instruction JSONL), keyed ``task:form``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +81,23 @@ def _lm(folder: Path) -> Case:
     return Case(raw, ["the film"], inputs)
 
 
+def _lm_instructions(folder: Path) -> Case:
+    words = ["the film", "a story", "the plot", "the cast"]
+    lines = [
+        json.dumps({"prompt": f"was {w} good?", "response": "yes it was" if i % 3 else "no"})
+        for i, w in enumerate(words * 12)
+    ]
+    lines.append(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]})
+    )
+    data = folder / "qa.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    inputs = _words(folder / "inputs.txt", 2, seed=4)
+    raw = lm_recipe(data, folder / "run")
+    raw["data"] = {"path": str(data), "block_size": 48, "chat": {"eos_token": "<|end|>"}}
+    return Case(raw, ["was the film"], inputs)
+
+
 def _image(folder: Path) -> Case:
     rng = np.random.default_rng(0)
     labels = np.arange(80) % 4
@@ -102,7 +121,11 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "mlm": _mlm,
 }
 
+#: case key "task:form" -> a factory of tiny data of another form a task reads
+MORE_CASES: dict[str, Callable[[Path], Case]] = {"lm:instructions": _lm_instructions}
+
 NAMES = sorted(TASKS)
+KEYS = NAMES + sorted(k for k in MORE_CASES if k.split(":")[0] in TASKS)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -124,13 +147,14 @@ class Built:
         return create_model(self.model_name, **{**self.model_overrides, **self.task.model_overrides()})
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=KEYS)
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    name = request.param
-    if name not in CASES:
+    key = request.param
+    name = key.split(":")[0]
+    if key not in CASES and key not in MORE_CASES:
         pytest.fail(f"task {name!r} has no entry in CASES of {__file__}; add one (tiny data, recipe, inputs)")
-    folder = tmp_path_factory.mktemp(f"task-{name}")
-    case = CASES[name](folder)
+    folder = tmp_path_factory.mktemp(f"task-{key.replace(':', '-')}")
+    case = (CASES.get(key) or MORE_CASES[key])(folder)
     recipe, data = validate_recipe(case.raw)
     assert recipe.task == name
     task = TASKS[name].from_recipe(data, recipe.seed, folder / "work")
