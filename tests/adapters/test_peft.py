@@ -154,6 +154,11 @@ def test_merge_command_and_adapter_option_give_the_adapted_logits(
         torch.testing.assert_close(merged.model(ids), adapted, atol=1e-5, rtol=1e-5)
         with_adapter = load_bundle(base, adapter=tmp_path / "adapter").model
         torch.testing.assert_close(with_adapter(ids), adapted, atol=1e-5, rtol=1e-5)
+    from tansuo.serve.app import ServeConfig, serve_bundle
+
+    server, _ = serve_bundle(base, ServeConfig("torch", 4, 1.0), "cpu", adapter=tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(server.bundle.model(ids), adapted, atol=1e-5, rtol=1e-5)
     code, out, err = run(
         ["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--prompt", "the", "--device", "cpu"]
         + ["--max-new-tokens", "3"],
@@ -194,3 +199,37 @@ def test_an_adapter_for_another_model_exits_2(tmp_path: Path, monkeypatch, capsy
     assert config["target_modules"] == ["c_attn"]
     with pytest.raises(LoRAError, match="not a LoRA adapter folder"):
         load_adapter_(llama.model, tmp_path)
+
+
+def test_a_lora_run_on_an_imported_decoder_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
+    hf, base = _imported("llama", tmp_path)
+    fields = json.loads((base / "config.json").read_text())["config"]
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 200)
+    raw = {
+        "task": "lm",
+        "seed": 3,
+        "data": {"path": str(tmp_path / "text.txt"), "tokenizer": str(base), "block_size": 16},
+        "model": {
+            "name": "llama",
+            "overrides": {k: v for k, v in fields.items() if k != "max_seq_len"},
+            "init_from": str(base),
+        },
+        "train": {
+            "out_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "lora": {"r": 2, "alpha": 4, "targets": ["kv_proj", "in_proj"]},
+        },
+    }
+    from tansuo.recipe import validate_recipe
+    from tansuo.train.setup import train_recipe
+
+    trained = train_recipe(*validate_recipe(raw))
+    config = json.loads((trained.bundle / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["gate_proj", "k_proj", "up_proj", "v_proj"]
+    peft_model = peft.PeftModel.from_pretrained(hf, trained.bundle / "adapter").eval()
+    ids = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        ours = load_bundle(trained.bundle).model(ids)
+        torch.testing.assert_close(ours, peft_model(ids).logits, atol=1e-4, rtol=1e-4)

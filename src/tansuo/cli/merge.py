@@ -12,13 +12,13 @@ from tansuo.cli._app import console, setup_logging
 
 def merge(
     bundle: Annotated[Path, typer.Argument(help="the base bundle (or a bundle trained with train.lora)")],
+    out: Annotated[Path, typer.Option("--out", help="the merged bundle folder to write")],
     adapter: Annotated[
         Path | None,
         typer.Argument(
             help="a LoRA adapter folder (PEFT's layout, from tansuo or PEFT); default: the bundle's own"
         ),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", help="the merged bundle folder to write")] = Path("merged"),
 ) -> None:
     """Merge a LoRA adapter into the bundle's weights (W + alpha / r * B A): a plain bundle without adapters
     that computes what the adapted model computes, as fast as the base."""
