@@ -60,9 +60,9 @@ class LoRASettings(Strict):
     r: int = Field(8, gt=0, description="rank of each adapter")
     alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
-    targets: list[str] | Literal["all-linear"] = Field(
+    targets: list[str] | str = Field(
         "all-linear",
-        description="suffixes of Linear layer names (q_proj, kv_proj, out_proj, in_proj, attn.out_proj ...) "
+        description="suffixes of Linear layer names, one or a list (q_proj, kv_proj, attn.out_proj ...) "
         "or all-linear: every Linear layer but the output head",
     )
     modules_to_save: list[str] = Field(

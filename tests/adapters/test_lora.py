@@ -177,7 +177,7 @@ def test_lora_run_trains_adapters_only_resumes_bit_for_bit_and_merges(
 
 
 def test_train_with_an_unknown_target_exits_2(text_file: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    raw = lm_recipe(text_file, tmp_path / "run", lora={"targets": ["query"]})
+    raw = lm_recipe(text_file, tmp_path / "run", lora={"targets": "query"})  # one name, or a list
     code, _, err = run(["train", str(write_recipe(tmp_path / "r.yaml", raw))], monkeypatch, capsys)
     assert code == 2 and "train.lora" in err and "'query' matches no Linear layer" in err
     raw = lm_recipe(text_file, tmp_path / "run", lora={"r": 0})
