@@ -35,8 +35,20 @@ def serve(
         Path | None,
         typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
     ] = None,
+    batching: Annotated[
+        str,
+        typer.Option(
+            help="generation: continuous (a request joins the running batch at the next step) or static "
+            "(concurrent requests start together and run until the longest is done)"
+        ),
+    ] = "continuous",
+    model_name: Annotated[
+        str | None, typer.Option(help="the model's id in the OpenAI-compatible routes (default: folder name)")
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: the task's endpoint, /v1/model, /health, /ready, /metrics, a try-it page.
+
+    Language models also answer OpenAI's API: /v1/completions, /v1/chat/completions and /v1/models.
 
     The API key may also come from the TANSUO_API_KEY environment variable.
     """
@@ -48,7 +60,15 @@ def serve(
 
     api_key = read_api_key(api_key_file)
     limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout)
-    config = ServeConfig(backend, max_batch, max_wait_ms, api_key=api_key, limits=limits)
+    config = ServeConfig(
+        backend,
+        max_batch,
+        max_wait_ms,
+        api_key=api_key,
+        limits=limits,
+        batching=batching,
+        model_name=model_name,
+    )
     server, asgi = serve_bundle(bundle, config, device, threads, adapter=adapter)
     url = f"http://{host}:{port}"
     console.print(

@@ -36,11 +36,15 @@ from tansuo.bundle import Bundle, load_bundle
 from tansuo.device import resolve_device
 from tansuo.errors import TansuoError
 from tansuo.export.onnx import BACKENDS, model_for_backend
-from tansuo.serve.batching import Batcher, BusyError
+from tansuo.models.generation import DecodeEngine
+from tansuo.serve.batching import Batcher, BusyError, ContinuousBatcher
 from tansuo.serve.endpoints import ApiError, Endpoint, Limits, Submit, endpoints_for
 from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 
 log = logging.getLogger(__name__)
+
+#: how generation requests are batched (``tansuo serve --batching``)
+BATCHING = ("continuous", "static")
 
 
 @dataclass
@@ -53,6 +57,10 @@ class ServeConfig:
     max_queue: int = 1024
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    #: generation: "continuous" (a request joins the running batch at the next step) or "static"
+    batching: str = "continuous"
+    #: the model's id in the OpenAI-compatible routes; default: the bundle folder's name
+    model_name: str | None = None
 
 
 class Server:
@@ -67,15 +75,39 @@ class Server:
         self._tmp: Path | None = None
         if config.backend == "onnxruntime" and getattr(bundle.model, "onnx_file", None) is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))  # the export goes here
+        if config.batching not in BATCHING:
+            raise TansuoError(f"--batching {config.batching!r} is unknown; use {' or '.join(BATCHING)}")
         model = model_for_backend(bundle, config.backend, device, self._tmp)
         self.endpoints: list[Endpoint] = [cls(bundle.task, model, device, config.limits) for cls in classes]
+        self.model_id = config.model_name or Path(bundle.path).name
+        for e in self.endpoints:
+            e.model_id, e.created = self.model_id, int(time.time())
         self.endpoint = self.endpoints[0]
         self.metrics = _metrics()
+        self.decoder: ContinuousBatcher | None = None  # shared by the generation routes
+        if config.batching == "continuous" and any(e.continuous for e in self.endpoints):
+            self.decoder = self._decoder(model, device)
         self.batchers = {e.path: self._batcher(e) for e in self.endpoints}
         self.batcher = self.batchers[self.endpoint.path]
         self.ready = False
 
-    def _batcher(self, endpoint: Endpoint) -> Batcher:
+    def _decoder(self, model: torch.nn.Module, device: torch.device) -> ContinuousBatcher:
+        engine = DecodeEngine(model, device, slots=self.config.max_batch)
+
+        def on_step(rows: int) -> None:
+            self.metrics.observe("tansuo_batch_size", rows, endpoint="decode")
+            self.metrics.inc("tansuo_generated_tokens_total", rows)
+
+        return ContinuousBatcher(
+            engine,
+            on_step=on_step,
+            on_admit=lambda: self.metrics.inc("tansuo_generated_tokens_total", 1),
+            max_queue=self.config.max_queue,
+        )
+
+    def _batcher(self, endpoint: Endpoint) -> Batcher | ContinuousBatcher:
+        if endpoint.continuous and self.decoder is not None:
+            return self.decoder
         return Batcher(
             lambda items: self._run(endpoint, items),
             max_batch=self.config.max_batch,
@@ -104,14 +136,14 @@ class Server:
         started = time.perf_counter()
         for endpoint in self.endpoints:
             self._run(endpoint, endpoint.warm_up_items())
-        for batcher in self.batchers.values():
+        for batcher in set(self.batchers.values()):
             batcher.start()
         self.ready = True
         log.info("ready in %.2f s", time.perf_counter() - started)
 
     def stop(self) -> None:
         self.ready = False
-        for batcher in self.batchers.values():
+        for batcher in set(self.batchers.values()):
             batcher.stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -132,7 +164,12 @@ class Server:
             "backend": self.config.backend,
             "device": str(self.device),
             "metrics": self.bundle.metrics,
-            "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms},
+            "batching": {
+                "max_batch": self.config.max_batch,
+                "max_wait_ms": self.config.max_wait_ms,
+                **({"generation": self.config.batching} if any(e.continuous for e in self.endpoints) else {}),
+            },
+            "model_id": self.model_id,
             "limits": asdict(self.config.limits),
             "auth": self.config.api_key is not None,
             "tansuo_version": __version__,
@@ -184,8 +221,17 @@ def _metrics() -> Metrics:
     return m
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(
+    status: int, message: str, headers: dict[str, str] | None = None, openai: bool = False
+) -> JSONResponse:
+    """The JSON error body: ``{"error": message}``, or OpenAI's shape on the OpenAI-compatible routes."""
+    if not openai:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -227,29 +273,39 @@ def create_app(server: Server) -> Any:
         [Depends(authorize)] if server.config.api_key is not None else []
     )  # no per-request cost without a key
 
+    openai = {e.path for e in server.endpoints if e.error_style == "openai"}
+    openai |= {path for e in server.endpoints if e.error_style == "openai" for path in e.get_routes()}
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return _error(e.status, e.message, headers)
+        return _error(e.status, e.message, headers, request.url.path in openai)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error(422, _validation_message(e))
+        # OpenAI's clients expect 400 for a malformed request; the other routes have always said 422
+        status = 400 if request.url.path in openai else 422
+        return _error(status, _validation_message(e), None, request.url.path in openai)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return _error(e.status_code, str(e.detail), None, request.url.path in openai)
 
     @app.exception_handler(TansuoError)
     async def _bad_input(request: Request, e: TansuoError) -> JSONResponse:
-        return _error(422, str(e))
+        return _error(422, str(e), None, request.url.path in openai)
 
     @app.exception_handler(BusyError)
     async def _busy(request: Request, e: BusyError) -> JSONResponse:
-        return _error(503, f"server busy: {e}", {"Retry-After": "1"})
+        return _error(503, f"server busy: {e}", {"Retry-After": "1"}, request.url.path in openai)
 
+    extra: set[str] = set()
     for endpoint in server.endpoints:
         _add_route(app, endpoint, server.submit(endpoint), guarded)
+        for path, handler in endpoint.get_routes().items():
+            if path not in extra:
+                extra.add(path)
+                app.get(path, dependencies=guarded, summary=(handler.__doc__ or "").strip())(handler)
 
     @app.get("/v1/model", dependencies=guarded, summary="The bundle's card")
     async def model_card() -> dict[str, Any]:
@@ -277,6 +333,7 @@ def create_app(server: Server) -> Any:
 
     routes = {
         *(e.path for e in server.endpoints),
+        *extra,
         "/v1/model",
         "/health",
         "/ready",

@@ -179,3 +179,136 @@ class Batcher:
         for job in jobs:
             _resolve(job, results[start : start + len(job.items)])
             start += len(job.items)
+
+
+class ContinuousBatcher:
+    """Continuous batching for generation: the worker keeps a :class:`~tansuo.models.generation.DecodeEngine`
+    stepping; between two steps it admits waiting requests into free rows (each prompt prefilled in one
+    pass), and a request is answered as soon as its own tokens are done, whatever the others still decode.
+
+    Same interface as :class:`Batcher` (``submit``, ``start``, ``stop``); items are
+    :class:`~tansuo.models.generation.GenerationJob` and each result is the job itself (``output`` holds
+    its new tokens, ``finish_reason`` why it ended). A request whose caller stopped waiting (a timeout, a
+    client gone) has its jobs stopped before their next token.
+
+    Args:
+        engine: The decoder; touched only from the worker thread.
+        on_step: Called with the rows decoded in each step (metrics: batch size, one token per row).
+        on_admit: Called when a request's prompt has been prefilled (and its first token made).
+        max_queue: Most requests waiting; more are refused with :class:`BusyError`.
+        name: Names the worker thread.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        on_step: Callable[[int], None] | None = None,
+        on_admit: Callable[[], None] | None = None,
+        max_queue: int = 4096,
+        name: str = "tansuo-decode",
+    ) -> None:
+        self.engine = engine
+        self.on_step, self.on_admit = on_step, on_admit
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._waiting: list[tuple[_Job, Any]] = []  # admitted requests' jobs not yet in a row
+        self._owner: dict[int, _Job] = {}  # id(job) -> its request, while it decodes
+        self._left: dict[int, int] = {}  # id(request) -> its jobs not yet finished
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    async def submit(self, items: list[Any]) -> list[Any]:
+        """Queues the jobs and waits until every one has finished; returns them."""
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        job = _Job(list(items), loop.create_future(), loop)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise BusyError(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # the caller timed out or went away: stop decoding for it
+            for item in job.items:
+                item.stop()
+            raise
+
+    # ------------------------------------------------------------------ worker
+    def _take(self, block: bool) -> bool:
+        """Moves arrived requests into the waiting list; False once told to stop."""
+        while True:
+            try:
+                request = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            if request is None:
+                return False
+            block = False
+            self._left[id(request)] = len(request.items)
+            self._waiting += [(request, item) for item in request.items]
+
+    def _work(self) -> None:
+        engine = self.engine
+        while True:
+            if not self._take(block=not engine.active and not self._waiting):
+                return
+            try:
+                while self._waiting and engine.free:
+                    request, item = self._waiting.pop(0)
+                    if request.future.done():  # gave up while waiting: never decoded
+                        item.finish_reason = "stop"
+                        self._finish(request, item)
+                        continue
+                    self._admit(request, item)
+                if engine.active:
+                    rows = engine.active
+                    finished = engine.step()
+                    if self.on_step is not None:
+                        self.on_step(rows)
+                    for item in finished:
+                        self._finish(self._owner.pop(id(item)), item)
+            except Exception as error:  # a failed step fails the requests decoding in it, not the server
+                log.exception("decoding step failed")
+                for item in engine.cancel_all():
+                    self._fail(self._owner.pop(id(item)), error)
+
+    def _admit(self, request: _Job, item: Any) -> None:
+        try:
+            going = self.engine.admit(item)
+        except ValueError as error:  # this request cannot run (its prompt does not fit)
+            self._fail(request, error)
+            return
+        if self.on_admit is not None:
+            self.on_admit()
+        if going:
+            self._owner[id(item)] = request
+        else:
+            self._finish(request, item)
+
+    def _finish(self, request: _Job, item: Any) -> None:
+        left = self._left.get(id(request))
+        if left is None:  # already failed
+            return
+        if left == 1:
+            del self._left[id(request)]
+            _resolve(request, list(request.items))
+        else:
+            self._left[id(request)] = left - 1
+
+    def _fail(self, request: _Job, error: BaseException) -> None:
+        if self._left.pop(id(request), None) is None:
+            return
+        for item in request.items:
+            item.stop()  # its other jobs end at their next step
+        _resolve(request, error=error)

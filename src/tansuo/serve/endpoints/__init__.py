@@ -11,7 +11,7 @@ Inputs are always data in the request body (texts, base64-encoded pictures, pixe
 request can name a file path.
 """
 
-from tansuo.serve.endpoints import generate, image, text  # noqa: F401  (registers the endpoints)
+from tansuo.serve.endpoints import generate, image, openai, text  # noqa: F401  (registers the endpoints)
 from tansuo.serve.endpoints.base import (
     ENDPOINTS,
     ApiError,
@@ -23,11 +23,14 @@ from tansuo.serve.endpoints.base import (
 )
 from tansuo.serve.endpoints.generate import Generate
 from tansuo.serve.endpoints.image import ImagePredict
+from tansuo.serve.endpoints.openai import ChatCompletions, Completions
 from tansuo.serve.endpoints.text import FillMask, TextPredict
 
 __all__ = [
     "ENDPOINTS",
     "ApiError",
+    "ChatCompletions",
+    "Completions",
     "Endpoint",
     "FillMask",
     "Generate",

@@ -65,6 +65,15 @@ class Endpoint(abc.ABC):
     summary: str = "Predict"  # the route's title in the OpenAPI docs
     input_kind: str  # what the try-it page shows: text, image, prompt, masked-text
     request_model: type[BaseModel]
+    #: items are GenerationJobs decoded by the server's shared decoder (continuous batching), not run()
+    #: in batches of their own (run() still serves static batching and the warm-up)
+    continuous: bool = False
+    #: "plain" errors are {"error": message}; "openai" ones {"error": {"message", "type", ...}}
+    error_style: str = "plain"
+    #: the served model's name (the server sets it: the bundle folder's name or --model-name)
+    model_id: str = "model"
+    #: when the server started (Unix seconds; the server sets it)
+    created: int = 0
 
     def __init__(self, task: Any, model: torch.nn.Module, device: torch.device, limits: Limits) -> None:
         self.task, self.model, self.device, self.limits = task, model, device, limits
@@ -98,6 +107,10 @@ class Endpoint(abc.ABC):
 
     def card(self) -> dict[str, Any]:
         """Task-specific fields of ``GET /v1/model``."""
+        return {}
+
+    def get_routes(self) -> dict[str, Callable[[], Awaitable[Any]]]:
+        """Extra ``GET`` routes this endpoint serves (path -> handler without arguments)."""
         return {}
 
     def _count(self, items: list[Any]) -> None:

@@ -1,4 +1,11 @@
-"""The generation endpoint: ``POST /v1/generate`` for language models, batched, optionally streamed."""
+"""The generation endpoint: ``POST /v1/generate`` for language models, batched, optionally streamed.
+
+Generation endpoints (this one and the OpenAI-compatible ones in ``openai.py``) share one decoder: with
+continuous batching (the default) a request joins the running batch at the next step; with static batching
+(``tansuo serve --batching static``) concurrent requests start together and run until the longest is done.
+Either way a request's result is its :class:`~tansuo.models.generation.GenerationJob`, whose ``output``
+holds the new tokens.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class Generate(Endpoint):
     summary = "Continue a prompt"
     input_kind = "prompt"
     request_model = GenerateRequest
+    continuous = True
 
     def items(self, request: GenerateRequest) -> list[GenerationJob]:
         L = self.model.config.max_seq_len
@@ -88,26 +96,24 @@ class Generate(Endpoint):
             headers={"Cache-Control": "no-cache"},
         )
 
-    def generated_tokens(self, results: list[Any]) -> int:
-        return sum(r["tokens"] for r in results)
+    def generated_tokens(self, results: list[GenerationJob]) -> int:
+        return sum(len(job.output) for job in results)
 
     def fits(self, items: list[GenerationJob], more: list[GenerationJob]) -> bool:
         return batch_fits(items + more, self.model.config.max_seq_len)
 
-    def run(self, items: list[GenerationJob]) -> list[dict[str, Any]]:
-        new = generate_batch(self.model, items, self.device)
-        return [
-            {"completion": self.text(job, ids), "tokens": len(ids)}
-            for job, ids in zip(items, new, strict=True)
-        ]
+    def run(self, items: list[GenerationJob]) -> list[GenerationJob]:
+        generate_batch(self.model, items, self.device)
+        return items
 
     def text(self, job: GenerationJob, new: list[int]) -> str:
         """The continuation's text (decoded with the prompt, so merged tokens come out right)."""
         tok = self.task.tokenizer
         return decode(tok, job.ids + new)[len(decode(tok, job.ids)) :]
 
-    def respond(self, request: GenerateRequest, results: list[Any]) -> dict[str, Any]:
-        return results[0]
+    def respond(self, request: GenerateRequest, results: list[GenerationJob]) -> dict[str, Any]:
+        (job,) = results
+        return {"completion": self.text(job, job.output), "tokens": len(job.output)}
 
     def warm_up_items(self) -> list[GenerationJob]:
         return [GenerationJob(ids=[0], max_new_tokens=2, temperature=0.0)]
@@ -118,7 +124,17 @@ class Generate(Endpoint):
     async def stream(
         self, job: GenerationJob, done: asyncio.Future, tokens: asyncio.Queue
     ) -> AsyncIterator[str]:
-        """Server-sent events: one ``{"token": text}`` per new piece of text, then ``{"done": true, ...}``."""
+        """Server-sent events: one ``{"token": text}`` per new piece of text, then ``{"done": true, ...}``.
+        A client that goes away stops its request's decoding."""
+        try:
+            async for event in self._events(job, done, tokens):
+                yield event
+        finally:
+            job.stop()
+
+    async def _events(
+        self, job: GenerationJob, done: asyncio.Future, tokens: asyncio.Queue
+    ) -> AsyncIterator[str]:
         new: list[int] = []
         sent = ""
         while True:
