@@ -3,6 +3,7 @@
 Python API (torchao style, in place)::
 
     quantize_(model, Int8DynamicConfig(), filter_fn=...)
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))  # weight-only, for decoders
     prune_(model, StructuredPruneConfig(heads=0.25, ffn=0.5), scores=taylor_scores(model, batches, loss))
     DistillationLoss(alpha=0.5, temperature=2.0)(student_logits, teacher_logits, labels)
 
@@ -47,6 +48,12 @@ from tansuo.compress.registry import (
     register_technique,
     restore_structure,
 )
+from tansuo.compress.weight_only import (
+    WeightOnlyConfig,
+    WeightOnlyLinear,
+    quantize_weights_,
+    restore_weight_only,
+)
 
 __all__ = [
     "DistillTask",
@@ -57,6 +64,8 @@ __all__ = [
     "StructuredPruneConfig",
     "Technique",
     "UnstructuredPruneConfig",
+    "WeightOnlyConfig",
+    "WeightOnlyLinear",
     "apply_technique",
     "gradual_schedule",
     "init_from_teacher",
@@ -64,11 +73,13 @@ __all__ = [
     "magnitude_scores",
     "prune_",
     "quantize_",
+    "quantize_weights_",
     "register_step",
     "register_technique",
     "restore_pruned",
     "restore_quantized",
     "restore_structure",
+    "restore_weight_only",
     "smooth_factors",
     "stage_config",
     "stage_steps",

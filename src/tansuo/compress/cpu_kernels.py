@@ -1,0 +1,252 @@
+"""Weight-only int8 / int4 matrix-vector kernels for x86 CPUs with AVX2 and FMA, compiled on first use.
+
+Why our own: on this 2-core CPU every weight-only kernel torch 2.13 and torchao 0.18 offer without
+``torch.compile`` is slower than fp32 ``F.linear`` at one token (``torch._weight_int8pack_mm`` 0.08-0.43x,
+``torch._weight_int4pack_mm_for_cpu`` 0.02-0.24x, torchao's int8 / intx weight-only 0.04-0.25x; torchao's
+``Int4WeightOnlyConfig`` needs a CUDA-only library), measured by ``bench/weight_only_kernels.py``. Decoding
+one token reads every weight once, so it is bound by memory bandwidth: a kernel that reads 4-bit weights and
+widens them to fp32 in registers moves 8x fewer bytes than fp32.
+
+The kernels are a few loops of AVX2 intrinsics (``_SOURCE``), compiled with the system's C++ compiler into a
+shared library cached under ``$TANSUO_KERNEL_CACHE`` (default ``~/.cache/tansuo/kernels``, keyed by a hash of
+the source and flags) and called through :mod:`ctypes`; OpenMP threads them (the same ``libgomp`` torch
+loads, so ``torch.set_num_threads`` holds). No torch headers: compiling takes about a second. Without a
+compiler, without AVX2, or off Linux, :func:`kernels` returns None and the layers dequantize in PyTorch
+instead (same results, no speed-up).
+
+Layouts (row-major, C contiguous): ``x (M, K)`` fp32; int8: ``q (N, K)`` int8, ``scale (N,)``; int4:
+``q (N, K / 2)`` uint8 in blocks of 32 inputs, byte ``j`` of a block holding input ``j`` in its low nibble
+and input ``j + 16`` in its high one, ``scale`` and ``low`` ``(N, K / group)``, ``w = q * scale + low``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <vector>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(__m128i bytes) {  // 8 unsigned bytes -> 8 floats
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+
+extern "C" void int4_gemv(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* q,
+                          const float* scale, const float* low, int64_t group, float* y, int threads) {
+    const int64_t G = K / group;
+    std::vector<float> xsum(M * G);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * K + k];
+            xsum[m * G + g] = s;
+        }
+    const __m128i nib = _mm_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* qn = q + n * (K / 2);
+        const float* sn = scale + n * G;
+        const float* ln = low + n * G;
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xm = x + m * K;
+            __m256 acc = _mm256_setzero_ps();
+            float offset = 0.f;
+            for (int64_t g = 0; g < G; ++g) {
+                __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+                for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i*)(qn + b / 2));
+                    __m128i lo = _mm_and_si128(bytes, nib);
+                    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+                    d0 = _mm256_fmadd_ps(widen8(lo), _mm256_loadu_ps(xm + b), d0);
+                    d1 = _mm256_fmadd_ps(widen8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xm + b + 8), d1);
+                    d0 = _mm256_fmadd_ps(widen8(hi), _mm256_loadu_ps(xm + b + 16), d0);
+                    d1 = _mm256_fmadd_ps(widen8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xm + b + 24), d1);
+                }
+                acc = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sn[g]), acc);
+                offset += ln[g] * xsum[m * G + g];
+            }
+            y[m * N + n] = hsum(acc) + offset;
+        }
+    }
+}
+
+extern "C" void int4_dequant(int64_t K, int64_t N, const uint8_t* q, const float* scale, const float* low,
+                             int64_t group, float* w, int threads) {
+    const int64_t G = K / group;
+    const __m128i nib = _mm_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* qn = q + n * (K / 2);
+        float* wn = w + n * K;
+        for (int64_t b = 0; b < K; b += 32) {
+            const int64_t g = b / group;
+            const __m256 s = _mm256_set1_ps(scale[n * G + g]), l = _mm256_set1_ps(low[n * G + g]);
+            __m128i bytes = _mm_loadu_si128((const __m128i*)(qn + b / 2));
+            __m128i lo = _mm_and_si128(bytes, nib);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+            _mm256_storeu_ps(wn + b, _mm256_fmadd_ps(widen8(lo), s, l));
+            _mm256_storeu_ps(wn + b + 8, _mm256_fmadd_ps(widen8(_mm_srli_si128(lo, 8)), s, l));
+            _mm256_storeu_ps(wn + b + 16, _mm256_fmadd_ps(widen8(hi), s, l));
+            _mm256_storeu_ps(wn + b + 24, _mm256_fmadd_ps(widen8(_mm_srli_si128(hi, 8)), s, l));
+        }
+    }
+}
+
+extern "C" void int8_gemv(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* q,
+                          const float* scale, float* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* qn = q + n * K;
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xm = x + m * K;
+            __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                __m128i bytes = _mm_loadu_si128((const __m128i*)(qn + k));
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+                d0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), d0);
+                d1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), d1);
+            }
+            float s = hsum(_mm256_add_ps(d0, d1));
+            for (; k < K; ++k) s += xm[k] * (float)qn[k];
+            y[m * N + n] = s * scale[n];
+        }
+    }
+}
+
+extern "C" void int8_dequant(int64_t K, int64_t N, const int8_t* q, const float* scale, float* w,
+                             int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) w[n * K + k] = (float)q[n * K + k] * scale[n];
+}
+"""
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "int4_gemv": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
+    "int4_dequant": [_I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
+    "int8_gemv": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int],
+    "int8_dequant": [_I, _I, _P, _P, _P, ctypes.c_int],
+}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$TANSUO_KERNEL_CACHE`` or ``~/.cache/tansuo/kernels``."""
+    return Path(os.environ.get("TANSUO_KERNEL_CACHE") or Path.home() / ".cache" / "tansuo" / "kernels")
+
+
+def _has_avx2() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
+    except OSError:
+        return False
+    return {"avx2", "fma"} <= flags
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, lib = Path(tmp) / "weight_only.cpp", Path(tmp) / target.name
+        src.write_text(_SOURCE, encoding="ascii")
+        proc = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise OSError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(lib, target)  # atomic: a concurrent process sees the old file or the whole new one
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels (compiled on the first call of a process that finds none cached), or None where
+    they cannot run: not x86-64 Linux with AVX2 and FMA, no C++ compiler, or the compile failed (logged)."""
+    if os.environ.get("TANSUO_WEIGHT_ONLY_KERNELS", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not _has_avx2():
+        log.info("weight-only kernels need x86-64 Linux with AVX2 and FMA; dequantizing in PyTorch instead")
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        log.warning("no C++ compiler (g++) found: weight-only layers dequantize in PyTorch, without speed-up")
+        return None
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler).encode()).hexdigest()[:16]
+    target = cache_dir() / f"weight_only-{key}.so"
+    try:
+        if not target.is_file():
+            log.info("compiling the weight-only kernels into %s", target)
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        log.warning("weight-only kernels unavailable (%s): dequantizing in PyTorch instead", e)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def int4_gemv(
+    lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
+) -> torch.Tensor:
+    """``x (M, K)`` fp32 contiguous times the int4 weight ``(N, K)`` transposed: ``(M, N)``."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    threads = torch.get_num_threads()
+    lib.int4_gemv(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(low), group, _ptr(y), threads)
+    return y
+
+
+def int4_dequant(
+    lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The fp32 weight ``(N, K)`` of packed int4 ``q (N, K / 2)``."""
+    N, K = q.shape[0], q.shape[1] * 2
+    w = torch.empty(N, K)
+    lib.int4_dequant(K, N, _ptr(q), _ptr(scale), _ptr(low), group, _ptr(w), torch.get_num_threads())
+    return w
+
+
+def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x (M, K)`` fp32 contiguous times the int8 weight ``(N, K)`` transposed: ``(M, N)``."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    lib.int8_gemv(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(y), torch.get_num_threads())
+    return y
+
+
+def int8_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight ``(N, K)`` of int8 ``q (N, K)`` with one scale per row."""
+    N, K = q.shape
+    w = torch.empty(N, K)
+    lib.int8_dequant(K, N, _ptr(q), _ptr(scale), _ptr(w), torch.get_num_threads())
+    return w
