@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     def score_flags(q: argparse.ArgumentParser) -> None:
         q.add_argument("--limit", type=int, default=None, help="score only the first N held-back questions")
-        q.add_argument("--max-new-tokens", type=int, default=16, help="longest reply (default 16 tokens)")
+        q.add_argument("--max-new-tokens", type=int, default=8, help="longest reply (default 8 tokens)")
         add_device(q)
 
     b = sub.add_parser("build", help="write train.jsonl and heldout.jsonl")
