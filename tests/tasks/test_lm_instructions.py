@@ -235,3 +235,27 @@ def test_tansuo_train_on_instructions_writes_a_bundle_that_chats(
         capsys,
     )
     assert code == 0 and out.strip() == "no", out + err
+
+
+def test_a_bundle_folder_as_tokenizer_gives_its_chat_template_and_data_chat_overrides_it(
+    tmp_path: Path,
+) -> None:
+    from tansuo.data import save_tokenizer, train_char_tokenizer
+
+    bundle = tmp_path / "chat-model"  # what a bundle imported from a chat model holds, in small
+    bundle.mkdir()
+    tok = train_char_tokenizer(["abcdefghijklmnopqrstuvwxyz ?\n"])
+    tok.add_special_tokens(["<s>", "</s>"])
+    save_tokenizer(tok, bundle / "tokenizer.json")
+    (bundle / "task.json").write_text(json.dumps({"task": "lm", "chat": CHAT}))
+    raw = recipe(
+        write_instructions(tmp_path / "qa.jsonl"), tmp_path / "a", tokenizer=str(bundle), packing=False
+    )
+    del raw["data"]["chat"]
+    task = task_from(raw)
+    assert task.chat == CHAT and task.vocab_size == tok.get_vocab_size()
+    batch = next(task.train_batches(4, 0))
+    assert "".join(_decode_targets(task, batch["y"][0])) in ("yes</s>", "no</s>")
+    raw["data"]["chat"] = {"eos_token": "<s>"}  # one field replaced, the rest kept
+    raw["train"]["out_dir"] = str(tmp_path / "b")
+    assert task_from(raw).chat == {**CHAT, "eos_token": "<s>"}
