@@ -19,8 +19,22 @@ from tansuo.cli._app import (
 def compress(
     bundle: Annotated[Path, typer.Argument(help="the bundle to compress (the teacher, for distillation)")],
     quantize: Annotated[
-        str | None, typer.Option(help="int8: dynamic int8 Linear layers (CPU, fbgemm), as the last step")
+        str | None,
+        typer.Option(
+            help="int8: dynamic int8 Linear layers (CPU, fbgemm); int8-weight / int4-weight: weight-only "
+            "(decoders; activations stay fp32); as the last step"
+        ),
     ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="inputs per int4 group for int4-weight: 32 (default), 64 or 128")
+    ] = None,
+    quantize_head: Annotated[
+        bool,
+        typer.Option(
+            help="weight-only: quantize the output head too (a head tied to the embedding becomes an int "
+            "copy; the embedding stays fp32)"
+        ),
+    ] = True,
     quantize_backend: Annotated[
         str,
         typer.Option(help="int8 runtime: torch (fbgemm), onnxruntime, or auto (the faster, measured)"),
@@ -90,6 +104,8 @@ def compress(
         recipe=recipe,
         quantize=quantize,
         quantize_backend=quantize_backend,
+        group_size=group_size,
+        quantize_head=quantize_head,
         prune=prune,
         importance=importance,
         finetune_steps=finetune_steps,
@@ -110,6 +126,8 @@ def compress(
     def show(v: Any) -> None:
         f = v.figures
         q = f"{f.get('metric', 'quality')} {100 * f['quality']:.2f}" if "quality" in f else ""
+        if "perplexity" in f.get("metrics", {}):  # a language model: perplexity says more than 100 x loss
+            q = f"perplexity {f['metrics']['perplexity']:.2f}"
         console.print(
             f"{v.name}: {q}  p50 {f['latency_ms_p50']:.2f} ms  size {f['size_bytes'] / 1e6:.1f} MB",
             highlight=False,

@@ -8,8 +8,8 @@ scope); activations stay fp32, so every layer computes ``x @ dequantize(W).T`` e
   [-127, 127] (as torchao's ``Int8WeightOnlyConfig`` and llama.cpp's Q8_0, which uses blocks of 32);
 - int4: asymmetric min/max per group of ``group_size`` consecutive inputs of one output channel,
   ``scale = (max - min) / 15``, ``q = round((w - min) / scale)`` in [0, 15], ``w ~ q * scale + min``
-  (llama.cpp's Q4_1, torchao's int4 "tinygemm" scheme). Two values a byte: 5 bits a weight with g32's
-  scale and minimum in fp32 (4.5 at g64, 4.25 at g128).
+  (llama.cpp's Q4_1, torchao's int4 "tinygemm" scheme). Two values a byte: 6 bits a weight with g32's
+  scale and minimum in fp32 (5 at g64, 4.5 at g128).
 
 Decoding one token is bound by memory bandwidth, so the win is in reading fewer bytes: at up to
 :data:`GEMV_ROWS` input rows the layers run :mod:`tansuo.compress.cpu_kernels` (AVX2, widening the weights
@@ -200,6 +200,12 @@ class WeightOnlyLinear(nn.Module):
         else:
             y = F.linear(x2, self.dequantized_weight(), self.bias)
         return y.reshape(*lead, self.out_features)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # a model whose head was tied puts the embedding back under "<head>.weight" before loading (GPT's
+        # load hook); this layer holds the quantized copy instead, so that entry is not ours to load
+        state_dict.pop(prefix + "weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ", per channel"

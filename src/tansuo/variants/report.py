@@ -55,6 +55,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report)]
     lines.append("")
+    if all("perplexity" in v.get("metrics", {}) for v in report["variants"]):
+        lines += [_perplexity_text(report["variants"]), ""]
     if any(s.get("unstructured") for s in report["recipe"]["steps"]):
         lines += [
             "Unstructured pruning zeroes weights: the zipped size shrinks, but dense CPU kernels do the same "
@@ -79,6 +81,18 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
         lines.append(f"Chosen: {report['chosen']} ({why}), written to {report.get('chosen_bundle')}.")
     return "\n".join(lines) + "\n"
+
+
+def _perplexity_text(variants: list[dict[str, Any]]) -> str:
+    """A language model's perplexity per variant and its change against the original (what the loss
+    column means)."""
+    ref = variants[0]["metrics"]["perplexity"]
+    shown = ", ".join(
+        f"{v['name']} {v['metrics']['perplexity']:.2f}"
+        + ("" if i == 0 else f" ({100 * (v['metrics']['perplexity'] / ref - 1):+.1f}%)")
+        for i, v in enumerate(variants)
+    )
+    return f"Perplexity on the {variants[0].get('split', 'held-back')} split: {shown}."
 
 
 def _fallback_text(name: str, f: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from tansuo.compress import (
     quantize_,
 )
 from tansuo.compress.quantize import quantized_engine
+from tansuo.compress.weight_only import WeightOnlyConfig, quantize_weights_, targets
 from tansuo.errors import CompressionError, RecipeError, TansuoError
 from tansuo.measure.run import compare_in_rounds
 from tansuo.models import create_model, get_model_entry
@@ -116,11 +118,46 @@ def _smooth_candidates(step: QuantizeStep) -> list[float | None]:
     return [None] if step.smooth == "off" else [float(step.smooth)]
 
 
+def weight_only_config(step: QuantizeStep) -> WeightOnlyConfig:
+    """The :class:`WeightOnlyConfig` of an ``int8-weight`` / ``int4-weight`` step."""
+    bits = 4 if step.mode == "int4-weight" else 8
+    return WeightOnlyConfig(bits=bits, group_size=step.group_size, head=step.head)
+
+
+def _skip_filter(step: QuantizeStep) -> Any:
+    skip = tuple(step.skip)
+    return None if not skip else (lambda _, name: not name.startswith(skip))
+
+
+def run_weight_only(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
+    """int8-weight / int4-weight: round-to-nearest weight-only quantization (no calibration); the record
+    keeps the logits' SNR against fp32 on ``calibration_batches`` training batches."""
+    model, task = bundle.model.cpu().eval(), bundle.task
+    fp32 = copy.deepcopy(model)
+    quantize_weights_(model, weight_only_config(step), filter_fn=_skip_filter(step))
+    # one item a batch, the norms summed batch by batch: a 49k vocabulary's logits are 200 MB a sequence
+    batches = [b for _, b in zip(range(step.calibration_batches), task.train_batches(1, 0), strict=False)]
+    signal = noise = 0.0
+    with torch.inference_mode():
+        for b in batches:
+            ref, got = task.logits(fp32, b)[0].float(), task.logits(model, b)[0].float()
+            signal += float(ref.square().sum())
+            noise += float((ref - got).square().sum())
+    del fp32
+    snr = 10 * math.log10(signal / max(noise, 1e-30))
+    model.compression[-1]["sqnr_db"] = {step.describe(): snr}
+    log.info("%s: logits' SNR against fp32 %.1f dB on %d batches", step.describe(), snr, len(batches))
+    save_bundle(out, model, task, bundle.metrics, bundle_recipe(bundle))
+    return out
+
+
 def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
     """int8 on the torch (fbgemm) or the ONNX Runtime backend. ``auto`` builds both (when ONNX Runtime is
     installed and the family exports) and keeps the faster at batch 1; within a backend, 7- or 8-bit
     ranges (and on torch, with or without SmoothQuant's migration) are chosen by the logits' SNR against
     fp32 on calibration batches."""
+    if step.weight_only:
+        return run_weight_only(bundle, step, out)
     model, task = bundle.model.cpu().eval(), bundle.task
     skip = tuple(step.skip)
     ranges = [True, False] if step.reduce_range == "auto" else [bool(step.reduce_range)]
@@ -197,8 +234,11 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
 
 
 def check_quantize(bundle: Bundle, model: nn.Module, step: QuantizeStep) -> nn.Module:
-    """Raise when no backend the step allows can quantize this model on this machine."""
-    if step.backend == "torch":
+    """Raise when no backend the step allows can quantize this model on this machine (weight-only: when
+    an int4 group size does not divide a layer's input width)."""
+    if step.weight_only:
+        targets(model, weight_only_config(step), _skip_filter(step))
+    elif step.backend == "torch":
         quantized_engine()
     elif step.backend == "onnxruntime":
         check_onnx_int8(model)

@@ -88,7 +88,13 @@ def _dump(step: BaseModel) -> dict[str, Any]:
 @register_step_type
 class QuantizeStep(Strict):
     step: Literal["quantize"]
-    mode: Literal["int8"] = "int8"
+    #: int8: dynamic int8 (weights and activations, fbgemm or ONNX Runtime); int8-weight / int4-weight:
+    #: weight-only for decoders (:mod:`tansuo.compress.weight_only`; activations stay fp32)
+    mode: Literal["int8", "int8-weight", "int4-weight"] = "int8"
+    #: inputs per int4 group (int4-weight only; default 32)
+    group_size: Literal[32, 64, 128] | None = None
+    #: weight-only: quantize the output head too (a tied head as an int copy, the embedding stays fp32)
+    head: bool = True
     #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
     skip: list[str] = Field(default_factory=list)
     #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
@@ -113,9 +119,20 @@ class QuantizeStep(Strict):
     def _smooth_range(self) -> QuantizeStep:
         if isinstance(self.smooth, float) and not 0.0 < self.smooth < 1.0:
             raise ValueError(f"smooth must be auto, off or an alpha in (0, 1), got {self.smooth}")
+        if self.group_size is not None and self.mode != "int4-weight":
+            raise ValueError(f"group_size is for int4-weight only; {self.mode} takes none")
+        if self.weight_only and self.backend == "onnxruntime":
+            raise ValueError(f"{self.mode} runs on the torch backend only")
         return self
 
+    @property
+    def weight_only(self) -> bool:
+        """int8-weight or int4-weight (:mod:`tansuo.compress.weight_only`)."""
+        return self.mode.endswith("-weight")
+
     def describe(self) -> str:
+        if self.mode == "int4-weight":
+            return f"int4-weight g{self.group_size or 32}"
         return self.mode
 
 
@@ -261,6 +278,8 @@ def recipe_from_options(
     recipe: Path | None = None,
     quantize: str | None = None,
     quantize_backend: str = "auto",
+    group_size: int | None = None,
+    quantize_head: bool = True,
     prune: str | None = None,
     importance: str = "taylor",
     finetune_steps: int = 0,
@@ -324,15 +343,21 @@ def recipe_from_options(
                 "train": train,
             }
         )
+    if group_size is not None and quantize != "int4-weight":
+        raise RecipeError("--group-size goes with --quantize int4-weight")
     if quantize is not None:
         # with --max-drop the int8 step is accuracy-aware (on the validation split; the choice between the
         # variants then uses the held-out split)
-        raw_steps.append(
-            {"step": "quantize", "mode": quantize, "backend": quantize_backend, "max_drop": max_drop}
-        )
+        q: dict[str, Any] = {"step": "quantize", "mode": quantize, "backend": quantize_backend}
+        if quantize.endswith("-weight"):
+            q.update(head=quantize_head, **({} if group_size is None else {"group_size": group_size}))
+        else:
+            q["max_drop"] = max_drop
+        raw_steps.append(q)
     if not raw_steps:
         raise RecipeError(
-            "nothing to do: give --quantize int8, --prune ..., --distill-into PRESET or --recipe"
+            "nothing to do: give --quantize int8|int8-weight|int4-weight, --prune ..., --distill-into PRESET "
+            "or --recipe"
         )
     raw: dict[str, Any] = {"steps": raw_steps, "max_drop": max_drop, "objective": objective}
     if threads:
