@@ -284,18 +284,25 @@ class MultiHeadAttention(nn.Module):
             q, k = self.rotary.rotate(q, offset), self.rotary.rotate(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, D), S = offset + T
-        if grouped:  # each key/value head serves a group of query heads
+        gqa = False
+        if grouped and exporting:  # each key/value head serves a group of query heads
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        elif grouped:  # the kernel reads each key/value head for its group: no copy of the cache
+            gqa = True
         S = k.shape[2]
         dropout = self.dropout if self.training else 0.0
         if causal and key_padding_mask is None and isinstance(offset, int) and offset == 0 and S == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # fused kernels
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa
+            )  # fused kernels
         else:
             mask = attention_mask(
                 T, S, causal=causal, offset=offset, key_padding_mask=key_padding_mask, device=x.device
             )
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa
+            )  # (B, H, T, D)
         # heads side by side: H * D wide, narrower than C once heads are pruned
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
