@@ -175,3 +175,37 @@ def test_distill_without_a_preset_copies_the_teachers_own_architecture(
     assert student.config.num_layers == 1 and teacher.num_layers != 1
     named = build_student(bundle, DistillStep(step="distill", into="vit_test"))  # a preset: its own defaults
     assert named.config.embed_dim != 24
+
+
+def test_a_lora_bundle_is_compressed_as_its_merged_weights(text_file: Path, tmp_path: Path) -> None:
+    """Quantizing a LoRA-tuned bundle quantizes base + adapter (merged first), not the base alone with
+    the adapters left in fp32 beside it."""
+    from tansuo.adapters import LoRAConfig, lora_, lora_layers
+    from tansuo.bundle import save_bundle
+    from tansuo.compress.weight_only import WeightOnlyLinear
+    from tansuo.models import create_model
+    from tansuo.variants.pipeline import run_steps
+    from tansuo.variants.steps import QuantizeStep
+    from tests.helpers import lm_recipe, task_from
+
+    task = task_from(lm_recipe(text_file, tmp_path / "run"))
+    torch.manual_seed(0)
+    model = create_model("gpt_test", vocab_size=task.model_overrides()["vocab_size"])
+    lora_(model, LoRAConfig(r=2, alpha=4, targets="all-linear"))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(std=0.5)  # adapters that change the function
+    model.eval()
+    x = model.example_input()
+    with torch.no_grad():
+        adapted = model(x)
+    save_bundle(tmp_path / "lora", model, task)
+    step = QuantizeStep(step="quantize", mode="int8-weight")
+    (_, path, _), *_ = list(run_steps(tmp_path / "lora", [step], tmp_path / "variants"))
+    quantized = load_bundle(path).model
+    assert not lora_layers(quantized)
+    blocks = [m for n, m in quantized.named_modules() if n.startswith("stack.")]
+    assert any(isinstance(m, WeightOnlyLinear) for m in blocks)
+    assert not any(type(m) is torch.nn.Linear for m in blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(x), adapted, rtol=0.05, atol=0.05)

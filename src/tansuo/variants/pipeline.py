@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
+from tansuo.adapters import lora_layers, merge_lora_
 from tansuo.atomic import atomic_write_json, atomic_write_text
 from tansuo.bundle import Bundle, load_bundle
 from tansuo.errors import CompressionError
@@ -140,9 +141,18 @@ def choose(variants: list[Variant], max_drop: float | None, objective: str) -> V
 def check_steps(bundle: Bundle, recipe: CompressRecipe) -> None:
     """Raise :class:`CompressionError` for a step that cannot run on this bundle (checked up front; a
     student's shape is checked against the teacher, a pruning step after distillation against the student)."""
-    model = bundle.model
+    model = _merged(bundle).model
     for step in recipe.steps:
         model = runner_for(step).check(bundle, model, step)
+
+
+def _merged(bundle: Bundle) -> Bundle:
+    """The bundle with any LoRA adapters folded into its weights (in place): compression works on plain
+    Linear layers, so a LoRA-tuned model is compressed as its merged weights (what `tansuo merge` writes)."""
+    if lora_layers(bundle.model):
+        log.info("%s: merging its LoRA adapters into the weights before compressing", bundle.path)
+        merge_lora_(bundle.model)
+    return bundle
 
 
 def run_steps(
@@ -157,7 +167,7 @@ def run_steps(
     for i, step in enumerate(steps, 1):
         name = f"{i:02d}-{step.step}"
         log.info("step %d/%d: %s", i, len(steps), describe(step))
-        b = load_bundle(current, device="cpu", data_path=data_path)
+        b = _merged(load_bundle(current, device="cpu", data_path=data_path))
         current = runner_for(step).run(b, step, variants_dir / name)
         done.append(describe(step))
         yield name, current, list(done)
