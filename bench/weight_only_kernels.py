@@ -13,6 +13,8 @@ Kernels (each is skipped with the reason when this build of torch or torchao lac
   input, packed by ``torch._convert_weight_to_int4pack_for_cpu``);
 - ``fbgemm w8a8``: tansuo's ``Int8DynamicLinear`` (fbgemm's dynamic int8 kernel: activations quantized per
   call too, so not weight-only, but the fastest int8 GEMM torch has on x86);
+- ``tansuo int8-weight`` / ``tansuo int4-weight gN``: :class:`~tansuo.compress.weight_only.WeightOnlyLinear`
+  (the AVX2 kernels of :mod:`tansuo.compress.cpu_kernels` up to 4 rows, dequantize + ``F.linear`` above);
 - ``deq int8`` / ``deq int4 g32``: plain PyTorch, the weight dequantized to fp32 on every call, then
   ``F.linear`` (the memory win only);
 - ``torchao ...``: torchao's ``Int8WeightOnlyConfig`` / ``Int4WeightOnlyConfig`` / ``IntxWeightOnlyConfig``
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from _common import add_threads, bench_main, busy_note, header, pick_threads
 
 from tansuo.compress.quantize import Int8DynamicConfig, Int8DynamicLinear
+from tansuo.compress.weight_only import WeightOnlyLinear
 
 #: SmolLM2-135M's Linear shapes, (name, in_features, out_features)
 SHAPES = [
@@ -84,7 +87,11 @@ def build_kernels(w: torch.Tensor) -> dict[str, Call | str]:
 
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     linear.weight.data.copy_(w)
-    kernels["fbgemm w8a8"] = Int8DynamicLinear.from_float(linear, Int8DynamicConfig()).eval()
+    fbgemm = Int8DynamicLinear.from_float(linear, Int8DynamicConfig()).eval()
+    kernels["fbgemm w8a8"] = lambda x: fbgemm(x[None])[0]  # (1, T, in): one activation range per sample
+    kernels["tansuo int8-weight"] = WeightOnlyLinear.from_float(linear, 8)
+    for group in (32, 64):
+        kernels[f"tansuo int4-weight g{group}"] = WeightOnlyLinear.from_float(linear, 4, group)
 
     kernels["deq int8"] = lambda x: F.linear(x, w8.float() * scale8[:, None])
     q, scale, low = int4_groups(w, 32)
