@@ -37,6 +37,7 @@ Run from the repository root (after ``make smollm``; ``make llamacpp`` for the l
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -153,6 +154,7 @@ def worker_random(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from tansuo.compress.weight_only import WeightOnlyConfig, quantize_weights_
     from tansuo.models.hf_decoders import import_decoder
 
     torch.manual_seed(0)
@@ -170,11 +172,23 @@ def worker_random(spec: dict[str, Any]) -> dict[str, Any]:
         diff = (theirs(prompt).logits - ours(prompt)).abs().max().item()
         floor = _weight_floor(ours)
         ids = prompt[0].tolist()
+        # fewer bytes per token: the same model with int8 / int4 (g32) weight-only Linear layers
+        quantized = {}
+        for name, config in (
+            ("tansuo int8-weight", WeightOnlyConfig(bits=8, head=True)),
+            ("tansuo int4-weight", WeightOnlyConfig(bits=4, group_size=32, head=True)),
+        ):
+            quantized[name] = copy.deepcopy(ours)
+            quantize_weights_(quantized[name], config)
         _timed_tansuo(ours, ids, 8), _timed_transformers(theirs, ids, 8)  # warm-up
-        samples: dict[str, list] = {"tansuo": [], "transformers": []}
+        for model in quantized.values():
+            _timed_tansuo(model, ids, 8)
+        samples: dict[str, list] = {"tansuo": [], "transformers": [], **{k: [] for k in quantized}}
         for _ in range(spec["reps"]):
             samples["tansuo"].append(_timed_tansuo(ours, ids, spec["new_tokens"]))
             samples["transformers"].append(_timed_transformers(theirs, ids, spec["new_tokens"]))
+            for name, model in quantized.items():
+                samples[name].append(_timed_tansuo(model, ids, spec["new_tokens"]))
     return {
         "logits_max_abs_diff": diff,
         "weight_floor_ms": floor,
@@ -278,6 +292,14 @@ def run_random(args: argparse.Namespace) -> dict[str, Any]:
             f"{r['ratio_ceiling']:.2f}x transformers'",
             flush=True,
         )
+        for name in ("tansuo int8-weight", "tansuo int4-weight"):
+            q = r[name]
+            q["ratio"] = q["decode_tps"] / theirs["decode_tps"]
+            print(
+                f"    {name}: {q['decode_tps']:.1f} tok/s (TTFT {q['ttft_ms']:.0f} ms) = {q['ratio']:.2f}x "
+                "transformers' fp32",
+                flush=True,
+            )
     return out
 
 
