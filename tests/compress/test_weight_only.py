@@ -160,10 +160,14 @@ def test_generation_with_the_kv_cache(backend: str) -> None:
     assert torch.equal(cached, full)
 
 
-def test_state_dict_round_trip_through_restore() -> None:
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_state_dict_round_trip_through_restore(head_bits: int) -> None:
+    """An int4 model's head is int8 unless asked otherwise; either way a fresh model restores it."""
     torch.manual_seed(0)
     model = llama_test()
-    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32, head_bits=head_bits))
+    assert model.lm_head.bits == head_bits and model.stack.layers[0].attn.q_proj.bits == 4
+    assert model.compression[-1]["head_modules"] == ["lm_head"]
     ids = model.example_input(2, 10)
     with torch.no_grad():
         ref = model(ids)
@@ -171,7 +175,8 @@ def test_state_dict_round_trip_through_restore() -> None:
     restore_structure(fresh, model.compression)
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert set(model.state_dict()) == set(fresh.state_dict())
-    assert "lm_head.qweight" in model.state_dict() and "lm_head.low" in model.state_dict()
+    assert "lm_head.qweight" in model.state_dict()
+    assert ("lm_head.low" in model.state_dict()) == (head_bits == 4)  # int4's minimums, int8 has none
     with torch.no_grad():
         assert torch.equal(fresh(ids), ref)
 
