@@ -36,6 +36,16 @@ def test_choose_picks_the_fastest_within_the_allowed_drop() -> None:
     assert choose(sized, 1.0, "size").name == "b" and choose(sized, 1.0, "latency").name == "a"
 
 
+def test_choose_reads_a_loss_as_lower_is_better() -> None:
+    """An lm bundle's quality is its loss: a variant whose loss went up lost that much (in loss units)."""
+    original = _v("original", 3.40, 40.0, 90)
+    original.figures["metric"] = "loss"
+    variants = [original, _v("int4", 3.45, 10.0, 30), _v("int8", 3.41, 20.0, 50), _v("odd", 3.00, 30.0, 60)]
+    assert choose(variants, 0.02, "latency").name == "int8"  # int4 lost 0.05
+    assert choose(variants, 0.06, "latency").name == "int4"
+    assert choose(variants, 0.0, "latency").name == "odd"  # a lower loss is no loss at all
+
+
 def test_recipe_schema_names_bad_fields() -> None:
     with pytest.raises(RecipeError, match="quantize must be the last step"):
         load_compress_recipe(None, {"steps": [{"step": "quantize"}, {"step": "prune", "heads": 0.5}]})

@@ -34,6 +34,8 @@ from tansuo.atomic import atomic_write_json, atomic_write_text
 from tansuo.bundle import Bundle, load_bundle
 from tansuo.errors import CompressionError
 from tansuo.measure.run import measure_in_subprocess, speed_in_rounds
+from tansuo.train.trainer import metric_mode
+from tansuo.variants.accuracy import drop
 from tansuo.variants.pruning import check_prune, run_prune
 from tansuo.variants.report import report_markdown
 from tansuo.variants.runners import (
@@ -125,14 +127,17 @@ register_runner(DistillStep, run_distill, check_distill)
 # ------------------------------------------------------------------------------------------ driver
 def choose(variants: list[Variant], max_drop: float | None, objective: str) -> Variant | None:
     """The variant to keep: with ``max_drop`` None the last one; otherwise, among the compressed variants
-    whose quality is at most ``max_drop`` points below the original's, the one with the lowest latency (or
-    size), ties broken by the other figure. None when none qualifies."""
+    whose quality is at most ``max_drop`` below the original's (points for a metric that goes up, such as
+    accuracy; the metric's own units for one that goes down, such as an lm's loss), the one with the lowest
+    latency (or size), ties broken by the other figure. None when none qualifies."""
     original, compressed = variants[0], variants[1:]
     if max_drop is None:
         return compressed[-1] if compressed else None
     ref = original.figures["quality"]
     keyed = {"latency": ("latency_ms_p50", "size_bytes"), "size": ("size_bytes", "latency_ms_p50")}[objective]
-    ok = [v for v in compressed if 100.0 * (ref - v.figures["quality"]) <= max_drop + 1e-9]
+    metric = original.figures.get("metric")
+    maximize = metric is None or metric_mode(metric) == "max"
+    ok = [v for v in compressed if drop(ref, v.figures["quality"], maximize) <= max_drop + 1e-9]
     if not ok:
         return None
     return min(ok, key=lambda v: tuple(v.figures[k] for k in keyed))
