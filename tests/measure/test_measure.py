@@ -125,6 +125,18 @@ def test_weight_count_keeps_int8_weights_that_are_no_longer_parameters() -> None
     assert weight_count(quantized) == params
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_count_keeps_weight_only_weights(bits: int) -> None:
+    from tansuo.compress.weight_only import WeightOnlyConfig, quantize_weights_
+
+    torch.manual_seed(0)
+    model = create_model("gpt_test", tie_embeddings=False)
+    params = sum(p.numel() for p in model.parameters())
+    quantize_weights_(model, WeightOnlyConfig(bits=bits))
+    assert sum(p.numel() for p in model.parameters()) < params
+    assert weight_count(model) == params  # each int8 or int4 weight counts once
+
+
 def test_weight_count_of_an_onnx_model_is_its_own_count() -> None:
     class Onnx(torch.nn.Module):
         onnx_file = "model.onnx"

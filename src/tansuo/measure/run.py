@@ -59,8 +59,10 @@ def weights_file(bundle: Path) -> Path:
 
 
 def weight_count(model: nn.Module) -> int:
-    """Parameters plus int8 weights and their biases (quantized layers keep them as buffers)."""
+    """Parameters plus the weights and biases of quantized layers (int8 and weight-only int8/int4 layers keep
+    them as buffers; one weight counts once however many bits it has)."""
     from tansuo.compress.quantize import Int8DynamicLinear
+    from tansuo.compress.weight_only import WeightOnlyLinear
 
     if getattr(model, "onnx_file", None) is not None:
         return model.num_params()
@@ -68,6 +70,8 @@ def weight_count(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Int8DynamicLinear):
             total += m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+        elif isinstance(m, WeightOnlyLinear):
+            total += m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
     return total
 
 
