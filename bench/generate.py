@@ -325,7 +325,7 @@ def _quantized(bundle: Path, method: str, args: argparse.Namespace) -> Path:
     made = sorted(p.parent for p in (out / "variants").glob("*/config.json"))
     if not made:
         cmd = [str(Path(sys.executable).with_name("tansuo")), "compress", str(bundle), "--quantize", method]
-        cmd += ["--out", str(out), "--threads", str(args.threads)]
+        cmd += ["--out", str(out), "--threads", str(args.threads), "--data", str(args.data)]
         if method == "int4-weight":
             cmd += ["--group-size", str(args.group_size)]
         print(f"making {out}: {' '.join(cmd)}", flush=True)
