@@ -179,3 +179,44 @@ def test_two_workers_share_one_postgresql_study(image_npz: Path, tmp_path: Path,
     assert code.returncode == 0
     results = json.loads((study_dir / "results.json").read_text())
     assert results["counts"]["complete"] == 4 and results["recommended"] is not None
+
+
+def test_lora_rank_by_weight_only_quantization(text_file: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An lm study over LoRA ranks (candidates with train.lora) x weight-only quantization (variants): every
+    variant is measured, quality is the loss, and the quantized variants hold the merged adapters in int8 /
+    int4 layers while the plain one keeps its adapters."""
+    study_dir = tmp_path / "study"
+    raw = {
+        "task": "lm",
+        "seed": 3,
+        "data": {"path": str(text_file), "block_size": 32, "eval_windows": 16},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "log_every": 2, "threads": 1},
+        "explore": {
+            "study": str(study_dir),
+            "candidates": [
+                {"model": "gpt_test", "label": "lora-r2", "train": {"lora": {"r": 2, "alpha": 4}}},
+                {"model": "gpt_test", "label": "lora-r8", "train": {"lora": {"r": 8, "alpha": 16}}},
+            ],
+            "variants": [
+                {"name": "plain"},
+                {"name": "int8w", "steps": [{"step": "quantize", "mode": "int8-weight"}]},
+                {"name": "int4w", "steps": [{"step": "quantize", "mode": "int4-weight", "group_size": 32}]},
+            ],
+            "objectives": ["quality", "size"],
+            "sampler": "grid",
+            "measure": {"threads": 1, "reps": 10},
+        },
+    }
+    code, out, err = run(["explore", str(_write(tmp_path, raw)), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["counts"] == {"complete": 2, "fail": 0, "running": 0}
+    rows = {(r["candidate"], r["variant"]): r for r in results["variants"]}
+    assert set(rows) == {(c, v) for c in ("lora-r2", "lora-r8") for v in ("plain", "int8w", "int4w")}
+    for (candidate, variant), r in rows.items():
+        assert r["status"] == "ok", r.get("reason")
+        steps = [c["step"] for c in load_bundle(r["path"]).config.get("compression", [])]
+        assert steps == (["lora"] if variant == "plain" else ["weight_only"]), (candidate, variant, steps)
+        assert r["figures"]["quality"] > 0  # a loss
+    for c in ("lora-r2", "lora-r8"):
+        assert rows[(c, "int4w")]["figures"]["size_bytes"] < rows[(c, "plain")]["figures"]["size_bytes"]
