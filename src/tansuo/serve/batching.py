@@ -14,6 +14,7 @@ while a batch runs.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import queue
@@ -52,7 +53,42 @@ class BusyError(RuntimeError):
     """The queue of waiting requests is full; the client should retry later."""
 
 
-class Batcher:
+class _Worker(abc.ABC):
+    """What both batchers share: a queue of waiting requests (bounded) and one worker thread that alone
+    touches the model. Subclasses implement ``_work``."""
+
+    def __init__(self, max_queue: int, name: str) -> None:
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._started = False
+
+    @abc.abstractmethod
+    def _work(self) -> None:
+        """The worker thread's loop; returns when it takes None from the queue."""
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Lets the worker finish what it runs, then ends it; waiting requests are dropped."""
+        if self._started:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _enqueue(self, items: list[Any]) -> _Job:
+        """Queues a request of ``items``; its future gets the results. Raises :class:`BusyError` if full."""
+        loop = asyncio.get_running_loop()
+        job = _Job(list(items), loop.create_future(), loop)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise BusyError(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
+        return job
+
+
+class Batcher(_Worker):
     """Runs ``fn(items) -> results`` (one result per item, same order) on batches of concurrent requests.
 
     Args:
@@ -86,34 +122,15 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.fits = fits
         self.on_batch = on_batch
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._carry: _Job | None = None  # a request that did not fit the last batch: it starts the next
         self._last_jobs = 0  # requests in the last batch
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._started = False
-
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Lets the worker finish the batch it runs, then ends it; waiting requests are dropped."""
-        if self._started:
-            self._queue.put(None)
-            self._thread.join(timeout)
+        super().__init__(max_queue, name)
 
     async def submit(self, items: list[Any]) -> list[Any]:
         """Queues ``items`` and waits for their results (raises what the batch function raised for them)."""
         if not items:
             return []
-        loop = asyncio.get_running_loop()
-        job = _Job(list(items), loop.create_future(), loop)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise BusyError(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
-        return await job.future
+        return await self._enqueue(items).future
 
     # ------------------------------------------------------------------ worker
     def _next(self, timeout: float | None) -> _Job | None | bool:
@@ -181,7 +198,7 @@ class Batcher:
             start += len(job.items)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(_Worker):
     """Continuous batching for generation: the worker keeps a :class:`~tansuo.models.generation.DecodeEngine`
     stepping; between two steps it admits waiting requests into free rows (each prompt prefilled in one
     pass), and a request is answered as soon as its own tokens are done, whatever the others still decode.
@@ -210,33 +227,16 @@ class ContinuousBatcher:
     ) -> None:
         self.engine = engine
         self.on_step, self.on_admit = on_step, on_admit
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._waiting: list[tuple[_Job, Any]] = []  # admitted requests' jobs not yet in a row
         self._owner: dict[int, _Job] = {}  # id(job) -> its request, while it decodes
         self._left: dict[int, int] = {}  # id(request) -> its jobs not yet finished
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._started = False
-
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._started:
-            self._queue.put(None)
-            self._thread.join(timeout)
+        super().__init__(max_queue, name)
 
     async def submit(self, items: list[Any]) -> list[Any]:
         """Queues the jobs and waits until every one has finished; returns them."""
         if not items:
             return []
-        loop = asyncio.get_running_loop()
-        job = _Job(list(items), loop.create_future(), loop)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise BusyError(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
+        job = self._enqueue(items)
         try:
             return await job.future
         except asyncio.CancelledError:  # the caller timed out or went away: stop decoding for it
