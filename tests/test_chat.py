@@ -95,23 +95,26 @@ def test_decoding_stops_at_the_end_of_turn_and_streams() -> None:
     assert every.shape[1] == 6  # everyone stopped at the first step
 
 
-@pytest.fixture
-def chat_bundle(tmp_path: Path) -> Path:
+def save_chat_bundle(path: Path, scale: float = 1.0, **sizes: int) -> Path:
+    """A tiny Llama-shaped chat model (random weights times ``scale``) with SmolLM2's template and a
+    byte-level BPE tokenizer, saved at ``path``."""
     tok = _tokenizer()
     torch.manual_seed(0)
-    model = create_model(
-        "llama",
-        vocab_size=tok.get_vocab_size(),
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        embed_dim=16,
-        mlp_hidden=32,
-        max_seq_len=256,
-    )
+    shape = dict(num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16, mlp_hidden=32, max_seq_len=256)
+    model = create_model("llama", vocab_size=tok.get_vocab_size(), **{**shape, **sizes})
+    if scale != 1.0:  # spread the logits, so greedy decoding has no near-ties
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    model.model_name = "llama"
     chat = {"template": SMOL, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     task = LMTask(LMDataConfig(tokenizer="t.json", block_size=64), 0, tok, None, chat=chat)
-    return save_bundle(tmp_path / "chat", model, task, {})
+    return save_bundle(path, model, task, {})
+
+
+@pytest.fixture
+def chat_bundle(tmp_path: Path) -> Path:
+    return save_chat_bundle(tmp_path / "chat")
 
 
 def test_chat_holds_a_conversation(chat_bundle: Path, monkeypatch, capsys) -> None:

@@ -11,14 +11,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tansuo.bundle import load_bundle, save_bundle
-from tansuo.models import create_model
+from tansuo.bundle import load_bundle
 from tansuo.serve.app import ServeConfig, Server, create_app
 from tansuo.serve.endpoints import Limits
-from tansuo.tasks.lm import LMDataConfig, LMTask
 from tests.helpers import lm_recipe
 from tests.serve.test_app import untrained_bundle
-from tests.test_chat import SMOL, _tokenizer
+from tests.test_chat import save_chat_bundle
 
 CPU = torch.device("cpu")
 CONVERSATION = [{"role": "user", "content": "hello there, how are you?"}]
@@ -35,27 +33,11 @@ def lm_bundle(text_file: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def chat_bundle(tmp_path: Path) -> Path:
-    """A tiny Llama-shaped chat model with SmolLM2's template, its weights spread so greedy decoding has
-    no near-ties and runs for a while before it says its end of turn."""
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    model = create_model(
-        "llama",
-        vocab_size=tok.get_vocab_size(),
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        embed_dim=32,
-        mlp_hidden=64,
-        max_seq_len=128,
+    """Two layers, its weights spread so greedy decoding has no near-ties and runs for a while before it
+    says its end of turn."""
+    return save_chat_bundle(
+        tmp_path / "tiny-chat", scale=2.0, num_layers=2, embed_dim=32, mlp_hidden=64, max_seq_len=128
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.0)
-    model.model_name = "llama"
-    chat = {"template": SMOL, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
-    task = LMTask(LMDataConfig(tokenizer="t.json", block_size=64), 0, tok, None, chat=chat)
-    return save_bundle(tmp_path / "tiny-chat", model, task, {})
 
 
 def client(bundle: Path, **config) -> TestClient:
