@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from tansuo.data.chat import ChatError, check_messages, render_chat
+from tansuo.data.tokenizers import load_tokenizer, train_bpe_tokenizer, train_char_tokenizer
 from tansuo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -268,3 +269,62 @@ def _rows(pairs: Sequence[tuple[np.ndarray, np.ndarray]], block_size: int) -> Ro
     for i, (xi, yi) in enumerate(pairs):
         x[i, : len(xi)], y[i, : len(yi)], lengths[i] = xi, yi, len(xi)
     return Rows(x, y, lengths)
+
+
+# ------------------------------------------------------------------ the lm task's instruction data
+def named_tokenizer(spec: str) -> tuple[Any | None, dict[str, Any] | None]:
+    """The tokenizer ``data.tokenizer`` names (None for char / bpe, which are trained), and the chat
+    template of the bundle folder it names, if any."""
+    if spec in ("char", "bpe"):
+        return None, None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return load_tokenizer(path), None
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(f"data.tokenizer {path} is a folder without tokenizer.json; name a bundle or a file")
+    info = path / "task.json"
+    chat = json.loads(info.read_text(encoding="utf-8")).get("chat") if info.is_file() else None
+    return load_tokenizer(path / "tokenizer.json"), chat
+
+
+def chat_in_effect(
+    inherited: dict[str, Any] | None, given: dict[str, Any] | None, *, plain: bool
+) -> dict[str, Any] | None:
+    """The template in effect: the tokenizer bundle's, with what ``data.chat`` sets in its place; for
+    instructions without any, the plain format."""
+    chat = dict(inherited or {})
+    if given is not None:
+        chat.update({k: v for k, v in given.items() if v is not None})
+    if not chat.get("template"):
+        if not plain:
+            return None
+        chat = {
+            "template": PLAIN_TEMPLATE,
+            "bos_token": chat.get("bos_token"),
+            "eos_token": chat.get("eos_token") or PLAIN_EOS,
+        }
+    return chat
+
+
+def render_file(source: Path, chat: dict[str, Any]) -> list[list[tuple[str, bool]]]:
+    """Every example of an instruction file as text pieces marked by who says them."""
+    out = []
+    for conversation in read_conversations(source):
+        try:
+            out.append(render_segments(conversation.messages, chat))
+        except ChatError as e:
+            raise DataError(
+                f"{source}:{conversation.line}: {e}; roles are system, user and assistant, in an order the "
+                "model's chat template accepts"
+            ) from None
+    return out
+
+
+def trained_tokenizer(kind: str, vocab_size: int, texts: Iterator[str], chat: dict[str, Any] | None) -> Any:
+    """A char or byte-level BPE tokenizer trained on ``texts``; a chat template's special tokens are added
+    whole, so the end of a turn is one token."""
+    tokenizer = train_char_tokenizer(texts) if kind == "char" else train_bpe_tokenizer(texts, vocab_size)
+    specials = [t for t in ((chat or {}).get("bos_token"), (chat or {}).get("eos_token")) if t]
+    if specials:
+        tokenizer.add_special_tokens(list(dict.fromkeys(specials)))
+    return tokenizer

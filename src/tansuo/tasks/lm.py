@@ -41,22 +41,20 @@ from tansuo.data import (
     lm_batch,
     load_tokenizer,
     save_tokenizer,
-    train_bpe_tokenizer,
-    train_char_tokenizer,
 )
-from tansuo.data.chat import ChatError, render_chat
+from tansuo.data.chat import render_chat
 from tansuo.data.instructions import (
     IGNORE_INDEX,
-    PLAIN_EOS,
-    PLAIN_TEMPLATE,
     Example,
     Rows,
+    chat_in_effect,
     encode_segments,
     fit_length,
+    named_tokenizer,
     one_per_row,
     pack,
-    read_conversations,
-    render_segments,
+    render_file,
+    trained_tokenizer,
 )
 from tansuo.errors import DataError
 from tansuo.tasks.base import GENERATE, Batch, batch_seed, register_task
@@ -151,11 +149,15 @@ class LMTask(TokenCorpusTask):
         assert isinstance(data, LMDataConfig)
         source = _source(data.path)
         work_dir.mkdir(parents=True, exist_ok=True)
-        given, inherited = _given_tokenizer(data.tokenizer)
-        chat = _chat(inherited, data.chat, plain=data.instructions())
+        given, inherited = named_tokenizer(data.tokenizer)
+        chat = chat_in_effect(
+            inherited, None if data.chat is None else data.chat.model_dump(), plain=data.instructions()
+        )
         if data.instructions():
-            pieces = _rendered(source, chat)
-            tokenizer = given or _trained_tokenizer(data, (text for p in pieces for text, _ in p), chat)
+            pieces = render_file(source, chat)
+            tokenizer = given or trained_tokenizer(
+                data.tokenizer, data.vocab_size, (text for p in pieces for text, _ in p), chat
+            )
             task = cls(data, seed, tokenizer, work_dir, chat)
             task._prepare_instructions(pieces)
             return task
@@ -165,7 +167,9 @@ class LMTask(TokenCorpusTask):
         elif tok_path.is_file() and tokens_are_current(source, tokens_path, load_tokenizer(tok_path)):
             tokenizer = load_tokenizer(tok_path)  # same corpus as last time: reuse vocabulary and tokens
         else:
-            tokenizer = _trained_tokenizer(data, iter_text_chunks(source, hint=DATA_HINT), chat)
+            tokenizer = trained_tokenizer(
+                data.tokenizer, data.vocab_size, iter_text_chunks(source, hint=DATA_HINT), chat
+            )
         save_tokenizer(tokenizer, tok_path)
         task = cls(data, seed, tokenizer, work_dir, chat)
         task._prepare(source)
@@ -181,7 +185,7 @@ class LMTask(TokenCorpusTask):
         """Tokenized, labelled, split and (when ``data.packing``) packed examples of ``data.path``."""
         source = _source(self.data.path)
         if pieces is None:  # loaded from a bundle: render with the bundle's template
-            pieces = _rendered(source, self.chat or {})
+            pieces = render_file(source, self.chat or {})
         n = len(pieces)
         if n < 2:
             raise DataError(
@@ -439,67 +443,6 @@ class LMTask(TokenCorpusTask):
 
 def _length(example: Example) -> int:
     return len(example.ids)
-
-
-def _given_tokenizer(spec: str) -> tuple[Any | None, dict[str, Any] | None]:
-    """The tokenizer ``data.tokenizer`` names (None for char / bpe, which are trained), and the chat
-    template of the bundle folder it names, if any."""
-    if spec in ("char", "bpe"):
-        return None, None
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        return load_tokenizer(path), None
-    if not (path / "tokenizer.json").is_file():
-        raise DataError(f"data.tokenizer {path} is a folder without tokenizer.json; name a bundle or a file")
-    info = path / "task.json"
-    chat = json.loads(info.read_text(encoding="utf-8")).get("chat") if info.is_file() else None
-    return load_tokenizer(path / "tokenizer.json"), chat
-
-
-def _chat(
-    inherited: dict[str, Any] | None, given: ChatConfig | None, *, plain: bool
-) -> dict[str, Any] | None:
-    """The template in effect: the tokenizer bundle's, with what ``data.chat`` sets in its place; for
-    instructions without any, the plain format."""
-    chat = dict(inherited or {})
-    if given is not None:
-        chat.update({k: v for k, v in given.model_dump().items() if v is not None})
-    if not chat.get("template"):
-        if not plain:
-            return None
-        chat = {
-            "template": PLAIN_TEMPLATE,
-            "bos_token": chat.get("bos_token"),
-            "eos_token": chat.get("eos_token") or PLAIN_EOS,
-        }
-    return chat
-
-
-def _rendered(source: Path, chat: dict[str, Any]) -> list[list[tuple[str, bool]]]:
-    """Every example of an instruction file as text pieces marked by who says them."""
-    out = []
-    for conversation in read_conversations(source):
-        try:
-            out.append(render_segments(conversation.messages, chat))
-        except ChatError as e:
-            raise DataError(
-                f"{source}:{conversation.line}: {e}; roles are system, user and assistant, in an order the "
-                "model's chat template accepts"
-            ) from None
-    return out
-
-
-def _trained_tokenizer(data: LMDataConfig, texts: Iterator[str], chat: dict[str, Any] | None) -> Any:
-    """A char or byte-level BPE tokenizer trained on ``texts``; a chat template's special tokens are added
-    whole, so the end of a turn is one token."""
-    if data.tokenizer == "char":
-        tokenizer = train_char_tokenizer(texts)
-    else:
-        tokenizer = train_bpe_tokenizer(texts, data.vocab_size)
-    specials = [t for t in ((chat or {}).get("bos_token"), (chat or {}).get("eos_token")) if t]
-    if specials:
-        tokenizer.add_special_tokens(list(dict.fromkeys(specials)))
-    return tokenizer
 
 
 def _source(path: str | None) -> Path:
