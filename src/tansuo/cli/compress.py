@@ -22,7 +22,7 @@ def compress(
         str | None,
         typer.Option(
             help="int8: dynamic int8 Linear layers (CPU, fbgemm); int8-weight / int4-weight: weight-only "
-            "(decoders; activations stay fp32); as the last step"
+            "(decoders; see --activations); as the last step"
         ),
     ] = None,
     group_size: Annotated[
@@ -35,6 +35,13 @@ def compress(
             "copy; the embedding stays fp32)"
         ),
     ] = True,
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="weight-only: int8 (inputs quantized per block of 32 on the fly, as llama.cpp does: integer "
+            "dot products when decoding) or fp32 (exact, slower)"
+        ),
+    ] = "int8",
     quantize_backend: Annotated[
         str,
         typer.Option(help="int8 runtime: torch (fbgemm), onnxruntime, or auto (the faster, measured)"),
@@ -106,6 +113,7 @@ def compress(
         quantize_backend=quantize_backend,
         group_size=group_size,
         quantize_head=quantize_head,
+        activations=activations,
         prune=prune,
         importance=importance,
         finetune_steps=finetune_steps,

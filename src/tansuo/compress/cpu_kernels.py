@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <vector>
 
@@ -50,6 +51,107 @@ static inline float hsum(__m256 v) {
 
 static inline __m256 widen8(__m128i bytes) {  // 8 unsigned bytes -> 8 floats
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+
+// 32 unsigned bytes u times 32 signed bytes s, summed in fours into 8 int32 lanes
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// x (M, K) fp32 to int8 codes and one scale per block of 32 inputs: d = max|x| / 127, q = round(x / d),
+// the same arithmetic as weight_only.quantize_activations, so every path sees the same activations
+static void quantize_blocks(const float* x, int64_t n_blocks, int8_t* xq, float* xs) {
+    for (int64_t i = 0; i < n_blocks; ++i) {
+        const float* b = x + i * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(b[j]));
+        const float d = amax / 127.f;
+        xs[i] = d;
+        for (int j = 0; j < 32; ++j) xq[i * 32 + j] = d > 0.f ? (int8_t)nearbyintf(b[j] / d) : 0;
+    }
+}
+
+#define ROWS 4  // output rows per pass: one load of an activation block serves four weight rows
+
+extern "C" void int4_gemv_q8(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* q,
+                             const float* scale, const float* low, int64_t group, float* y, int threads) {
+    const int64_t G = K / group, B = K / 32, per = group / 32;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xs(M * B), xsum(M * G);
+    quantize_blocks(x, M * B, xq.data(), xs.data());
+    for (int64_t m = 0; m < M; ++m)  // the low term: low[g] times the group's sum of the int8 activations
+        for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t b = g * per; b < (g + 1) * per; ++b) {
+                int32_t t = 0;
+                for (int j = 0; j < 32; ++j) t += xq[m * K + b * 32 + j];
+                s += (float)t * xs[m * B + b];
+            }
+            xsum[m * G + g] = s;
+        }
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += ROWS) {
+        const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xm = xq.data() + m * K;
+            const float* xsm = xs.data() + m * B;
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < B; ++b) {
+                const __m256i xb = _mm256_loadu_si256((const __m256i*)(xm + b * 32));
+                const int64_t g = b / per;
+                for (int r = 0; r < rows; ++r) {
+                    const int64_t n = n0 + r;
+                    // 16 bytes hold 32 codes: inputs 0-15 in the low nibbles, 16-31 in the high ones
+                    const __m128i bytes = _mm_loadu_si128((const __m128i*)(q + n * (K / 2) + b * 16));
+                    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
+                    const __m256i codes = _mm256_and_si256(both, nib);
+                    const __m256 d = _mm256_set1_ps(scale[n * G + g] * xsm[b]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(codes, xb)), d, acc[r]);
+                }
+            }
+            for (int r = 0; r < rows; ++r) {
+                const int64_t n = n0 + r;
+                float offset = 0.f;
+                for (int64_t g = 0; g < G; ++g) offset += low[n * G + g] * xsum[m * G + g];
+                y[m * N + n] = hsum(acc[r]) + offset;
+            }
+        }
+    }
+}
+
+extern "C" void int8_gemv_q8(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* q,
+                             const float* scale, float* y, int threads) {
+    const int64_t B = K / 32;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> xs(M * B);
+    quantize_blocks(x, M * B, xq.data(), xs.data());
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += ROWS) {
+        const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xm = xq.data() + m * K;
+            const float* xsm = xs.data() + m * B;
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < B; ++b) {
+                const __m256i xb = _mm256_loadu_si256((const __m256i*)(xm + b * 32));
+                const __m256 d = _mm256_set1_ps(xsm[b]);
+                for (int r = 0; r < rows; ++r) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i*)(q + (n0 + r) * K + b * 32));
+                    // |w| as unsigned times x carrying w's sign: the signed product, as VNNI wants it
+                    const __m256i dot = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xb, w));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r]);
+                }
+            }
+            for (int r = 0; r < rows; ++r) y[m * N + n0 + r] = hsum(acc[r]) * scale[n0 + r];
+        }
+    }
 }
 
 extern "C" void int4_gemv(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* q,
@@ -145,6 +247,8 @@ extern "C" void int8_dequant(int64_t K, int64_t N, const int8_t* q, const float*
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+#: with AVX-512 VNNI the int8 dot products are one instruction (``vpdpbusd``) instead of two
+_VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -153,6 +257,8 @@ _SIGNATURES = {
     "int4_dequant": [_I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
     "int8_gemv": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int],
     "int8_dequant": [_I, _I, _P, _P, _P, ctypes.c_int],
+    "int4_gemv_q8": [_P, _I, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int],
+    "int8_gemv_q8": [_P, _I, _I, _I, _P, _P, _P, ctypes.c_int],
 }
 
 
@@ -161,12 +267,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TANSUO_KERNEL_CACHE") or Path.home() / ".cache" / "tansuo" / "kernels")
 
 
-def _has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
+        return set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
     except OSError:
-        return False
-    return {"avx2", "fma"} <= flags
+        return set()
+
+
+def _flags() -> list[str]:
+    vnni = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags()
+    return _FLAGS + (_VNNI_FLAGS if vnni else [])
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -174,7 +284,7 @@ def _compile(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "weight_only.cpp", Path(tmp) / target.name
         src.write_text(_SOURCE, encoding="ascii")
-        proc = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *_flags(), str(src), "-o", str(lib)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise OSError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         os.replace(lib, target)  # atomic: a concurrent process sees the old file or the whole new one
@@ -186,14 +296,15 @@ def kernels() -> ctypes.CDLL | None:
     they cannot run: not x86-64 Linux with AVX2 and FMA, no C++ compiler, or the compile failed (logged)."""
     if os.environ.get("TANSUO_WEIGHT_ONLY_KERNELS", "1") == "0":
         return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not _has_avx2():
+    x86 = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+    if not x86 or not {"avx2", "fma"} <= _cpu_flags():
         log.info("weight-only kernels need x86-64 Linux with AVX2 and FMA; dequantizing in PyTorch instead")
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         log.warning("no C++ compiler (g++) found: weight-only layers dequantize in PyTorch, without speed-up")
         return None
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_SOURCE + " ".join(_flags()) + compiler).encode()).hexdigest()[:16]
     target = cache_dir() / f"weight_only-{key}.so"
     try:
         if not target.is_file():
@@ -250,3 +361,25 @@ def int8_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor) -> torc
     w = torch.empty(N, K)
     lib.int8_dequant(K, N, _ptr(q), _ptr(scale), _ptr(w), torch.get_num_threads())
     return w
+
+
+def int4_gemv_q8(
+    lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
+) -> torch.Tensor:
+    """As :func:`int4_gemv` with ``x`` quantized to int8 per block of 32 inputs first (K a multiple of 32):
+    integer dot products of codes and activations, as llama.cpp's Q4_1 x Q8_1."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    threads = torch.get_num_threads()
+    lib.int4_gemv_q8(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(low), group, _ptr(y), threads)
+    return y
+
+
+def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """As :func:`int8_gemv` with ``x`` quantized to int8 per block of 32 inputs first (K a multiple of 32)."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    lib.int8_gemv_q8(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(y), torch.get_num_threads())
+    return y

@@ -1,8 +1,7 @@
 """Weight-only int8 / int4 quantization of Linear layers for decoders (issue 14): ``quantize_weights_(model,
 WeightOnlyConfig(bits=4, group_size=32))``.
 
-Only the weights are quantized, by round-to-nearest without calibration data (GPTQ and AWQ are out of
-scope); activations stay fp32, so every layer computes ``x @ dequantize(W).T`` exactly:
+Weights are quantized by round-to-nearest without calibration data (GPTQ and AWQ are out of scope):
 
 - int8: symmetric, one fp32 scale per output channel, ``scale = max|w| / 127``, ``q = round(w / scale)`` in
   [-127, 127] (as torchao's ``Int8WeightOnlyConfig`` and llama.cpp's Q8_0, which uses blocks of 32);
@@ -11,11 +10,18 @@ scope); activations stay fp32, so every layer computes ``x @ dequantize(W).T`` e
   (llama.cpp's Q4_1, torchao's int4 "tinygemm" scheme). Two values a byte: 6 bits a weight with g32's
   scale and minimum in fp32 (5 at g64, 4.5 at g128).
 
-Decoding one token is bound by memory bandwidth, so the win is in reading fewer bytes: at up to
-:data:`GEMV_ROWS` input rows the layers run :mod:`tansuo.compress.cpu_kernels` (AVX2, widening the weights
-in registers); at more rows (prompt prefill, evaluation), where the matmul is bound by arithmetic, the
-weight is dequantized to fp32 once per call and multiplied by ``F.linear`` (MKL). Where the kernels cannot
-be compiled the layers dequantize in PyTorch on every call (same numbers, no speed-up).
+Activations (``activations="int8"``, the default) are quantized on the fly as llama.cpp quantizes them for
+its Q4 / Q8 matrix products: symmetric int8 per block of 32 inputs, ``d = max|x| / 127``, ``round(x / d)``
+(:func:`quantize_activations`), so the matrix-vector kernels multiply integers (AVX-512 VNNI or AVX2) and
+every path computes ``quantize_activations(x) @ dequantize(W).T``. On SmolLM2-135M that costs 0.1%
+perplexity (``bench/generate.py``). ``activations="fp32"`` keeps them exact (``x @ dequantize(W).T``), as do
+layers whose input width is not a multiple of 32, and bundles written before activations were recorded.
+
+Decoding one token reads every weight once, so the win is in reading fewer bytes and doing less work per
+byte: at up to :data:`GEMV_ROWS` input rows the layers run :mod:`tansuo.compress.cpu_kernels`; at more
+rows (prompt prefill, evaluation), where the matmul is bound by arithmetic, the weight is dequantized to
+fp32 once per call and multiplied by ``F.linear`` (MKL). Where the kernels cannot be compiled the layers
+dequantize in PyTorch on every call (same numbers, no speed-up).
 
 A head tied to the token embedding (GPT's ``lm_head``, SmolLM2's) is quantized with ``head=True`` as an
 int copy of the shared matrix: the embedding stays fp32 for the lookups, so the bundle holds both (the
@@ -45,6 +51,8 @@ GROUP_SIZES = (32, 64, 128)
 BLOCK = 32
 #: input rows up to which the layers run the matrix-vector kernels; more are dequantized and run by MKL
 GEMV_ROWS = 4
+#: what the layers do with their inputs: quantize them to int8 per block of 32 (llama.cpp's way) or not
+ACTIVATIONS = ("int8", "fp32")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -62,14 +70,21 @@ class WeightOnlyConfig:
             llama.cpp keeps a Q4 file's output matrix at 6-8 bits. On SmolLM2-135M, int4 g32 with an int4
             head gave perplexity 32.03 against fp32's 30.26 (+5.9%), with an int8 head 30.33 (+0.2%), and
             decoded no slower.
+        activations: ``int8`` (default): quantized per block of 32 inputs, as llama.cpp does, so decoding
+            multiplies integers; ``fp32``: exact.
     """
 
     bits: int = 8
     group_size: int | None = None
     head: bool = True
     head_bits: int = 8
+    activations: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise CompressionError(
+                f"weight-only activations are one of {', '.join(ACTIVATIONS)}, not {self.activations!r}"
+            )
         if self.bits not in (4, 8) or self.head_bits not in (4, 8):
             bits = self.bits if self.bits not in (4, 8) else self.head_bits
             raise CompressionError(f"weight-only quantization has 8 or 4 bits, not {bits}")
@@ -124,9 +139,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(N, 2 * half)
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., K)``, K a multiple of 32, through symmetric int8 per block of 32 inputs and back: ``d =
+    max|x| / 127`` and ``round(x / d) * d`` per block (the kernels do the same arithmetic in C)."""
+    blocks = x.reshape(*x.shape[:-1], -1, BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    codes = torch.where(d > 0, torch.round(blocks / d), torch.zeros_like(blocks))
+    return (codes * d).reshape(x.shape)
+
+
 # ------------------------------------------------------------------------------------------ the layer
 class WeightOnlyLinear(nn.Module):
-    """A Linear layer with int8 or int4 weights and fp32 activations.
+    """A Linear layer with int8 or int4 weights; its inputs quantized to int8 per block of 32 on the fly
+    (``activations="int8"``, where the input width is a multiple of 32) or kept fp32.
 
     State (buffers, so bundles keep them in safetensors): ``qweight`` int8 ``(out, in)`` with ``scale
     (out,)``, or for int4 ``qweight`` uint8 ``(out, in / 2)`` (:func:`pack_int4`) with ``scale`` and ``low``
@@ -140,6 +165,7 @@ class WeightOnlyLinear(nn.Module):
         bias: bool = True,
         bits: int = 8,
         group_size: int | None = None,
+        activations: str = "fp32",
     ) -> None:
         super().__init__()
         if bits == 4 and (group_size is None or in_features % group_size):
@@ -148,6 +174,7 @@ class WeightOnlyLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.int8_activations = activations == "int8" and in_features % BLOCK == 0
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scale", torch.ones(out_features))
@@ -160,9 +187,12 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None) -> WeightOnlyLinear:
-        """Quantize a float Linear (see the module docstring for the two schemes)."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
+    def from_float(
+        cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None, activations: str = "fp32"
+    ) -> WeightOnlyLinear:
+        """Quantize a float Linear (see the module docstring for the schemes)."""
+        has_bias = linear.bias is not None
+        module = cls(linear.in_features, linear.out_features, has_bias, bits, group_size, activations)
         w = linear.weight.detach().float().cpu()
         if bits == 8:
             q, scale = quantize_int8(w)
@@ -196,16 +226,23 @@ class WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         lib = cpu_kernels.kernels() if x2.device.type == "cpu" else None
         if lib is not None and x2.shape[0] <= GEMV_ROWS:
-            x2 = x2.contiguous()
-            if self.bits == 8:
-                y = cpu_kernels.int8_gemv(lib, x2, self.qweight, self.scale)
-            else:
-                y = cpu_kernels.int4_gemv(lib, x2, self.qweight, self.scale, self.low, self.group_size)
+            y = self._gemv(lib, x2.contiguous())
             if self.bias is not None:
                 y += self.bias
         else:
+            if self.int8_activations:
+                x2 = quantize_activations(x2)
             y = F.linear(x2, self.dequantized_weight(), self.bias)
         return y.reshape(*lead, self.out_features)
+
+    def _gemv(self, lib: Any, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            if self.int8_activations:
+                return cpu_kernels.int8_gemv_q8(lib, x, self.qweight, self.scale)
+            return cpu_kernels.int8_gemv(lib, x, self.qweight, self.scale)
+        if self.int8_activations:
+            return cpu_kernels.int4_gemv_q8(lib, x, self.qweight, self.scale, self.low, self.group_size)
+        return cpu_kernels.int4_gemv(lib, x, self.qweight, self.scale, self.low, self.group_size)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # a model whose head was tied puts the embedding back under "<head>.weight" before loading (GPT's
@@ -215,7 +252,9 @@ class WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ", per channel"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+        acts = "int8" if self.int8_activations else "fp32"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, int{self.bits}{group}, {acts} activations"
 
 
 # ------------------------------------------------------------------------------------------ technique
@@ -271,7 +310,8 @@ def apply_weight_only(
     for name in names:
         bits = head_bits if name in heads else config.bits
         group = config.group_size if bits == 4 else None
-        _set_submodule(model, name, WeightOnlyLinear.from_float(model.get_submodule(name), bits, group))
+        layer = WeightOnlyLinear.from_float(model.get_submodule(name), bits, group, config.activations)
+        _set_submodule(model, name, layer)
     if untied:
         log.info("%s tied to the embedding: quantized as a copy, the embedding stays fp32", ", ".join(untied))
     return {
@@ -283,6 +323,7 @@ def apply_weight_only(
         "untied": untied,
         "head_modules": heads,
         "head_bits": head_bits,
+        "activations": config.activations,
     }
 
 
@@ -296,8 +337,10 @@ def restore_weight_only(model: nn.Module, record: dict[str, Any]) -> None:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise CompressionError(f"the bundle quantized {name!r}, but this model has no Linear layer there")
+        # bundles written before activations were recorded computed with fp32 ones
+        acts = record.get("activations", "fp32")
         empty = WeightOnlyLinear(
-            linear.in_features, linear.out_features, linear.bias is not None, bits, group
+            linear.in_features, linear.out_features, linear.bias is not None, bits, group, acts
         )
         _set_submodule(model, name, empty.to(linear.weight.device))
 

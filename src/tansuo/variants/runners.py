@@ -121,7 +121,9 @@ def _smooth_candidates(step: QuantizeStep) -> list[float | None]:
 def weight_only_config(step: QuantizeStep) -> WeightOnlyConfig:
     """The :class:`WeightOnlyConfig` of an ``int8-weight`` / ``int4-weight`` step."""
     bits = 4 if step.mode == "int4-weight" else 8
-    return WeightOnlyConfig(bits=bits, group_size=step.group_size, head=step.head)
+    return WeightOnlyConfig(
+        bits=bits, group_size=step.group_size, head=step.head, activations=step.activations
+    )
 
 
 def _skip_filter(step: QuantizeStep) -> Any:

@@ -89,12 +89,15 @@ def _dump(step: BaseModel) -> dict[str, Any]:
 class QuantizeStep(Strict):
     step: Literal["quantize"]
     #: int8: dynamic int8 (weights and activations, fbgemm or ONNX Runtime); int8-weight / int4-weight:
-    #: weight-only for decoders (:mod:`tansuo.compress.weight_only`; activations stay fp32)
+    #: weight-only for decoders (:mod:`tansuo.compress.weight_only`; see ``activations``)
     mode: Literal["int8", "int8-weight", "int4-weight"] = "int8"
     #: inputs per int4 group (int4-weight only; default 32)
     group_size: Literal[32, 64, 128] | None = None
     #: weight-only: quantize the output head too (a tied head as an int copy, the embedding stays fp32)
     head: bool = True
+    #: weight-only: the layers' inputs quantized to int8 per block of 32 on the fly (llama.cpp's way: integer
+    #: dot products when decoding) or kept fp32 (exact, slower)
+    activations: Literal["int8", "fp32"] = "int8"
     #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
     skip: list[str] = Field(default_factory=list)
     #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
@@ -131,9 +134,8 @@ class QuantizeStep(Strict):
         return self.mode.endswith("-weight")
 
     def describe(self) -> str:
-        if self.mode == "int4-weight":
-            return f"int4-weight g{self.group_size or 32}"
-        return self.mode
+        name = f"int4-weight g{self.group_size or 32}" if self.mode == "int4-weight" else self.mode
+        return f"{name} fp32-act" if self.weight_only and self.activations == "fp32" else name
 
 
 @register_step_type
@@ -280,6 +282,7 @@ def recipe_from_options(
     quantize_backend: str = "auto",
     group_size: int | None = None,
     quantize_head: bool = True,
+    activations: str = "int8",
     prune: str | None = None,
     importance: str = "taylor",
     finetune_steps: int = 0,
@@ -345,12 +348,16 @@ def recipe_from_options(
         )
     if group_size is not None and quantize != "int4-weight":
         raise RecipeError("--group-size goes with --quantize int4-weight")
+    if activations != "int8" and not (quantize or "").endswith("-weight"):
+        raise RecipeError("--activations goes with --quantize int8-weight or int4-weight")
     if quantize is not None:
         # with --max-drop the int8 step is accuracy-aware (on the validation split; the choice between the
         # variants then uses the held-out split)
         q: dict[str, Any] = {"step": "quantize", "mode": quantize, "backend": quantize_backend}
         if quantize.endswith("-weight"):
-            q.update(head=quantize_head, **({} if group_size is None else {"group_size": group_size}))
+            q.update(head=quantize_head, activations=activations)
+            if group_size is not None:
+                q["group_size"] = group_size
         else:
             q["max_drop"] = max_drop
         raw_steps.append(q)
