@@ -383,3 +383,28 @@ def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torc
     y = torch.empty(M, N)
     lib.int8_gemv_q8(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(y), torch.get_num_threads())
     return y
+
+
+def gemv(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    low: torch.Tensor | None,
+    group: int | None,
+    int8_activations: bool,
+) -> torch.Tensor:
+    """The matrix-vector kernel for a layer's weights: int8 ``q (N, K)`` (``low`` None) or packed int4
+    ``q (N, K / 2)``, with int8 or fp32 activations; ``x (M, K)`` fp32 contiguous, returns ``(M, N)``."""
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty(M, N)
+    threads = torch.get_num_threads()
+    xp, qp, sp, yp = x.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr()
+    if low is None:
+        fn = lib.int8_gemv_q8 if int8_activations else lib.int8_gemv
+        fn(xp, M, K, N, qp, sp, yp, threads)
+    else:
+        fn = lib.int4_gemv_q8 if int8_activations else lib.int4_gemv
+        fn(xp, M, K, N, qp, sp, low.data_ptr(), group, yp, threads)
+    return y

@@ -222,27 +222,24 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in)`` to ``(..., out)``, in fp32."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
-        lib = cpu_kernels.kernels() if x2.device.type == "cpu" else None
-        if lib is not None and x2.shape[0] <= GEMV_ROWS:
-            y = self._gemv(lib, x2.contiguous())
-            if self.bias is not None:
-                y += self.bias
+        rows = x.numel() // self.in_features
+        lib = cpu_kernels.kernels() if rows <= GEMV_ROWS and x.is_cpu else None
+        if lib is not None:  # decoding: the hot path, kept short (it runs per layer per token)
+            x2 = x.reshape(rows, self.in_features)
+            if x2.dtype != torch.float32 or not x2.is_contiguous():
+                x2 = x2.float().contiguous()
+            b = self._buffers  # a dict lookup: nn.Module's attribute lookup of a buffer costs a microsecond
+            y = cpu_kernels.gemv(
+                lib, x2, b["qweight"], b["scale"], b["low"], self.group_size, self.int8_activations
+            )
+            if b["bias"] is not None:
+                y += b["bias"]
         else:
+            x2 = x.reshape(-1, self.in_features).float()
             if self.int8_activations:
                 x2 = quantize_activations(x2)
             y = F.linear(x2, self.dequantized_weight(), self.bias)
-        return y.reshape(*lead, self.out_features)
-
-    def _gemv(self, lib: Any, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == 8:
-            if self.int8_activations:
-                return cpu_kernels.int8_gemv_q8(lib, x, self.qweight, self.scale)
-            return cpu_kernels.int8_gemv(lib, x, self.qweight, self.scale)
-        if self.int8_activations:
-            return cpu_kernels.int4_gemv_q8(lib, x, self.qweight, self.scale, self.low, self.group_size)
-        return cpu_kernels.int4_gemv(lib, x, self.qweight, self.scale, self.low, self.group_size)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # a model whose head was tied puts the embedding back under "<head>.weight" before loading (GPT's
