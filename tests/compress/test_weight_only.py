@@ -260,6 +260,8 @@ def test_compress_cli_int4_weight(lm_bundle: Path, tmp_path: Path, monkeypatch, 
     assert quantized["steps"] == ["int4-weight g32"]
     assert quantized["size_bytes"] < original["size_bytes"]
     assert "Perplexity on the" in (out / "report.md").read_text()
+    assert "one decoding step at batch 1" in (out / "report.md").read_text()  # decoders timed per token
+    assert quantized["timed"] == "decode step"
     b = load_bundle(out / "bundle", device="cpu")
     record = b.model.compression[-1]
     assert record["step"] == "weight_only" and record["group_size"] == 32 and record["sqnr_db"]

@@ -174,7 +174,8 @@ def test_speed_figures_of_one_call_and_of_odd_counts() -> None:
 
 def test_time_calls_gives_the_asked_number_of_positive_times(image_bundle: Path) -> None:
     b = load_bundle(image_bundle)
-    t1, tn = time_calls(b.model, b.task, large_batch=4, reps=10, warmup=1)
+    t1, tn, timed = time_calls(b.model, b.task, large_batch=4, reps=10, warmup=1)
+    assert timed == "forward"
     assert len(t1) == 10 and len(tn) == 3  # reps / 5, at least 3
     assert all(math.isfinite(t) and t > 0 for t in t1 + tn)
 
@@ -253,7 +254,7 @@ def test_compare_in_rounds_pools_rotating_rounds_per_path(monkeypatch: pytest.Mo
     def fake(path: Path, **kwargs: object) -> dict:
         calls.append((str(path), kwargs))
         t1, tn = times[str(path)]
-        return {"t1": list(t1), "tn": list(tn), "input_tokens": len(str(path))}
+        return {"t1": list(t1), "tn": list(tn), "input_tokens": len(str(path)), "timed": "forward"}
 
     monkeypatch.setattr(measure, "measure_in_subprocess", fake)
     out = compare_in_rounds([Path("a"), Path("b"), Path("c")], rounds=3, reps=12, large_batch=8, seq_len=16)
@@ -305,3 +306,30 @@ def test_every_keyword_of_measure_in_subprocess_is_a_flag_its_child_takes(
         assert len(out["t1"]) == 3 and out["input_tokens"] == 0
     else:
         assert ("quality" in out) == flags["quality"]
+
+
+def test_a_decoder_is_timed_per_decoded_token(text_file: Path, tmp_path: Path) -> None:
+    """lm bundles time one decoding step after a prompt (what a generated token costs), not a forward pass
+    over the prompt; the cache rewinds to the prompt, so any number of calls does the same work."""
+    from tests.helpers import lm_recipe
+
+    model, task = _built(lm_recipe(text_file, tmp_path / "run"), tmp_path)
+    model.eval()
+    limit = model.config.max_seq_len
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        timed, step = task.timed_call(model, 2, 1000, calls=10)
+        assert timed == "decode step"
+        torch.manual_seed(0)
+        (prompt,) = task.example_input(model, 2, limit // 2)  # the prompt the call was prepared with
+        first = step()
+        assert first.shape == (2, 1, model.config.vocab_size)
+        # the step continues the prompt: the model's logits for the prompt plus its last token again
+        full = model(torch.cat([prompt, prompt[:, -1:]], dim=1))[:, -1:]
+        torch.testing.assert_close(first, full, rtol=1e-4, atol=1e-4)
+        for _ in range(3 * 64):  # past the cache's 64 free positions, rewinding to the prompt each time
+            last = step()
+    torch.testing.assert_close(last, first, rtol=1e-5, atol=1e-5)
+    figures = measure_speed(model, task, seq_len=8, large_batch=3, reps=5, warmup=1)
+    assert figures["timed"] == "decode step" and figures["input_tokens"] == 8
+    _positive_figures(figures)

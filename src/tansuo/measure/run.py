@@ -98,26 +98,33 @@ def time_calls(
     large_batch: int = 32,
     reps: int = 50,
     warmup: int = 5,
-) -> tuple[list[float], list[float]]:
-    """Seconds per call at batch 1 (``reps`` calls) and at ``large_batch`` (``reps / 5``, at least 3), on
-    the task's example inputs."""
+) -> tuple[list[float], list[float], str]:
+    """Seconds per call at batch 1 (``reps`` calls) and at ``large_batch`` (``reps / 5``, at least 3): the
+    call the task times (:meth:`Task.timed_call`: a forward pass over its example inputs, a decoder's
+    decoding step), and what the call is."""
     model.eval()
-    one = task.example_input(model, 1, seq_len)
-    many = task.example_input(model, large_batch, seq_len)
+    reps_n, warmup_n = max(3, reps // 5), max(1, warmup // 2)
     with torch.inference_mode():
-        t1 = _time(lambda: model(*one), reps, warmup)
-        tn = _time(lambda: model(*many), max(3, reps // 5), max(1, warmup // 2))
-    return t1, tn
+        timed, one = task.timed_call(model, 1, seq_len, reps + warmup)
+        t1 = _time(one, reps, warmup)
+        del one  # a decoder's cache for batch 1 goes before the large batch's is made
+        _, many = task.timed_call(model, large_batch, seq_len, reps_n + warmup_n)
+        tn = _time(many, reps_n, warmup_n)
+    return t1, tn, timed
 
 
-def speed_figures(t1: list[float], tn: list[float], large_batch: int, input_tokens: int) -> dict[str, float]:
-    """Latency p50 / p95 (ms) and spread at batch 1, throughput (items/s) at ``large_batch``."""
+def speed_figures(
+    t1: list[float], tn: list[float], large_batch: int, input_tokens: int, timed: str = "forward"
+) -> dict[str, Any]:
+    """Latency p50 / p95 (ms) and spread at batch 1, throughput (items/s; a decoder's tokens/s) at
+    ``large_batch``; ``timed`` says what a call was (:meth:`Task.timed_call`)."""
     return {
         "latency_ms_p50": 1000 * statistics.median(t1),
         "latency_ms_p95": 1000 * _p95(t1),
         "latency_spread": (_p95(t1) - statistics.median(t1)) / statistics.median(t1),
         "throughput_per_s": large_batch / statistics.median(tn),
         "input_tokens": input_tokens,
+        "timed": timed,
     }
 
 
@@ -137,8 +144,10 @@ def measure_speed(
     warmup: int = 5,
 ) -> dict[str, float]:
     """Latency p50 / p95 (ms) at batch 1 and throughput (items/s) at ``large_batch``, on the CPU."""
-    t1, tn = time_calls(model, task, seq_len=seq_len, large_batch=large_batch, reps=reps, warmup=warmup)
-    return speed_figures(t1, tn, large_batch, input_tokens(model, task, seq_len))
+    t1, tn, timed = time_calls(
+        model, task, seq_len=seq_len, large_batch=large_batch, reps=reps, warmup=warmup
+    )
+    return speed_figures(t1, tn, large_batch, input_tokens(model, task, seq_len), timed)
 
 
 def peak_rss_mb() -> float:
@@ -199,6 +208,7 @@ def compare_in_rounds(
     t1: list[list[float]] = [[] for _ in paths]
     tn: list[list[float]] = [[] for _ in paths]
     tokens = [0] * len(paths)
+    timed = ["forward"] * len(paths)
     for r in range(rounds):
         for j in range(len(paths)):
             i = (r + j) % len(paths)
@@ -207,8 +217,10 @@ def compare_in_rounds(
             )
             t1[i] += out["t1"]
             tn[i] += out["tn"]
-            tokens[i] = out["input_tokens"]
-    return [speed_figures(a, b, large_batch, n) for a, b, n in zip(t1, tn, tokens, strict=True)]
+            tokens[i], timed[i] = out["input_tokens"], out["timed"]
+    return [
+        speed_figures(a, b, large_batch, n, what) for a, b, n, what in zip(t1, tn, tokens, timed, strict=True)
+    ]
 
 
 def speed_in_rounds(paths: list[Path], figures: list[dict[str, Any]], *, rounds: int, **kwargs: Any) -> None:
@@ -266,11 +278,11 @@ def main(argv: list[str] | None = None) -> None:
         from tansuo.bundle import load_bundle
 
         b = load_bundle(args.bundle, device="cpu")
-        t1, tn = time_calls(
+        t1, tn, timed = time_calls(
             b.model, b.task, seq_len=args.seq_len, large_batch=args.large_batch, reps=args.reps
         )
         tokens = input_tokens(b.model, b.task, args.seq_len)
-        print(json.dumps({"t1": t1, "tn": tn, "input_tokens": tokens}))
+        print(json.dumps({"t1": t1, "tn": tn, "input_tokens": tokens, "timed": timed}))
         return
     result = measure_bundle(
         args.bundle,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -123,6 +123,14 @@ class Task(Protocol):
         tokens for text): what measurement times and what ONNX export traces."""
         ...
 
+    def timed_call(
+        self, model: nn.Module, batch_size: int, seq_len: int, calls: int
+    ) -> tuple[str, Callable[[], object]]:
+        """What one timed call of ``model`` at ``batch_size`` is (measurement's latency and throughput), made
+        ready for ``calls`` calls: a description ("forward": one pass over :meth:`example_input`; a
+        decoder's "decode step": one new token per row after a ``seq_len``-token prompt) and the call."""
+        ...
+
 
 T = TypeVar("T", bound=type)
 
@@ -189,6 +197,12 @@ class TaskBase:
 
     def example_input(self, model: nn.Module, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
         return (model.example_input(batch_size),)
+
+    def timed_call(
+        self, model: nn.Module, batch_size: int, seq_len: int, calls: int
+    ) -> tuple[str, Callable[[], object]]:
+        args = self.example_input(model, batch_size, seq_len)
+        return "forward", lambda: model(*args)
 
 
 def format_probabilities(row: dict[str, Any], top: int) -> str:

@@ -414,6 +414,30 @@ class LMTask(TokenCorpusTask):
         return text
 
     # ------------------------------------------------------------ generation
+    def timed_call(
+        self, model: nn.Module, batch_size: int, seq_len: int, calls: int
+    ) -> tuple[str, Callable[[], object]]:
+        """One decoding step: each of ``batch_size`` rows feeds one token into a KV cache that holds a
+        prompt of ``seq_len`` tokens (fewer if the context is shorter), what every generated token costs
+        (a prompt's one-pass prefill is not timed). The cache holds the prompt and up to 64 more positions;
+        when they are used it rewinds to the prompt, so every call does the same work."""
+        limit = model.config.max_seq_len
+        prompt_len = max(1, min(seq_len, limit // 2))
+        size = min(limit, prompt_len + 64)
+        (prompt,) = self.example_input(model, batch_size, prompt_len)
+        token = prompt[:, -1:]
+        cache = model.init_cache(batch_size, max_seq_len=size)
+        with torch.inference_mode():
+            model(prompt, cache)
+
+        def step() -> torch.Tensor:
+            if cache[0].length == size:
+                for layer in cache:
+                    layer.length = prompt_len
+            return model(token, cache)
+
+        return "decode step", step
+
     def generate(
         self,
         model: nn.Module,

@@ -42,13 +42,23 @@ HEADERS = ["variant", "steps", *(title for _, title, _ in COLUMNS), "speed-up", 
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the table, the threads and input used, and the choice."""
     ref = report["variants"][0]
+    reps, large = report["recipe"]["reps"], report["recipe"]["large_batch"]
+    if ref.get("timed") == "decode step":
+        timing = (
+            f"Latency: one decoding step at batch 1 after a {ref.get('input_tokens')}-token prompt (the time "
+            f"of a generated token), median and p95 of {reps} steps; throughput: tokens/s decoding "
+            f"{large} rows at once"
+        )
+    else:
+        timing = (
+            f"Latency: batch 1 ({ref.get('input_tokens') or 'one image'} tokens), median and p95 of {reps} "
+            f"calls; throughput at batch {large}"
+        )
     lines = [
         f"# Compression of {report['bundle']}",
         "",
         f"Quality: {ref.get('metric', 'quality')} on the {ref.get('split', 'held-back')} split (x100). "
-        f"Latency: batch 1 ({ref.get('input_tokens') or 'one image'} tokens), median and p95 of "
-        f"{report['recipe']['reps']} calls; throughput at batch {report['recipe']['large_batch']}; "
-        f"{ref['threads']} threads.",
+        f"{timing}; {ref['threads']} threads.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),
