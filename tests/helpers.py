@@ -142,6 +142,41 @@ def interrupt_after(trainer: Trainer, micro_batches: int) -> None:
     trainer.task.train_batches = batches  # type: ignore[method-assign]
 
 
+def train_ranks(
+    raws: list[dict], data_root: Path, *, resume: bool = False, die: tuple[int, int] | None = None
+) -> None:
+    """Train ``raws[r]`` on rank ``r`` of ``len(raws)`` processes (``torch.multiprocessing``, gloo on
+    127.0.0.1, one thread each), as torchrun's workers would; the data is prepared once under ``data_root``.
+    ``die=(rank, n)``: that rank raises :class:`Interrupted` when it asks for micro-batch ``n``; the others
+    are then stopped and this raises ``torch.multiprocessing.ProcessRaisedException``."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    mp.spawn(_rank_main, args=(raws, port, str(data_root), resume, die), nprocs=len(raws), join=True)
+
+
+def _rank_main(
+    rank: int, raws: list[dict], port: int, data_root: str, resume: bool, die: tuple | None
+) -> None:
+    import os
+
+    import torch
+
+    from tansuo.train.setup import train_recipe
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(len(raws)),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    recipe, data = validate_recipe(raws[rank])
+    start = (lambda trainer: interrupt_after(trainer, die[1])) if die is not None and die[0] == rank else None
+    train_recipe(recipe, data, data_root=data_root, resume=resume, on_start=start)
+
+
 def run(
     args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> tuple[int, str, str]:

@@ -179,6 +179,7 @@ def process_group(device: torch.device, timeout_s: float) -> Iterator[None]:
     log.debug("rank %d of %d joined the %s group", dist.get_rank(), dist.get_world_size(), backend)
     try:
         yield
+        dist.barrier()  # leave together: no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
