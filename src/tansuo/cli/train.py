@@ -103,7 +103,9 @@ def train(
     rec, data_cfg = load_recipe(recipe, sets, data_dir)  # checked here once, before any process starts
     out_dir = Path(rec.train.out_dir)
     if nproc_per_node is not None or nnodes != 1:
-        launch = LaunchConfig(nproc_per_node or 1, nnodes, node_rank, master_addr, master_port)
+        launch = LaunchConfig(
+            1 if nproc_per_node is None else nproc_per_node, nnodes, node_rank, master_addr, master_port
+        )
         if launch.world_size > 1:  # each process runs this command again, without the launcher's flags
             worker = ["train", str(recipe), *(a for s in set_ or [] for a in ("--set", s))]
             for flag, value in (

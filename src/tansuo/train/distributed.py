@@ -122,6 +122,9 @@ def launch(config: LaunchConfig, module_args: list[str], *, module: str = "tansu
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         detail = failure.message or "see its error above"
+        others = sorted(r for r in e.failures if r != rank)
+        if others:
+            detail += f"; ranks {others} failed after it"
         raise WorkerFailed(rank, failure.exitcode, detail) from None
 
 
