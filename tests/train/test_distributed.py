@@ -15,7 +15,15 @@ from tansuo.recipe import validate_recipe
 from tansuo.train.checkpoint import load_checkpoint
 from tansuo.train.distributed import LaunchConfig, Parallel
 from tansuo.train.setup import train_recipe
-from tests.helpers import Interrupted, interrupt_after, lm_recipe, train_ranks
+from tests.helpers import (
+    Interrupted,
+    classify_recipe,
+    image_recipe,
+    interrupt_after,
+    lm_recipe,
+    mlm_recipe,
+    train_ranks,
+)
 
 # float tolerance between runs that sum the same gradients in a different order (two ranks against one
 # process's accumulation; FSDP's reduce-scatter against DDP's all-reduce): observed differences are 0 to 1e-7
@@ -128,6 +136,32 @@ def test_checkpoints_cross_world_sizes(text_file: Path, tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")["trainer"]["step"] == 3
     train_ranks([_lm(text_file, tmp_path / "b", parallel="fsdp")] * 2, data, resume=True)
     _assert_close(_weights(tmp_path / "whole"), _weights(tmp_path / "b"))
+
+
+@pytest.mark.slow  # a run of one process and one of two for each task
+@pytest.mark.parametrize("task", ["image", "classify", "mlm"])
+def test_every_task_trains_on_two_ranks(
+    task: str, image_npz: Path, sentiment_tsv: Path, text_file: Path, tmp_path: Path
+) -> None:
+    def raw(out: Path, **train: object) -> dict:
+        common = {"max_steps": 4, "eval_every": 4, "threads": 1, **train}
+        if task == "image":  # resnet_test: BatchNorm buffers, which DDP keeps in step from rank 0
+            r = image_recipe(image_npz, out, **common)
+            r["model"]["name"] = "resnet_test"
+            return r
+        if task == "classify":
+            return classify_recipe(sentiment_tsv, out, **common)
+        return mlm_recipe(text_file, out, **common)  # forward_features + mlm_logits, no forward
+
+    data = tmp_path / "data"
+    _one_process(raw(tmp_path / "one", grad_accum=2), data)
+    train_ranks([raw(tmp_path / "two")] * 2, data)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    if task == "image":  # BatchNorm's running statistics follow rank 0's micro-batches only
+        one = {k: v for k, v in one.items() if "running" not in k and "num_batches" not in k}
+        two = {k: v for k, v in two.items() if k in one}
+    _assert_close(one, two)
+    assert (tmp_path / "two" / "bundle" / "model.safetensors").is_file()
 
 
 def test_resume_with_another_global_batch_is_refused(text_file: Path, tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ def train(
             1 if nproc_per_node is None else nproc_per_node, nnodes, node_rank, master_addr, master_port
         )
         if launch.world_size > 1:  # each process runs this command again, without the launcher's flags
+            from tansuo.device import resolve_device
+
+            launch.check_device(resolve_device(rec.train.device))
             worker = ["train", str(recipe), *(a for s in set_ or [] for a in ("--set", s))]
             for flag, value in (
                 ("--data", data),
@@ -195,3 +198,6 @@ def _launch(config: LaunchConfig, worker: list[str], parallel: str) -> None:
             f"[bold red]error:[/] {escape(str(e))}; the other ranks were stopped", highlight=False
         )
         raise typer.Exit(e.exitcode if e.exitcode > 0 else 1) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted; continue with the same command plus --resume", highlight=False)
+        raise typer.Exit(130) from None

@@ -87,6 +87,18 @@ class LaunchConfig:
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
+    def check_device(self, device: torch.device) -> None:
+        """On CUDA each process of this machine needs a GPU of its own.
+
+        Raises:
+            TansuoError: Fewer GPUs than ``nproc_per_node``.
+        """
+        if device.type == "cuda" and self.nproc_per_node > torch.cuda.device_count():
+            raise TansuoError(
+                f"--nproc-per-node {self.nproc_per_node} on CUDA needs as many GPUs, and this machine has "
+                f"{torch.cuda.device_count()}; lower --nproc-per-node or train on --device cpu"
+            )
+
     def torchrun_args(self) -> list[str]:
         """The flags ``torchrun`` takes for this launch."""
         args = [f"--nproc-per-node={self.nproc_per_node}", f"--nnodes={self.nnodes}"]
@@ -109,14 +121,17 @@ def launch(config: LaunchConfig, module_args: list[str], *, module: str = "tansu
 
     Raises:
         WorkerFailed: A rank failed; names the first one that did and its exit code.
+        KeyboardInterrupt: The launcher was interrupted (Ctrl-C, SIGTERM); the ranks were stopped.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.nproc_per_node))
     argv = [*config.torchrun_args(), "-m", module, *module_args]
     log.info("launching: torchrun %s", " ".join(argv))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # the workers inherit it; this process's environment is restored afterwards
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.nproc_per_node))
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
@@ -126,6 +141,11 @@ def launch(config: LaunchConfig, module_args: list[str], *, module: str = "tansu
         if others:
             detail += f"; ranks {others} failed after it"
         raise WorkerFailed(rank, failure.exitcode, detail) from None
+    except SignalException as e:
+        raise KeyboardInterrupt(str(e)) from None
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 # ----------------------------------------------------------------------------------------------- the group
@@ -424,7 +444,7 @@ class Parallel:
                 p = params[int(index)]
                 state[index] = {
                     k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                    if isinstance(p, DTensor) and v.shape == p.shape
+                    if isinstance(p, DTensor) and k != "step" and v.shape == p.shape
                     else v
                     for k, v in values.items()
                 }
