@@ -18,7 +18,6 @@ example is seen once an epoch. Batches are padded to their longest text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Tokenizer
 from torch import nn
 
-from tansuo.atomic import atomic_write_text
 from tansuo.data import (
     LabelledRow,
     encoder_tokenizer,
@@ -42,6 +40,8 @@ from tansuo.data import (
     load_tokenizer,
     save_tokenizer,
     split_indices,
+    texts_digest,
+    trained_once,
 )
 from tansuo.errors import DataError
 from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
@@ -153,22 +153,14 @@ class ClassifyTask(TaskBase):
             raise DataError(f"{rows['train'][0]}: the training split is empty; {DATA_HINT}")
         labels = sorted({row.label for row in train})
         work_dir.mkdir(parents=True, exist_ok=True)
-        tok_path, spec_path = work_dir / "tokenizer.json", work_dir / "tokenizer-spec.json"
-        texts = hashlib.sha256("\0".join(t for row in train for t in (row.text, row.pair or "")).encode())
-        wanted = [data.tokenizer, data.vocab_size, data.lowercase, texts.hexdigest()]
-        if tok_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == wanted:
-            # trained on these texts before (by rank 0 of this run, or before a resume): the same token ids;
-            # training again could break ties between equally frequent pieces differently
-            tokenizer = load_tokenizer(tok_path)
-        else:
-            tokenizer = encoder_tokenizer(
-                data.tokenizer,
-                lambda: (t for row in train for t in (row.text, row.pair) if t),
-                data.vocab_size,
-                lowercase=data.lowercase,
-            )
-            save_tokenizer(tokenizer, tok_path)
-            atomic_write_text(spec_path, json.dumps(wanted))
+        texts = [t for row in train for t in (row.text, row.pair) if t]
+        tokenizer = trained_once(  # the same token ids on every rank of a distributed run
+            work_dir / "tokenizer.json",
+            [data.tokenizer, data.vocab_size, data.lowercase, texts_digest(texts)],
+            lambda: encoder_tokenizer(
+                data.tokenizer, lambda: iter(texts), data.vocab_size, lowercase=data.lowercase
+            ),
+        )
         task = cls(data, seed, tokenizer, labels)
         task._encode_all(rows)
         return task
