@@ -22,6 +22,7 @@ from tests.helpers import (
     interrupt_after,
     lm_recipe,
     mlm_recipe,
+    run_ranks,
     train_ranks,
 )
 
@@ -32,7 +33,7 @@ ATOL = 1e-5
 
 def _lm(text: Path, out: Path, **train: object) -> dict:
     # no dropout: one process and two ranks draw their dropout masks from different random streams
-    raw = lm_recipe(text, out, max_steps=6, eval_every=3, threads=1, **train)
+    raw = lm_recipe(text, out, **{"max_steps": 6, "eval_every": 3, "threads": 1, **train})
     raw["model"]["overrides"]["dropout"] = 0.0
     return raw
 
@@ -162,6 +163,37 @@ def test_every_task_trains_on_two_ranks(
         two = {k: v for k, v in two.items() if k in one}
     _assert_close(one, two)
     assert (tmp_path / "two" / "bundle" / "model.safetensors").is_file()
+
+
+def _distill(rank: int, raw: dict, data_root: str) -> None:
+    """A GPT student distilled from a GPT teacher with a hidden-state projection (the trainer's ``extra``)."""
+    from tansuo.compress.distill import DistillTask
+    from tansuo.device import resolve_device
+    from tansuo.models import create_model
+    from tansuo.train.distributed import main_first, process_group
+    from tansuo.train.setup import build_run
+    from tansuo.train.trainer import Trainer
+
+    recipe, data = validate_recipe(raw)
+    with process_group(resolve_device("cpu"), 60):
+        with main_first():
+            run = build_run(recipe, data, Path(data_root))
+        torch.manual_seed(7)
+        teacher = create_model("gpt_test", **run.task.model_overrides(), embed_dim=48, dropout=0.0)
+        task = DistillTask(run.task, teacher, run.model, hidden=1.0)
+        Trainer(task, run.model, recipe.train, seed=recipe.seed, extra=task.extra).fit()
+
+
+@pytest.mark.slow  # a run of two processes
+def test_distillation_trains_its_projection_on_two_ranks(text_file: Path, tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    _distill(0, _lm(text_file, tmp_path / "one", grad_accum=2, max_steps=4), data)
+    run_ranks(_distill, 2, _lm(text_file, tmp_path / "two", max_steps=4), data)
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.safetensors")
+    two = load_checkpoint(tmp_path / "two" / "checkpoint.safetensors")
+    _assert_close(one["model"], two["model"])
+    _assert_close(one["extra"], two["extra"])  # the projection trained the same, not only the student
+    assert not torch.equal(two["extra"]["0.proj.weight"], torch.zeros_like(two["extra"]["0.proj.weight"]))
 
 
 def test_resume_with_another_global_batch_is_refused(text_file: Path, tmp_path: Path) -> None:
