@@ -195,7 +195,9 @@ def _launch(config: LaunchConfig, worker: list[str], parallel: str) -> None:
         launch(config, worker)
     except WorkerFailed as e:
         err_console.print(
-            f"[bold red]error:[/] {escape(str(e))}; the other ranks were stopped", highlight=False
+            f"[bold red]error:[/] {escape(str(e))}. The run was stopped; continue it from its last "
+            "checkpoint with the same command plus --resume",
+            highlight=False,
         )
         raise typer.Exit(e.exitcode if e.exitcode > 0 else 1) from None
     except KeyboardInterrupt:

@@ -139,7 +139,9 @@ def launch(config: LaunchConfig, module_args: list[str], *, module: str = "tansu
         detail = failure.message or "see its error above"
         others = sorted(r for r in e.failures if r != rank)
         if others:
-            detail += f"; ranks {others} failed after it"
+            detail += (
+                f"; then {'rank' if len(others) == 1 else 'ranks'} {', '.join(map(str, others))} (peer lost)"
+            )
         raise WorkerFailed(rank, failure.exitcode, detail) from None
     except SignalException as e:
         raise KeyboardInterrupt(str(e)) from None
