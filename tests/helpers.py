@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +140,49 @@ def interrupt_after(trainer: Trainer, micro_batches: int) -> None:
             yield b
 
     trainer.task.train_batches = batches  # type: ignore[method-assign]
+
+
+def run_ranks(fn: Callable[..., None], world: int, *args: object) -> None:
+    """``fn(rank, *args)`` on each rank of ``world`` processes (``torch.multiprocessing``), with the
+    environment torchrun gives its workers (gloo on 127.0.0.1, one thread each). ``fn`` must be importable
+    (a module-level function). When one rank raises, the others are stopped and this raises
+    ``torch.multiprocessing.ProcessRaisedException``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    import os
+
+    import torch
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def train_ranks(
+    raws: list[dict], data_root: Path, *, resume: bool = False, die: tuple[int, int] | None = None
+) -> None:
+    """Train ``raws[r]`` on rank ``r`` of ``len(raws)`` processes (see :func:`run_ranks`), as torchrun's
+    workers would; the data is prepared once under ``data_root``. ``die=(rank, n)``: that rank raises
+    :class:`Interrupted` when it asks for micro-batch ``n``."""
+    run_ranks(_train_rank, len(raws), raws, str(data_root), resume, die)
+
+
+def _train_rank(rank: int, raws: list[dict], data_root: str, resume: bool, die: tuple | None) -> None:
+    from tansuo.train.setup import train_recipe
+
+    recipe, data = validate_recipe(raws[rank])
+    start = (lambda trainer: interrupt_after(trainer, die[1])) if die is not None and die[0] == rank else None
+    train_recipe(recipe, data, data_root=data_root, resume=resume, on_start=start)
 
 
 def run(

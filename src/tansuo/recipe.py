@@ -100,6 +100,14 @@ class TrainConfig(Strict):
         0, ge=0, description="CPU threads for torch; 0 keeps torch's default. Small models train faster on 1"
     )
     compile: bool = False
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="on several processes (torchrun, --nproc-per-node): ddp replicates the model, fsdp "
+        "shards parameters, gradients and optimizer state; auto is ddp",
+    )
+    dist_timeout: float = Field(
+        1800, gt=0, description="seconds a process waits for the others (rank 0 evaluating) before failing"
+    )
     lora: LoRASettings | None = Field(None, description="train LoRA adapters on a frozen model; None: off")
 
     @model_validator(mode="after")

@@ -10,11 +10,14 @@ import pytest
 from tansuo.data import (
     decode,
     encode,
+    encoder_tokenizer,
     is_char_tokenizer,
     load_tokenizer,
     save_tokenizer,
+    texts_digest,
     train_bpe_tokenizer,
     train_char_tokenizer,
+    trained_once,
 )
 from tansuo.errors import DataError
 
@@ -111,3 +114,21 @@ def test_encoder_tokenizers_have_bert_specials_and_template(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="neither tokenizer.json nor vocab.txt"):
         encoder_tokenizer(str(tmp_path / "empty"), lambda: iter(()), 0)
+
+
+def test_trained_once_reuses_the_tokenizer_trained_for_the_same_key(tmp_path: Path) -> None:
+    texts = ["the film was good", "the film was bad"] * 20
+    calls: list[int] = []
+
+    def train():  # noqa: ANN202
+        calls.append(1)
+        return encoder_tokenizer("wordpiece", lambda: iter(texts), 64)
+
+    path = tmp_path / "tokenizer.json"
+    key = ["wordpiece", 64, texts_digest(texts)]
+    first = trained_once(path, key, train)
+    again = trained_once(path, key, train)  # another rank, or a resumed run: read, not trained
+    assert len(calls) == 1 and again.get_vocab() == first.get_vocab()
+    assert json.loads((tmp_path / "tokenizer-spec.json").read_text()) == key
+    trained_once(path, ["wordpiece", 64, texts_digest(texts[:-1])], train)  # other texts: trained again
+    assert len(calls) == 2

@@ -211,3 +211,22 @@ def test_a_resumed_seeded_study_does_not_propose_its_first_trials_again(tmp_path
     assert search.run_study(spec, study) == 2
     lrs = [t.params["train.lr"] for t in study.get_trials()]
     assert len(set(lrs)) == 4, lrs
+
+
+@pytest.mark.slow  # two launches of two processes
+def test_a_trial_trains_on_several_processes(image_npz: Path, tmp_path: Path) -> None:
+    from tansuo.explore.trial import TrialFailed, _train
+
+    spec = spec_for(tmp_path, nproc_per_node=2)
+    spec.base["data"]["path"] = str(image_npz)
+    settings = {"candidate": "vit_test", "model": "vit_test", "overrides": {}, "train": {"max_steps": 4}}
+    raw = trial_recipe(spec, settings, tmp_path / "a" / "train")
+    bundle, seconds = _train(spec, raw)
+    assert (bundle / "model.safetensors").is_file() and seconds > 0
+    assert not (tmp_path / "a" / "train" / "checkpoint.safetensors").exists()
+    events = (tmp_path / "a" / "train" / "metrics.jsonl").read_text().splitlines()
+    assert '"step": 4' in events[-1]
+
+    settings["overrides"] = {"num_heads": 3}  # fails in the ranks, when the model is built
+    with pytest.raises(TrialFailed, match="training on 2 processes failed: rank [01] failed"):
+        _train(spec, trial_recipe(spec, settings, tmp_path / "b" / "train"))

@@ -30,9 +30,11 @@ from tansuo.data.tokenizers import (
     load_tokenizer,
     load_wordpiece_vocab,
     save_tokenizer,
+    texts_digest,
     train_bpe_tokenizer,
     train_char_tokenizer,
     train_wordpiece_tokenizer,
+    trained_once,
 )
 
 __all__ = [
@@ -63,6 +65,8 @@ __all__ = [
     "read_labelled_text",
     "read_token_file_info",
     "save_tokenizer",
+    "texts_digest",
+    "trained_once",
     "split_indices",
     "split_sizes",
     "split_tokens",

@@ -20,10 +20,12 @@ Tokenizers are stored as a single ``tokenizer.json`` (:func:`save_tokenizer`, :f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -235,6 +237,34 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(
             f"{path} is not a valid tokenizer.json ({error}); re-create it, e.g. by training again"
         ) from error
+
+
+def trained_once(path: Path, key: list[Any], train: Callable[[], Tokenizer]) -> Tokenizer:
+    """The tokenizer saved at ``path`` when it was trained for the same ``key`` (its settings and a digest of
+    its texts, JSON values), else ``train()``, saved there with its key in ``<stem>-spec.json`` beside it.
+
+    Training again on the same texts may break ties between equally frequent pieces differently in another
+    process, and give other token ids: the ranks of a distributed run (rank 0 trains first) and a run resumed
+    in a new process need the saved one.
+    """
+    spec = path.with_name(f"{path.stem}-spec.json")
+    if path.is_file() and spec.is_file() and json.loads(spec.read_text(encoding="utf-8")) == key:
+        return load_tokenizer(path)
+    tok = train()
+    save_tokenizer(tok, path)
+    atomic_write_text(
+        spec, json.dumps(key)
+    )  # after the tokenizer: a key on disk means its tokenizer is there
+    return tok
+
+
+def texts_digest(texts: Iterable[str]) -> str:
+    """A SHA-256 digest of ``texts`` (for :func:`trained_once`'s key)."""
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 #: ``data.tokenizer`` values that train an encoder tokenizer on the training text (anything else is a path)

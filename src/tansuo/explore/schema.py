@@ -152,6 +152,12 @@ class Explore(Strict):
     recommend: Recommend = Field(default_factory=Recommend)
     measure: Measure = Field(default_factory=Measure)
     seed: int | None = Field(None, description="sampler seed; default: the recipe's seed")
+    nproc_per_node: int = Field(
+        1,
+        gt=0,
+        description="processes that train each trial (torchrun; train.parallel says DDP or FSDP); "
+        "1: in the explorer's own process",
+    )
 
 
 @dataclass(frozen=True)

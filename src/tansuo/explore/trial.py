@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tansuo.atomic import atomic_write_json
+from tansuo.atomic import atomic_write_json, atomic_write_text
 from tansuo.errors import RecipeError, TansuoError, TrainingDiverged
 from tansuo.explore.pareto import feasible, recommend, value, violations
 from tansuo.explore.schema import ExploreSpec, Range
@@ -81,6 +81,9 @@ def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
     from tansuo.recipe import validate_recipe
     from tansuo.train.setup import train_recipe
 
+    if spec.explore.nproc_per_node > 1:
+        return _train_launched(raw, spec.explore.nproc_per_node)
+
     # when each phase began: "built" once the task and model exist (the training seconds count from
     # there), "fit" once the trainer's fit starts (only its failures are the trial's to record)
     began: dict[str, float] = {}
@@ -113,6 +116,32 @@ def _train(spec: ExploreSpec, raw: dict[str, Any]) -> tuple[Path, float]:
     seconds = time.perf_counter() - began["built"]
     done.trainer.checkpoint_path.unlink(missing_ok=True)  # the bundle is what the study keeps
     return done.bundle, seconds
+
+
+def _train_launched(raw: dict[str, Any], nproc: int) -> tuple[Path, float]:
+    """``tansuo train --nproc-per-node nproc`` on the trial's recipe (written to ``train/recipe.yaml``):
+    the ranks are processes of torchrun's launcher; the training seconds include their start."""
+    import yaml
+
+    from tansuo.recipe import validate_recipe
+    from tansuo.train.distributed import LaunchConfig, WorkerFailed, launch
+
+    try:
+        validate_recipe(raw)
+    except RecipeError as e:
+        reason = " ".join(str(e).removeprefix("invalid recipe:").split())
+        raise TrialFailed(f"invalid combination: {reason}") from None
+    run_dir = Path(raw["train"]["out_dir"])
+    recipe = run_dir / "recipe.yaml"
+    atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
+    started = time.perf_counter()
+    try:
+        launch(LaunchConfig(nproc), ["train", str(recipe), "--quiet"])
+    except WorkerFailed as e:  # its own error (a NaN loss, an invalid combination) is in the log above
+        raise TrialFailed(f"training on {nproc} processes failed: {e}") from None
+    seconds = time.perf_counter() - started
+    (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # the bundle is what the study keeps
+    return run_dir / "bundle", seconds
 
 
 def curves(run_dir: Path) -> dict[str, list[list[float]]]:

@@ -40,6 +40,8 @@ from tansuo.data import (
     load_tokenizer,
     save_tokenizer,
     split_indices,
+    texts_digest,
+    trained_once,
 )
 from tansuo.errors import DataError
 from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
@@ -150,14 +152,15 @@ class ClassifyTask(TaskBase):
         if not train:
             raise DataError(f"{rows['train'][0]}: the training split is empty; {DATA_HINT}")
         labels = sorted({row.label for row in train})
-        tokenizer = encoder_tokenizer(
-            data.tokenizer,
-            lambda: (t for row in train for t in (row.text, row.pair) if t),
-            data.vocab_size,
-            lowercase=data.lowercase,
-        )
         work_dir.mkdir(parents=True, exist_ok=True)
-        save_tokenizer(tokenizer, work_dir / "tokenizer.json")
+        texts = [t for row in train for t in (row.text, row.pair) if t]
+        tokenizer = trained_once(  # the same token ids on every rank of a distributed run
+            work_dir / "tokenizer.json",
+            [data.tokenizer, data.vocab_size, data.lowercase, texts_digest(texts)],
+            lambda: encoder_tokenizer(
+                data.tokenizer, lambda: iter(texts), data.vocab_size, lowercase=data.lowercase
+            ),
+        )
         task = cls(data, seed, tokenizer, labels)
         task._encode_all(rows)
         return task

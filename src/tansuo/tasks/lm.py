@@ -41,6 +41,8 @@ from tansuo.data import (
     lm_batch,
     load_tokenizer,
     save_tokenizer,
+    texts_digest,
+    trained_once,
 )
 from tansuo.data.chat import render_chat
 from tansuo.data.instructions import (
@@ -155,8 +157,11 @@ class LMTask(TokenCorpusTask):
         )
         if data.instructions():
             pieces = render_file(source, chat)
-            tokenizer = given or trained_tokenizer(
-                data.tokenizer, data.vocab_size, (text for p in pieces for text, _ in p), chat
+            texts = [text for p in pieces for text, _ in p]
+            tokenizer = given or trained_once(  # the same token ids on every rank of a distributed run
+                work_dir / "tokenizer.json",
+                [data.tokenizer, data.vocab_size, chat, texts_digest(texts)],
+                lambda: trained_tokenizer(data.tokenizer, data.vocab_size, iter(texts), chat),
             )
             task = cls(data, seed, tokenizer, work_dir, chat)
             task._prepare_instructions(pieces)

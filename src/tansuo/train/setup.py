@@ -16,13 +16,14 @@ from typing import Any
 from torch import nn
 
 from tansuo.adapters import LoRAConfig, LoRAError, freeze_base_, lora_, origin_of
-from tansuo.device import seed_everything
+from tansuo.device import resolve_device, seed_everything
 from tansuo.errors import RecipeError
 from tansuo.models import create_model
 from tansuo.models.init import InitReport, load_initial_weights
 from tansuo.recipe import Recipe
 from tansuo.tasks import get_task
 from tansuo.tasks.base import Task
+from tansuo.train.distributed import main_first, process_group
 from tansuo.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ def train_recipe(
     :class:`~tansuo.train.trainer.Trainer` writing into ``rec.train.out_dir`` (checkpoint, metrics.jsonl,
     the best bundle), then its ``fit``.
 
+    In a process started by torchrun (``WORLD_SIZE`` > 1) it joins the process group first and leaves it at
+    the end; rank 0 prepares the data before the other ranks build their task from the same files. Rank 0
+    returns the best bundle's metrics, the other ranks only ``step`` and ``bundle``.
+
     Args:
         rec: the validated recipe (:func:`tansuo.recipe.load_recipe`).
         data_cfg: the task's validated data config (the second half of what ``load_recipe`` returns).
@@ -129,13 +134,15 @@ def train_recipe(
         TrainingDiverged: The loss became NaN or infinite.
     """
     root = Path(rec.train.out_dir) / "data" if data_root is None else Path(data_root)
-    run = build_run(rec, data_cfg, root)
-    if on_built is not None:
-        on_built(run)
-    trainer = Trainer(
-        run.task, run.model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=progress
-    )
-    if on_start is not None:
-        on_start(trainer)
-    result = trainer.fit(resume=resume)
+    with process_group(resolve_device(rec.train.device), rec.train.dist_timeout):
+        with main_first():
+            run = build_run(rec, data_cfg, root)
+        if on_built is not None:
+            on_built(run)
+        trainer = Trainer(
+            run.task, run.model, rec.train, seed=rec.seed, recipe=rec.model_dump(), progress=progress
+        )
+        if on_start is not None:
+            on_start(trainer)
+        result = trainer.fit(resume=resume)
     return TrainResult(result, run.task, run.model, run.init, trainer)

@@ -2,7 +2,9 @@
 
 The loop knows nothing about tasks: it asks the Task for micro-batches and a loss, steps AdamW on the
 warm-up + cosine schedule, evaluates every ``eval_every`` steps, keeps the best bundle by the chosen metric,
-checkpoints (atomically) and can resume bit for bit. Structure after nanoGPT's ``train.py``.
+checkpoints (atomically) and can resume bit for bit. Structure after nanoGPT's ``train.py``. On several
+processes (``torchrun``, ``tansuo train --nproc-per-node N``) the same loop runs on every rank; what differs
+(DDP or FSDP2, each rank's micro-batches, rank 0 alone writing) is in ``distributed.py``.
 
 Run folder (``train.out_dir``)::
 
@@ -13,6 +15,7 @@ Run folder (``train.out_dir``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,10 +29,11 @@ from torch import nn
 
 from tansuo.bundle import save_bundle, update_bundle_metrics
 from tansuo.device import autocast, resolve_device
-from tansuo.errors import RecipeError, TrainingDiverged
+from tansuo.errors import RecipeError, TansuoError, TrainingDiverged
 from tansuo.recipe import TrainConfig
 from tansuo.tasks.base import Batch, Task
 from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
+from tansuo.train.distributed import Parallel, rank_device
 from tansuo.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -45,10 +49,12 @@ class Plan:
     steps_per_epoch: int | None
 
 
-def make_plan(cfg: TrainConfig, task: Task) -> Plan:
-    """Resolve epochs into optimizer steps and pick evaluation/checkpoint intervals."""
+def make_plan(cfg: TrainConfig, task: Task, world_size: int = 1) -> Plan:
+    """Resolve epochs into optimizer steps and pick evaluation/checkpoint intervals; an optimizer step
+    takes ``grad_accum`` micro-batches on each of ``world_size`` processes."""
     micro_per_epoch = task.steps_per_epoch(cfg.batch_size)
-    steps_per_epoch = None if micro_per_epoch is None else max(1, micro_per_epoch // cfg.grad_accum)
+    per_step = cfg.grad_accum * world_size
+    steps_per_epoch = None if micro_per_epoch is None else max(1, micro_per_epoch // per_step)
     if cfg.max_steps is not None:
         total = cfg.max_steps
     elif steps_per_epoch is None:
@@ -79,7 +85,8 @@ class Trainer:
         recipe: the validated recipe, stored in every bundle.
         extra: modules trained beside the model (a distillation projection): optimised and checkpointed,
             but not part of the bundle.
-        progress: show a Rich progress bar (the CLI turns it on; the library default is quiet logging).
+        progress: show a Rich progress bar (the CLI turns it on; the library default is quiet logging);
+            rank 0 alone shows it.
     """
 
     def __init__(
@@ -93,8 +100,10 @@ class Trainer:
         extra: nn.Module | None = None,
         progress: bool = False,
     ) -> None:
-        self.task, self.cfg, self.seed, self.recipe, self.progress = task, cfg, seed, recipe, progress
-        self.device = resolve_device(cfg.device)
+        self.task, self.cfg, self.seed, self.recipe = task, cfg, seed, recipe
+        self.device = rank_device(resolve_device(cfg.device))
+        self.parallel = Parallel(cfg.parallel, self.device)
+        self.progress = progress and self.parallel.is_main
         if cfg.threads:
             # tiny matmuls pay more for waking a second thread than they gain from it
             torch.set_num_threads(cfg.threads)
@@ -102,11 +111,28 @@ class Trainer:
         self.step_model = torch.compile(model) if cfg.compile else model
         self.extra = None if extra is None else extra.to(self.device)
         self.trained = model if extra is None else nn.ModuleList([model, self.extra])
+        # the loss of a micro-batch, through DDP or FSDP on several processes (before the optimizer: FSDP
+        # replaces the parameters by their shards)
+        self.loss = self.parallel.prepare(
+            self.trained, model, lambda batch: task.loss(self.step_model, batch)
+        )
+        self.parallel.seed_rank(seed)
         betas = (cfg.beta1, cfg.beta2)
         self.optimizer = build_optimizer(
             self.trained, cfg.lr, cfg.weight_decay, betas, self.device, layer_decay=cfg.layer_decay
         )
-        self.plan = make_plan(cfg, task)
+        self.plan = make_plan(cfg, task, self.parallel.world)
+        self.global_batch = cfg.batch_size * self.parallel.world * cfg.grad_accum
+        if self.parallel.world > 1:
+            log.info(
+                "%s on %d processes: global batch %d = %d per rank x %d ranks x %d accumulation",
+                self.parallel.mode,
+                self.parallel.world,
+                self.global_batch,
+                cfg.batch_size,
+                self.parallel.world,
+                cfg.grad_accum,
+            )
         self.metric = cfg.best_metric or task.default_metric
         self.mode = cfg.best_mode or metric_mode(self.metric)
         self.out = Path(cfg.out_dir)
@@ -119,12 +145,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        rng = {"cpu": torch.get_rng_state()}
+        """The resumable state, whole on rank 0 (every rank must call it: FSDP gathers its shards)."""
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        ranks = self.parallel.rng_states()
+        if ranks is not None:
+            rng["ranks"] = ranks
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.parallel.gather(self.model.state_dict()),
+            "optimizer": self.parallel.gather(self.optimizer.state_dict()),
             "rng": rng,
             "trainer": {
                 "step": self.step,
@@ -133,21 +163,44 @@ class Trainer:
                 "bad_evals": self.bad_evals,
                 "seed": self.seed,
                 "total_steps": self.plan.total_steps,
+                "world_size": self.parallel.world,
+                "global_batch": self.global_batch,
             },
         }
         if self.extra is not None:
-            state["extra"] = self.extra.state_dict()
+            state["extra"] = self.parallel.gather(self.extra.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        """Continue from ``state`` (a checkpoint of any world size with this run's global batch).
+
+        Raises:
+            TansuoError: The checkpoint was trained with another global batch.
+        """
+        t = state["trainer"]
+        saved_global, saved_world = t.get("global_batch"), t.get("world_size", 1)
+        if saved_global is not None and saved_global != self.global_batch:
+            raise TansuoError(
+                f"the checkpoint was trained with a global batch of {saved_global} and this run has "
+                f"{self.global_batch} (train.batch_size {self.cfg.batch_size} x {self.parallel.world} "
+                f"processes x train.grad_accum {self.cfg.grad_accum}); set train.grad_accum or "
+                "train.batch_size so that they multiply to the same, or start without --resume"
+            )
+        self.parallel.load_model(self.model, state["model"])
         if self.extra is not None:
-            self.extra.load_state_dict(state["extra"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.parallel.load_model(self.extra, state["extra"])
+        self.parallel.load_optimizer(self.optimizer, state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        t = state["trainer"]
+        same_rng = self.parallel.set_rng(state["rng"].get("ranks"), self.seed)
+        if saved_world != self.parallel.world or not same_rng:
+            log.warning(
+                "resuming on %d processes a run checkpointed on %d: the same global batch and data, but "
+                "no longer bit for bit the run it would have been",
+                self.parallel.world,
+                saved_world,
+            )
         self.step, self.best, self.best_step, self.bad_evals = (
             t["step"],
             t["best"],
@@ -156,32 +209,46 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_path, self.state_dict())
+        """Write the checkpoint (rank 0; every rank must call this, see ``state_dict``)."""
+        state = self.state_dict()
+        if self.parallel.is_main:
+            save_checkpoint(self.checkpoint_path, state)
 
     # ---------------------------------------------------------------- loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or early stop) and return the best bundle's metrics."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.load_state_dict(load_checkpoint(self.checkpoint_path))
+        main = self.parallel.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:  # rank 0 reads the file, every rank gets its contents
+            state = load_checkpoint(self.checkpoint_path) if main else None
+            self.load_state_dict(self.parallel.spread(state))
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        elif self.checkpoint_path.exists():
+        elif main and self.checkpoint_path.exists():
             log.warning(
                 "%s exists and will be overwritten (use --resume to continue it)", self.checkpoint_path
             )
-        # a resumed run appends to its log; a fresh run starts a new one
-        with open(self.out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") as self._log:
+        with contextlib.ExitStack() as stack:
+            # a resumed run appends to its log; a fresh run starts a new one; rank 0 alone writes it
+            mode = "a" if resume else "w"
+            self._log = (
+                stack.enter_context(open(self.out / "metrics.jsonl", mode, encoding="utf-8"))
+                if main
+                else None
+            )
             self._bar = bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
             with bar:
                 bar.update(self.step, {})
                 self._loop(bar)
+            if not main:  # the best bundle and its held-back metrics are rank 0's to write
+                return {"step": self.best_step, "bundle": str(self.bundle_path)}
             result = self._finish()
             self._write({"event": "end", "step": self.step, **result})
         return result
 
     def _loop(self, bar: _Progress) -> None:
         cfg, plan, task = self.cfg, self.plan, self.task
-        batches = task.train_batches(cfg.batch_size, start=self.step * cfg.grad_accum)
+        batches = self.parallel.batches(task, cfg.batch_size, self.step, cfg.grad_accum)
         self.model.train()
         # throughput counts training steps only: evaluation and checkpoint time is left out
         window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
@@ -197,17 +264,22 @@ class Trainer:
             )
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
+            step_loss, step_units = 0.0, 0
+            for micro in range(cfg.grad_accum):
                 batch = _to_device(next(batches), self.device)
-                with autocast(self.device):
-                    loss = task.loss(self.step_model, batch)
-                value = loss.item()
-                if not math.isfinite(value):
-                    self._diverged(value)
-                (loss / cfg.grad_accum).backward()
-                step_loss += value / cfg.grad_accum
-                window_units += task.count(batch)
+                # several processes: gradients are averaged across ranks on the last micro-batch only
+                with self.parallel.sync_gradients(last=micro == cfg.grad_accum - 1):
+                    with autocast(self.device):
+                        loss = self.loss(batch)
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                step_units += task.count(batch)
+            # the step's loss (mean over ranks) and units (summed) as one process would count them
+            step_loss, units = self.parallel.sum([step_loss, step_units])
+            step_loss /= self.parallel.world
+            if not math.isfinite(step_loss):  # before the bad step reaches the weights or a checkpoint
+                self._diverged(step_loss)
+            window_units += int(units)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -240,9 +312,15 @@ class Trainer:
                 self.save_checkpoint()
 
     def _evaluate_and_keep(self) -> bool:
-        """Evaluate on val; save the bundle if it improved. Returns True when early stopping triggers."""
+        """Evaluate on val (rank 0, the others wait for its verdict); save the bundle if it improved.
+        Returns True when early stopping triggers."""
+        model = self.parallel.full_model(self.model)  # under FSDP: rank 0's copy with the gathered weights
+        stop = self._evaluate(model) if self.parallel.is_main else False
+        return self.parallel.decide(stop)
+
+    def _evaluate(self, model: nn.Module) -> bool:
         with autocast(self.device):
-            metrics = self.task.evaluate(self.model, "val", self.cfg.batch_size, self.device)
+            metrics = self.task.evaluate(model, "val", self.cfg.batch_size, self.device)
         self.model.train()
         self._write({"event": "eval", "step": self.step, "split": "val", **metrics})
         if not isinstance(metrics.get(self.metric), int | float):
@@ -260,9 +338,7 @@ class Trainer:
         if better:
             self.best, self.best_step, self.bad_evals = value, self.step, 0
             self._bar.best(f"best val {self.metric} {value:.4f} @ {self.step}")
-            save_bundle(
-                self.bundle_path, self.model, self.task, {"step": self.step, "val": metrics}, self.recipe
-            )
+            save_bundle(self.bundle_path, model, self.task, {"step": self.step, "val": metrics}, self.recipe)
         else:
             self.bad_evals += 1
         patience = self.cfg.early_stop_patience
@@ -296,6 +372,8 @@ class Trainer:
         )
 
     def _write(self, record: dict[str, Any]) -> None:
+        if self._log is None:  # ranks other than 0
+            return
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
 
