@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not path.is_file():
                     fail(f"{path} not found: pass --data-dir to the folder holding it, or leave {name} out")
     busy, note = busy_note()
-    threads = f"{args.threads} threads per run" if args.threads else "each recipe's threads"
+    threads = f"threads per run: {args.threads}" if args.threads else "each recipe's threads"
     print(header(f"device {device}", note, threads))
     runs, notes = plan(args, device.type == "cpu")
     for n in notes:
