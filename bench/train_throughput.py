@@ -11,8 +11,19 @@ on random token batches, for two GPT sizes built with ``tansuo.models.create_mod
 - ``medium``: ``gpt_mini``, 6 layers, 6 heads, width 384, context 256, batch 12, vocabulary 65 (nanoGPT's
   shakespeare_char GPU configuration); on a CPU the default batch is 4 so that a run stays short.
 
-Dropout is 0 for both. The first ``--warmup`` steps are run and not timed; ms/step is the mean of the next
-``--steps`` (median, min and max go to ``--json``).
+Dropout is 0 for both. Three peers train each size in the same run (``--peers``): tansuo's GPT in eager
+mode, the same model under ``torch.compile`` (the ``train.compile`` switch), and transformers'
+``GPT2LMHeadModel`` at the same sizes (GPT-2 blocks, as tansuo's presets here: learned positions, GELU MLP,
+LayerNorm, tied head; transformers' GPT-2 also has biases), all stepped by the same AdamW. Each peer first
+runs ``--warmup`` untimed steps; the first of them is timed on its own ("first step s": for the compiled
+peer, the compilation). The ``--steps`` timed steps are split into ``--rounds`` rounds that visit the peers
+in turn, so load from other processes falls on all of them alike; ms/step is the mean (median, min and max
+go to ``--json``), and the targets compare medians.
+
+Targets (issue 18), printed with PASS or FAIL: ``small`` compiled at least 1.3x tansuo eager and 1.5x
+transformers; ``medium`` compiled at least 1.05x eager. Where a target cannot be met on this machine the
+report says so with the bound that shows it: the slower peer's step time over the time the step's FLOPs
+take at the measured matmul peak (no compiler makes the matmuls faster than the peak).
 
 FLOPs per token for forward + backward: ``6 * N + 12 * L * T * C`` (Chowdhery et al. 2022, "PaLM", appendix
 B; nanoGPT's ``estimate_mfu``), with N the non-embedding parameters (``model.num_params(
@@ -28,6 +39,7 @@ MFU is therefore relative to what this machine's matmul achieves, not to a vendo
 Run from the repository root::
 
     .venv/bin/python bench/train_throughput.py [--steps 20] [--warmup 3] [--configs small,medium]
+        [--peers tansuo,compiled,transformers] [--rounds 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -85,6 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs", default="small,medium", help=f"comma-separated, from {', '.join(CONFIGS)} (default: all)"
     )
     p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help="comma-separated, from tansuo (eager), compiled (torch.compile), transformers (GPT2LMHeadModel) "
+        "(default: all)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=4, help="interleaved rounds the timed steps are split into (default: 4)"
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -99,9 +120,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_json(p, "also write the figures to this JSON file")
     args = p.parse_args(argv)
-    check_positive(p, args, "steps", "batch_size", "threads", "matmul_size")
+    check_positive(p, args, "steps", "batch_size", "threads", "matmul_size", "rounds")
     if args.warmup < 0:
         p.error("--warmup must be zero or more")
+    args.peer_names = [c.strip() for c in args.peers.split(",") if c.strip()]
+    if not args.peer_names or any(c not in PEERS for c in args.peer_names):
+        p.error(f"--peers: choose from {', '.join(PEERS)}")
+    if args.rounds > args.steps:
+        p.error("--rounds must not exceed --steps")
     args.config_names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.config_names if c not in CONFIGS]
     if unknown or not args.config_names:
@@ -148,16 +174,46 @@ def flops_per_token(model: nn.Module, cfg: BenchConfig) -> int:
     return 6 * n + 12 * cfg.num_layers * cfg.context * cfg.embed_dim
 
 
-def measure(
-    name: str, cfg: BenchConfig, batch_size: int, steps: int, warmup: int, device: torch.device
-) -> dict[str, Any]:
-    """Time ``warmup + steps`` training steps of one config; returns its figures."""
-    from tansuo.device import autocast
-    from tansuo.models import create_model
-    from tansuo.train.optim import build_optimizer
+#: the peers measured side by side, in this order within each round
+PEERS = ("tansuo", "compiled", "transformers")
+PEER_LABELS = {
+    "tansuo": "tansuo eager",
+    "compiled": "tansuo torch.compile",
+    "transformers": "transformers GPT2LMHeadModel",
+}
+#: speed-up targets (issue 18): (config, faster peer, slower peer, at least)
+TARGETS = (
+    ("small", "compiled", "tansuo", 1.3),
+    ("small", "compiled", "transformers", 1.5),
+    ("medium", "compiled", "tansuo", 1.05),
+)
 
+
+def build_model(peer: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    """The model one peer trains: tansuo's GPT (``compiled``: the same under ``torch.compile``), or
+    transformers' GPT2LMHeadModel at the same sizes (GPT-2 blocks: learned positions, GELU MLP, LayerNorm,
+    tied head), dropout 0 everywhere."""
     torch.manual_seed(0)
-    model = create_model(
+    if peer == "transformers":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.context,
+            n_embd=cfg.embed_dim,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+            bos_token_id=0,  # GPT-2's 50256 lies outside this vocabulary
+            eos_token_id=0,
+        )
+        return GPT2LMHeadModel(config).to(device)
+    from tansuo.models import create_model
+
+    return create_model(
         cfg.preset,
         vocab_size=cfg.vocab_size,
         max_seq_len=cfg.context,
@@ -166,82 +222,170 @@ def measure(
         embed_dim=cfg.embed_dim,
         dropout=0.0,
     ).to(device)
-    model.train()
-    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.99), device)
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, cfg.vocab_size, (batch_size, cfg.context + 1), generator=g)
-        for _ in range(min(warmup + steps, 8))
-    ]  # on the CPU, as the task yields them; cycled
 
-    def step(i: int) -> float:
-        for group in optimizer.param_groups:
+
+class Peer:
+    """One model with its AdamW, stepping exactly as the trainer does; ``times`` collects timed steps."""
+
+    def __init__(self, peer: str, cfg: BenchConfig, batch_size: int, device: torch.device) -> None:
+        from tansuo.train.optim import build_optimizer
+
+        self.name, self.cfg, self.device = peer, cfg, device
+        self.model = build_model(peer, cfg, device)
+        self.model.train()
+        self.forward = torch.compile(self.model) if peer == "compiled" else self.model
+        self.hf = peer == "transformers"
+        self.optimizer = build_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99), device)
+        g = torch.Generator().manual_seed(0)
+        self.batches = [
+            torch.randint(0, cfg.vocab_size, (batch_size, cfg.context + 1), generator=g) for _ in range(8)
+        ]  # on the CPU, as the task yields them; cycled
+        self.steps_done = 0
+        self.times: list[float] = []
+        self.first_step_s = 0.0
+
+    def step(self) -> float:
+        from tansuo.device import autocast
+
+        for group in self.optimizer.param_groups:
             group["lr"] = 1e-3
-        tokens = batches[i % len(batches)]
-        x = tokens[:, :-1].to(device, non_blocking=True)  # (B, T)
-        y = tokens[:, 1:].to(device, non_blocking=True)  # (B, T)
-        with autocast(device):
-            logits = model(x)  # (B, T, V)
+        tokens = self.batches[self.steps_done % len(self.batches)]
+        self.steps_done += 1
+        x = tokens[:, :-1].to(self.device, non_blocking=True)  # (B, T)
+        y = tokens[:, 1:].to(self.device, non_blocking=True)  # (B, T)
+        with autocast(self.device):
+            logits = self.forward(x).logits if self.hf else self.forward(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         value = loss.item()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return value
 
-    for i in range(warmup):
-        step(i)
-    sync(device)
+    def timed(self) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        self.step()
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def measure(
+    name: str,
+    cfg: BenchConfig,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    peers: list[str],
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """Time ``steps`` training steps of each peer, interleaved: ``rounds`` rounds, each giving every peer
+    its share of steps in turn, so that a change in the machine's load hits all peers alike. Every peer
+    first runs ``warmup`` untimed steps (the compiled peer's first one compiles: timed apart)."""
+    runners = [Peer(p, cfg, batch_size, device) for p in peers]
+    for r in runners:
+        r.first_step_s = r.timed()
+        for _ in range(max(0, warmup - 1)):
+            r.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup, warmup + steps):
-        start = time.perf_counter()
-        step(i)
-        sync(device)
-        times.append(time.perf_counter() - start)
-
+    per_round = [steps // rounds + (1 if i < steps % rounds else 0) for i in range(rounds)]
+    for k in per_round:
+        for r in runners:
+            r.times.extend(r.timed() for _ in range(k))
+    rows = []
     tokens_per_step = batch_size * cfg.context
-    mean_s = sum(times) / len(times)
-    tokens_per_s = tokens_per_step / mean_s
-    fpt = flops_per_token(model, cfg)
-    result = {
-        "config": name,
-        "model": cfg.preset,
-        "num_layers": cfg.num_layers,
-        "num_heads": cfg.num_heads,
-        "embed_dim": cfg.embed_dim,
-        "vocab_size": cfg.vocab_size,
-        "params": model.num_params(),
-        "non_embedding_params": model.num_params(exclude_embeddings=True),
-        "batch_size": batch_size,
-        "context": cfg.context,
-        "tokens_per_step": tokens_per_step,
-        "steps": steps,
-        "warmup": warmup,
-        "ms_per_step": 1000 * mean_s,
-        "ms_per_step_median": 1000 * statistics.median(times),
-        "ms_per_step_min": 1000 * min(times),
-        "ms_per_step_max": 1000 * max(times),
-        "tokens_per_s": tokens_per_s,
-        "flops_per_token": fpt,
-        "achieved_flops": fpt * tokens_per_s,
-    }
-    if device.type == "cuda":
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return result
+    for r in runners:
+        mean_s = sum(r.times) / len(r.times)
+        tokens_per_s = tokens_per_step / mean_s
+        fpt = flops_per_token(runners[0].model, cfg)  # the same architecture and FLOPs for every peer
+        rows.append(
+            {
+                "config": name,
+                "peer": r.name,
+                "model": "GPT2LMHeadModel" if r.hf else cfg.preset,
+                "num_layers": cfg.num_layers,
+                "num_heads": cfg.num_heads,
+                "embed_dim": cfg.embed_dim,
+                "vocab_size": cfg.vocab_size,
+                "params": sum(p.numel() for p in r.model.parameters()),
+                "batch_size": batch_size,
+                "context": cfg.context,
+                "tokens_per_step": tokens_per_step,
+                "steps": steps,
+                "warmup": warmup,
+                "rounds": rounds,
+                "first_step_s": r.first_step_s,
+                "ms_per_step": 1000 * mean_s,
+                "ms_per_step_median": 1000 * statistics.median(r.times),
+                "ms_per_step_min": 1000 * min(r.times),
+                "ms_per_step_max": 1000 * max(r.times),
+                "tokens_per_s": tokens_per_s,
+                "flops_per_token": fpt,
+                "achieved_flops": fpt * tokens_per_s,
+            }
+        )
+    return rows
+
+
+def check_targets(rows: list[dict[str, Any]], peak: float) -> list[dict[str, Any]]:
+    """Each target against the measured ratio of median step times, and the bound that shows whether it
+    can be met here: no peer can beat the FLOPs at the matmul peak, so ``slower ms / (FLOPs / peak)`` is
+    the largest speed-up any compiler could give over the slower peer."""
+    by = {(r["config"], r["peer"]): r for r in rows}
+    out = []
+    for config, fast, slow, target in TARGETS:
+        if (config, fast) not in by or (config, slow) not in by:
+            continue
+        a, b = by[(config, fast)], by[(config, slow)]
+        ratio = b["ms_per_step_median"] / a["ms_per_step_median"]
+        floor_ms = 1000 * a["flops_per_token"] * a["tokens_per_step"] / peak
+        bound = b["ms_per_step_median"] / floor_ms
+        out.append(
+            {
+                "config": config,
+                "faster": fast,
+                "slower": slow,
+                "target": target,
+                "ratio": ratio,
+                # the fastest step of each: less sensitive to other processes than the median
+                "ratio_of_min": b["ms_per_step_min"] / a["ms_per_step_min"],
+                "passed": ratio >= target,
+                "matmul_floor_ms": floor_ms,
+                "bound": bound,
+                "reachable": bound >= target,
+            }
+        )
+    return out
 
 
 def print_table(rows: list[dict[str, Any]], peak: float) -> None:
-    head = ["config", "params", "batch", "context", "ms/step", "tokens/s", "GFLOP/s", "peak GFLOP/s", "MFU %"]
+    head = [
+        "config",
+        "peer",
+        "params",
+        "batch",
+        "context",
+        "first step s",
+        "ms/step",
+        "median",
+        "tokens/s",
+        "GFLOP/s",
+        "peak GFLOP/s",
+        "MFU %",
+    ]
     body = [
         [
             r["config"],
+            PEER_LABELS[r["peer"]],
             f"{r['params'] / 1e6:.2f}M",
             str(r["batch_size"]),
             str(r["context"]),
+            f"{r['first_step_s']:.1f}",
             f"{r['ms_per_step']:.1f}",
+            f"{r['ms_per_step_median']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['achieved_flops'] / 1e9:,.1f}",
             f"{peak / 1e9:,.1f}",
@@ -285,9 +429,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.config_names:
         cfg = CONFIGS[name]
         batch = args.batch_size or (cfg.batch_size if cuda else cfg.cpu_batch_size)
-        r = measure(name, cfg, batch, args.steps, args.warmup, device)
-        r["mfu"] = r["achieved_flops"] / peak
-        rows.append(r)
+        print(f"{name}: {', '.join(PEER_LABELS[p] for p in args.peer_names)} ...", flush=True)
+        for r in measure(name, cfg, batch, args.steps, args.warmup, device, args.peer_names, args.rounds):
+            r["mfu"] = r["achieved_flops"] / peak
+            rows.append(r)
     return {
         "benchmark": "train_throughput",
         "torch": torch.__version__,
@@ -299,11 +444,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops_per_token_formula": "6*N + 12*L*T*C, N = non-embedding parameters",
         "matmul_peak": {"dtype": dtype, "n": n, "flops_per_s": peak},
         "configs": rows,
+        "targets": check_targets(rows, peak),
     }
 
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    print()
     print_table(r["configs"], r["matmul_peak"]["flops_per_s"])
+    if not r["targets"]:
+        return
+    print("\ntargets (ratio of median ms/step; the bound is the slower peer's time over the matmul floor)")
+    for t in r["targets"]:
+        verdict = "PASS" if t["passed"] else "FAIL"
+        line = (
+            f"  {t['config']}: {PEER_LABELS[t['faster']]} vs {PEER_LABELS[t['slower']]} "
+            f"{t['ratio']:.2f}x (target >= {t['target']:.2f}x) {verdict} "
+            f"(fastest steps: {t['ratio_of_min']:.2f}x)"
+        )
+        if not t["reachable"]:
+            line += (
+                f"; unreachable here: the FLOPs at the matmul peak take {t['matmul_floor_ms']:.1f} ms, so no "
+                f"compiler can beat {t['bound']:.2f}x"
+            )
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:

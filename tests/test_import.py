@@ -1,7 +1,17 @@
 import subprocess
 import sys
 
-HEAVY = ("fastapi", "uvicorn", "onnx", "onnxruntime", "matplotlib", "transformers", "sklearn", "optuna")
+HEAVY = (
+    "fastapi",
+    "uvicorn",
+    "onnx",
+    "onnxruntime",
+    "matplotlib",
+    "kornia",
+    "transformers",
+    "sklearn",
+    "optuna",
+)
 
 
 def test_import_stays_light() -> None:

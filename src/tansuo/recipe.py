@@ -99,7 +99,33 @@ class TrainConfig(Strict):
     threads: int = Field(
         0, ge=0, description="CPU threads for torch; 0 keeps torch's default. Small models train faster on 1"
     )
-    compile: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile the model for training steps; the first step's time (the compilation) "
+        "is logged apart from throughput as a 'compile' event in metrics.jsonl",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp32; bf16 or fp16 autocast (fp16 with a "
+        "gradient scaler). A precision the device cannot autocast to is an error",
+    )
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = Field(
+        "auto",
+        description="AdamW's implementation: fused kernel, foreach (multi-tensor) or a per-parameter "
+        "for-loop; auto: fused on CPU and CUDA, else torch's default",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each transformer layer's activations in the backward pass instead of "
+        "storing them: less memory, about one more forward pass of time",
+    )
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights (e.g. 0.999; warmed up as "
+        "min(decay, (1 + n) / (10 + n)) after n steps), used for evaluation and the bundle; None: off",
+    )
     parallel: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="on several processes (torchrun, --nproc-per-node): ddp replicates the model, fsdp "

@@ -2,7 +2,7 @@
 
 from tansuo.blocks.attention import KVCache, MultiHeadAttention, SlotKVCache, attention_mask
 from tansuo.blocks.feed_forward import FeedForward, SwiGLU
-from tansuo.blocks.layers import PostNormLayer, TransformerLayer, TransformerStack
+from tansuo.blocks.layers import PostNormLayer, TransformerLayer, TransformerStack, activation_checkpointing_
 from tansuo.blocks.norms import NORM_KINDS, RMSNorm, build_norm
 from tansuo.blocks.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
@@ -20,6 +20,7 @@ __all__ = [
     "SwiGLU",
     "TransformerLayer",
     "TransformerStack",
+    "activation_checkpointing_",
     "attention_mask",
     "build_norm",
 ]

@@ -12,6 +12,7 @@ Shapes: B batch, T sequence length, S memory length, C embedding width.
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tansuo.blocks.attention import KVCache
 
@@ -154,6 +155,9 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_norm = final_norm
+        # activation checkpointing (see `activation_checkpointing_`): a flag, not a wrapper module, so the
+        # parameter names, state dicts and bundles stay the same with it on or off
+        self.checkpoint_layers = False
 
     def forward(
         self,
@@ -169,13 +173,28 @@ class TransformerStack(nn.Module):
         cache per layer in ``caches``."""
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; pass one per layer")
+        recompute = self.checkpoint_layers and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(
-                x,
-                memory=memory,
-                causal=causal,
-                key_padding_mask=key_padding_mask,
-                memory_mask=memory_mask,
-                cache=None if caches is None else caches[i],
-            )
+            kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, memory_mask=memory_mask)
+            if recompute:
+                # the backward pass runs the layer again (with the same dropout masks: the RNG state is
+                # saved) instead of keeping its activations
+                x = checkpoint(layer, x, memory=memory, use_reentrant=False, **kwargs)
+            else:
+                x = layer(x, memory=memory, cache=None if caches is None else caches[i], **kwargs)
         return x if self.final_norm is None else self.final_norm(x)
+
+
+def activation_checkpointing_(model: nn.Module, enabled: bool = True) -> int:
+    """Turns activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")
+    on or off for every :class:`TransformerStack` in ``model``, in place: with it on, each layer's
+    activations are recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant) instead of
+    being stored. Inference and KV-cached decoding are unaffected.
+
+    Returns:
+        How many stacks were changed (0: the model has none, e.g. a CNN).
+    """
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    for stack in stacks:
+        stack.checkpoint_layers = enabled
+    return len(stacks)

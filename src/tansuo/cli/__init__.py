@@ -19,6 +19,7 @@ from tansuo.cli import (
     explore,
     export,
     importing,
+    lr_find,
     merge,
     models,
     predict,
@@ -30,6 +31,7 @@ from tansuo.errors import TansuoError
 
 # the commands, in the order `tansuo --help` lists them
 app.command()(train.train)
+app.command("lr-find")(lr_find.lr_find)
 app.command("eval")(evaluate.eval_)
 app.command()(evaluate.generate)
 app.command()(chat.chat)

@@ -1,6 +1,6 @@
 """Data: tokenizers, token files, labelled text, image arrays, seeded splits, augmentation. No task logic."""
 
-from tansuo.data.augment import random_shift
+from tansuo.data.augment import AUTO_AUGMENT, auto_augment, mix_batch, random_shift
 from tansuo.data.image_csv import load_csv_arrays
 from tansuo.data.images import ImageArrays, infer_pixel_max, load_digits_arrays, load_npz_arrays, map_labels
 from tansuo.data.masking import mask_tokens
@@ -38,6 +38,9 @@ from tansuo.data.tokenizers import (
 )
 
 __all__ = [
+    "AUTO_AUGMENT",
+    "auto_augment",
+    "mix_batch",
     "mask_tokens",
     "TRAINED_ENCODER_TOKENIZERS",
     "WORDPIECE_SPECIAL_TOKENS",

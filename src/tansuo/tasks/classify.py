@@ -90,6 +90,9 @@ class ClassifyDataConfig(BaseModel):
         128, ge=4, description="longest encoding in tokens (longer texts are cut); at most the model's"
     )
     lowercase: bool = Field(True, description="lower-case texts (WordPiece training and vocab.txt)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="training loss against (1 - e) * one-hot + e / classes; 0 turns it off"
+    )
 
     @field_validator("splits")
     @classmethod
@@ -288,7 +291,10 @@ class ClassifyTask(TaskBase):
         return self._logits(model, batch), batch["y"]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self._logits(model, batch).float(), batch["y"])
+        """Cross-entropy, label-smoothed as ``data.label_smoothing`` says (training only: evaluation
+        reports the plain loss)."""
+        logits = self._logits(model, batch).float()
+        return F.cross_entropy(logits, batch["y"], label_smoothing=self.data.label_smoothing)
 
     @staticmethod
     def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:

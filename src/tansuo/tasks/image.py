@@ -3,7 +3,9 @@
 Sources: scikit-learn's bundled 8x8 digits, an NPZ file, or CSV rows (label then pixels, as MNIST CSVs).
 The data is split once with a seeded permutation (default 80/10/10 train/val/test). Images stay in their
 source units in memory and are normalised per channel with the training split's mean and std on the fly,
-after augmentation (random shifts of up to ``max_shift`` pixels), so shifted-in borders are true background.
+after augmentation (random shifts of up to ``max_shift`` pixels, then optionally RandAugment or
+TrivialAugment), so shifted-in borders are true background. MixUp / CutMix (``mixup``, ``cutmix``) turn the
+training targets into (B, K) probabilities; ``label_smoothing`` smooths the training loss.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from tansuo.data import (
     ImageArrays,
+    auto_augment,
     load_csv_arrays,
     load_digits_arrays,
     load_image_file,
     load_npz_arrays,
+    mix_batch,
     random_shift,
     split_indices,
 )
@@ -50,6 +54,14 @@ class ImageDataConfig(BaseModel):
     label_column: int = Field(0, description="CSV column holding the label; -1 for the last")
     splits: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test fractions")
     max_shift: int = Field(1, ge=0, description="random shift augmentation in pixels; 0 turns it off")
+    augment: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none", description="automatic augmentation policy (kornia) after the shifts; grey or RGB images"
+    )
+    mixup: float = Field(0.0, ge=0, le=1, description="probability that a training batch is mixed by MixUp")
+    cutmix: float = Field(0.0, ge=0, le=1, description="probability that a training batch is mixed by CutMix")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="training loss against (1 - e) * target + e / classes; 0 turns it off"
+    )
     top_k: int = Field(5, gt=0, description="also report top-k accuracy when there are more than k classes")
 
     @field_validator("splits")
@@ -58,6 +70,15 @@ class ImageDataConfig(BaseModel):
         if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
         return v
+
+    @model_validator(mode="after")
+    def _mixing(self) -> ImageDataConfig:
+        if self.mixup + self.cutmix > 1.0 + 1e-9:
+            raise ValueError(
+                f"mixup ({self.mixup}) + cutmix ({self.cutmix}) must not exceed 1: they are the chances of "
+                "one batch being mixed either way"
+            )
+        return self
 
 
 def load_arrays(data: ImageDataConfig) -> ImageArrays:
@@ -111,6 +132,11 @@ class ImageTask(TaskBase):
         train = arrays.images[train_idx]
         mean = train.mean(axis=(0, 2, 3))
         std = train.std(axis=(0, 2, 3)) + 1e-6
+        if data.augment != "none" and arrays.image_shape[0] not in (1, 3):
+            raise DataError(
+                f"data.augment {data.augment} needs grey or RGB images; these have {arrays.image_shape[0]} "
+                "channels. Set data.augment=none"
+            )
         info = {
             "class_names": list(arrays.class_names),
             "image_shape": list(arrays.image_shape),
@@ -176,13 +202,23 @@ class ImageTask(TaskBase):
             if self.data.max_shift:
                 g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=2))
                 x = random_shift(x, self.data.max_shift, g)
-            yield {"x": self.normalize(x), "y": labels[idx]}
+            if self.data.augment != "none":
+                x = auto_augment(x, self.data.augment, self.pixel_max, batch_seed(self.seed, n, salt=3))
+            x, y = self.normalize(x), labels[idx]
+            if self.data.mixup or self.data.cutmix:
+                # every batch gets soft targets (one-hot when it is not mixed): one batch layout
+                seed = batch_seed(self.seed, n, salt=4)
+                x, y = mix_batch(x, y, len(self.class_names), self.data.mixup, self.data.cutmix, seed)
+            yield {"x": x, "y": y}
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model(batch["x"]), batch["y"]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(model(batch["x"]).float(), batch["y"])
+        """Cross-entropy against class indices, or against (B, K) probabilities when the batch is mixed;
+        label smoothing applies to training only (evaluation reports the plain loss)."""
+        logits = model(batch["x"]).float()
+        return F.cross_entropy(logits, batch["y"], label_smoothing=self.data.label_smoothing)
 
     def count(self, batch: Batch) -> int:
         return len(batch["y"])

@@ -6,10 +6,16 @@ checkpoints (atomically) and can resume bit for bit. Structure after nanoGPT's `
 processes (``torchrun``, ``tansuo train --nproc-per-node N``) the same loop runs on every rank; what differs
 (DDP or FSDP2, each rank's micro-batches, rank 0 alone writing) is in ``distributed.py``.
 
+The efficiency switches of ``train:`` change how a step runs, not what it computes: ``compile``
+(torch.compile; the first step's time is logged as a ``compile`` event, apart from throughput),
+``activation_checkpointing`` (blocks/layers.py), ``precision`` (autocast; fp16 with a gradient scaler whose
+state is checkpointed), ``optimizer_impl`` (optim.py) and ``ema`` (ema.py: the average is what is evaluated
+and bundled, and is checkpointed).
+
 Run folder (``train.out_dir``)::
 
     checkpoint.safetensors   latest resumable state
-    metrics.jsonl            {"event": "train" | "eval" | "end", "step": ..., ...} per line
+    metrics.jsonl            {"event": "train" | "eval" | "compile" | "end", "step": ..., ...} per line
     bundle/                  best model so far (see bundle.py)
 """
 
@@ -27,13 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from tansuo.blocks import activation_checkpointing_
 from tansuo.bundle import save_bundle, update_bundle_metrics
-from tansuo.device import autocast, resolve_device
+from tansuo.device import autocast_dtype, autocast_to, resolve_device
 from tansuo.errors import RecipeError, TansuoError, TrainingDiverged
 from tansuo.recipe import TrainConfig
 from tansuo.tasks.base import Batch, Task
 from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
 from tansuo.train.distributed import Parallel, rank_device
+from tansuo.train.ema import ema_model
 from tansuo.train.optim import build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
@@ -103,11 +111,21 @@ class Trainer:
         self.task, self.cfg, self.seed, self.recipe = task, cfg, seed, recipe
         self.device = rank_device(resolve_device(cfg.device))
         self.parallel = Parallel(cfg.parallel, self.device)
+        if self.parallel.mode == "fsdp" and (cfg.ema is not None or cfg.precision == "fp16"):
+            raise RecipeError(
+                "train.parallel fsdp shards the weights: train.ema and train.precision fp16 (whose gradient "
+                "scaler would need FSDP's sharded one) are not supported with it; use ddp, or bf16 and no ema"
+            )
         self.progress = progress and self.parallel.is_main
         if cfg.threads:
             # tiny matmuls pay more for waking a second thread than they gain from it
             torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)
+        if cfg.activation_checkpointing and not activation_checkpointing_(model):
+            raise RecipeError(
+                f"train.activation_checkpointing: {type(model).__name__} has no transformer layer stack to "
+                "checkpoint; set it to false for this model"
+            )
         self.step_model = torch.compile(model) if cfg.compile else model
         self.extra = None if extra is None else extra.to(self.device)
         self.trained = model if extra is None else nn.ModuleList([model, self.extra])
@@ -119,7 +137,13 @@ class Trainer:
         self.parallel.seed_rank(seed)
         betas = (cfg.beta1, cfg.beta2)
         self.optimizer = build_optimizer(
-            self.trained, cfg.lr, cfg.weight_decay, betas, self.device, layer_decay=cfg.layer_decay
+            self.trained,
+            cfg.lr,
+            cfg.weight_decay,
+            betas,
+            self.device,
+            layer_decay=cfg.layer_decay,
+            impl=cfg.optimizer_impl,
         )
         self.plan = make_plan(cfg, task, self.parallel.world)
         self.global_batch = cfg.batch_size * self.parallel.world * cfg.grad_accum
@@ -133,6 +157,13 @@ class Trainer:
                 self.parallel.world,
                 cfg.grad_accum,
             )
+        self.amp_dtype = autocast_dtype(self.device, cfg.precision)
+        if self.amp_dtype is not None and self.device.type == "cpu":
+            log.warning("train.precision %s on the CPU: correct but usually slower than fp32", cfg.precision)
+        # fp16's narrow range needs the loss scaled up before backward (the scaler skips steps whose
+        # gradients overflow and adapts the scale); disabled, every call passes straight through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None if cfg.ema is None else ema_model(model, cfg.ema)
         self.metric = cfg.best_metric or task.default_metric
         self.mode = cfg.best_mode or metric_mode(self.metric)
         self.out = Path(cfg.out_dir)
@@ -169,6 +200,10 @@ class Trainer:
         }
         if self.extra is not None:
             state["extra"] = self.parallel.gather(self.extra.state_dict())
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,6 +225,15 @@ class Trainer:
         if self.extra is not None:
             self.parallel.load_model(self.extra, state["extra"])
         self.parallel.load_optimizer(self.optimizer, state["optimizer"])
+        for name, part in (("scaler", self.scaler if self.scaler.is_enabled() else None), ("ema", self.ema)):
+            if part is None:
+                continue
+            if name not in state:
+                raise TansuoError(
+                    f"the checkpoint has no {name} state: it was written with another train.precision or "
+                    "train.ema; resume with the recipe it was started with"
+                )
+            part.load_state_dict(state[name])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -252,6 +296,7 @@ class Trainer:
         self.model.train()
         # throughput counts training steps only: evaluation and checkpoint time is left out
         window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
+        compiling = cfg.compile  # the first step of a compiled model compiles it: timed on its own
         while self.step < plan.total_steps:
             started = time.perf_counter()
             lr = lr_at(
@@ -269,25 +314,36 @@ class Trainer:
                 batch = _to_device(next(batches), self.device)
                 # several processes: gradients are averaged across ranks on the last micro-batch only
                 with self.parallel.sync_gradients(last=micro == cfg.grad_accum - 1):
-                    with autocast(self.device):
+                    with autocast_to(self.device, self.amp_dtype):
                         loss = self.loss(batch)
-                    (loss / cfg.grad_accum).backward()
+                    self.scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
                 step_units += task.count(batch)
             # the step's loss (mean over ranks) and units (summed) as one process would count them
             step_loss, units = self.parallel.sum([step_loss, step_units])
             step_loss /= self.parallel.world
+            step_units = int(units)
             if not math.isfinite(step_loss):  # before the bad step reaches the weights or a checkpoint
                 self._diverged(step_loss)
-            window_units += int(units)
             if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.step += 1
             window_loss += step_loss
-            window_time += time.perf_counter() - started
             window_steps += 1
+            if compiling:
+                seconds = time.perf_counter() - started
+                self._write({"event": "compile", "step": self.step, "seconds": seconds})
+                log.info("torch.compile: the first step took %.1f s", seconds)
+                compiling = False
+            else:
+                window_units += step_units
+                window_time += time.perf_counter() - started
             if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                 stats = {
                     "loss": window_loss / window_steps,
@@ -314,12 +370,13 @@ class Trainer:
     def _evaluate_and_keep(self) -> bool:
         """Evaluate on val (rank 0, the others wait for its verdict); save the bundle if it improved.
         Returns True when early stopping triggers."""
-        model = self.parallel.full_model(self.model)  # under FSDP: rank 0's copy with the gathered weights
+        # the average stands for the run; under FSDP, rank 0's copy with the gathered weights
+        model = self.ema.module if self.ema is not None else self.parallel.full_model(self.model)
         stop = self._evaluate(model) if self.parallel.is_main else False
         return self.parallel.decide(stop)
 
     def _evaluate(self, model: nn.Module) -> bool:
-        with autocast(self.device):
+        with autocast_to(self.device, self.amp_dtype):
             metrics = self.task.evaluate(model, "val", self.cfg.batch_size, self.device)
         self.model.train()
         self._write({"event": "eval", "step": self.step, "split": "val", **metrics})
@@ -351,7 +408,7 @@ class Trainer:
         best = load_bundle(self.bundle_path, device=self.device)
         result = dict(best.metrics)
         if self.task.heldout_split != "val":
-            with autocast(self.device):
+            with autocast_to(self.device, self.amp_dtype):
                 result[self.task.heldout_split] = self.task.evaluate(
                     best.model, self.task.heldout_split, self.cfg.batch_size, self.device
                 )
