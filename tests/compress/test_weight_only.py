@@ -150,7 +150,7 @@ def test_int8_activations_need_blocks_of_32_and_old_records_keep_fp32() -> None:
     with torch.no_grad():
         torch.testing.assert_close(odd(x), F.linear(x, odd.dequantized_weight(), odd.bias))
     model = llama_test()
-    quantize_weights_(model, WeightOnlyConfig(bits=4))
+    quantize_weights_(model, WeightOnlyConfig(bits=4, activations="int8"))
     record = dict(model.compression[-1])
     assert record["activations"] == "int8" and model.stack.layers[0].attn.q_proj.int8_activations
     del record["activations"]  # a bundle written before activations were recorded
@@ -200,7 +200,8 @@ def test_decoder_logits_close_and_tied_head_handled(backend: str, bits: int) -> 
 def test_generation_with_the_kv_cache(backend: str) -> None:
     torch.manual_seed(0)
     model = llama_test()
-    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32))
+    # int8 activations: the cached steps (the kernels) and the full recomputation (dequantized) agree too
+    quantize_weights_(model, WeightOnlyConfig(bits=4, group_size=32, activations="int8"))
     prompt = model.example_input(1, 5)
     with torch.no_grad():
         cached = model.generate(prompt, 8, temperature=0.0)
@@ -252,12 +253,13 @@ def test_bundle_round_trip_gives_identical_logits(lm_bundle: Path, tmp_path: Pat
 def test_compress_cli_int4_weight(lm_bundle: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "c"
     args = ["compress", str(lm_bundle), "--quantize", "int4-weight", "--group-size", "32", "--out", str(out)]
+    args += ["--activations", "int8"]
     code, text, err = run(args, monkeypatch, capsys)
     assert code == 0, err
     assert "perplexity" in text and "chosen: 01-quantize" in text
     report = json.loads((out / "report.json").read_text())
     original, quantized = report["variants"]
-    assert quantized["steps"] == ["int4-weight g32"]
+    assert quantized["steps"] == ["int4-weight g32 int8-act"]
     assert quantized["size_bytes"] < original["size_bytes"]
     assert "Perplexity on the" in (out / "report.md").read_text()
     assert "one decoding step at batch 1" in (out / "report.md").read_text()  # decoders timed per token
@@ -265,6 +267,7 @@ def test_compress_cli_int4_weight(lm_bundle: Path, tmp_path: Path, monkeypatch, 
     b = load_bundle(out / "bundle", device="cpu")
     record = b.model.compression[-1]
     assert record["step"] == "weight_only" and record["group_size"] == 32 and record["sqnr_db"]
+    assert record["activations"] == "int8" and b.model.lm_head.int8_activations
     assert isinstance(b.model.lm_head, WeightOnlyLinear)
     loss = b.task.evaluate(b.model, b.task.heldout_split, 64, torch.device("cpu"))["loss"]
     assert loss == pytest.approx(quantized["quality"])
@@ -282,7 +285,7 @@ def test_compress_cli_refuses_bad_group_sizes(lm_bundle: Path, tmp_path: Path, m
         (["--quantize", "int8-weight", "--group-size", "32"], "int4-weight"),
         (["--quantize", "int4-weight", "--quantize-backend", "onnxruntime"], "torch backend only"),
         (["--quantize", "int4-weight", "--activations", "int4"], "activations"),
-        (["--quantize", "int8", "--activations", "fp32"], "--activations goes with"),
+        (["--quantize", "int8", "--activations", "int8"], "--activations goes with"),
     ]
     for extra, words in cases:
         code, _, err = run(["compress", str(lm_bundle), "--out", str(out), *extra], monkeypatch, capsys)

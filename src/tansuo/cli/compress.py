@@ -38,10 +38,10 @@ def compress(
     activations: Annotated[
         str,
         typer.Option(
-            help="weight-only: int8 (inputs quantized per block of 32 on the fly, as llama.cpp does: integer "
-            "dot products when decoding) or fp32 (exact, slower)"
+            help="weight-only: fp32 (exact) or int8 (inputs quantized per block of 32 on the fly, as "
+            "llama.cpp does: integer dot products when decoding)"
         ),
-    ] = "int8",
+    ] = "fp32",
     quantize_backend: Annotated[
         str,
         typer.Option(help="int8 runtime: torch (fbgemm), onnxruntime, or auto (the faster, measured)"),

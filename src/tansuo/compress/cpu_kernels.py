@@ -75,7 +75,7 @@ static void quantize_blocks(const float* x, int64_t n_blocks, int8_t* xq, float*
     }
 }
 
-#define ROWS 4  // output rows per pass: one load of an activation block serves four weight rows
+#define ROWS 1  // output rows per pass
 
 extern "C" void int4_gemv_q8(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* q,
                              const float* scale, const float* low, int64_t group, float* y, int threads) {

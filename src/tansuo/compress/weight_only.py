@@ -10,12 +10,15 @@ Weights are quantized by round-to-nearest without calibration data (GPTQ and AWQ
   (llama.cpp's Q4_1, torchao's int4 "tinygemm" scheme). Two values a byte: 6 bits a weight with g32's
   scale and minimum in fp32 (5 at g64, 4.5 at g128).
 
-Activations (``activations="int8"``, the default) are quantized on the fly as llama.cpp quantizes them for
-its Q4 / Q8 matrix products: symmetric int8 per block of 32 inputs, ``d = max|x| / 127``, ``round(x / d)``
+Activations stay fp32 by default, so every layer computes ``x @ dequantize(W).T``. With
+``activations="int8"`` they are quantized on the fly as llama.cpp quantizes them for its Q4 / Q8 matrix
+products: symmetric int8 per block of 32 inputs, ``d = max|x| / 127``, ``round(x / d)``
 (:func:`quantize_activations`), so the matrix-vector kernels multiply integers (AVX-512 VNNI or AVX2) and
-every path computes ``quantize_activations(x) @ dequantize(W).T``. On SmolLM2-135M that costs 0.1%
-perplexity (``bench/generate.py``). ``activations="fp32"`` keeps them exact (``x @ dequantize(W).T``), as do
-layers whose input width is not a multiple of 32, and bundles written before activations were recorded.
+every path computes ``quantize_activations(x) @ dequantize(W).T``. On SmolLM2-135M (``bench/generate.py``)
+that costs 0.2% perplexity against fp32 activations (30.40 against 30.33) and, measured end to end on this
+2-core CPU, decodes no faster (42.0-42.4 against 44.6 tokens/s with int4 weights, alternating runs): the
+integer kernels win on a layer whose weights sit in cache, but decoding streams every weight from memory.
+Layers whose input width is not a multiple of 32 keep fp32 activations.
 
 Decoding one token reads every weight once, so the win is in reading fewer bytes and doing less work per
 byte: at up to :data:`GEMV_ROWS` input rows the layers run :mod:`tansuo.compress.cpu_kernels`; at more
@@ -70,15 +73,15 @@ class WeightOnlyConfig:
             llama.cpp keeps a Q4 file's output matrix at 6-8 bits. On SmolLM2-135M, int4 g32 with an int4
             head gave perplexity 32.03 against fp32's 30.26 (+5.9%), with an int8 head 30.33 (+0.2%), and
             decoded no slower.
-        activations: ``int8`` (default): quantized per block of 32 inputs, as llama.cpp does, so decoding
-            multiplies integers; ``fp32``: exact.
+        activations: ``fp32`` (default): exact; ``int8``: quantized per block of 32 inputs, as llama.cpp
+            does, so decoding multiplies integers (no faster end to end here; see the module docstring).
     """
 
     bits: int = 8
     group_size: int | None = None
     head: bool = True
     head_bits: int = 8
-    activations: str = "int8"
+    activations: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:

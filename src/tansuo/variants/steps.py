@@ -95,9 +95,9 @@ class QuantizeStep(Strict):
     group_size: Literal[32, 64, 128] | None = None
     #: weight-only: quantize the output head too (a tied head as an int copy, the embedding stays fp32)
     head: bool = True
-    #: weight-only: the layers' inputs quantized to int8 per block of 32 on the fly (llama.cpp's way: integer
-    #: dot products when decoding) or kept fp32 (exact, slower)
-    activations: Literal["int8", "fp32"] = "int8"
+    #: weight-only: the layers' inputs kept fp32 (exact) or quantized to int8 per block of 32 on the fly
+    #: (llama.cpp's way: integer dot products when decoding)
+    activations: Literal["int8", "fp32"] = "fp32"
     #: Linear layers left in fp32, by name prefix (the classification head is small and sensitive)
     skip: list[str] = Field(default_factory=list)
     #: 7-bit activations (fbgemm's safe default without VNNI) or 8-bit; auto: whichever gives the model's
@@ -135,7 +135,7 @@ class QuantizeStep(Strict):
 
     def describe(self) -> str:
         name = f"int4-weight g{self.group_size or 32}" if self.mode == "int4-weight" else self.mode
-        return f"{name} fp32-act" if self.weight_only and self.activations == "fp32" else name
+        return f"{name} int8-act" if self.weight_only and self.activations == "int8" else name
 
 
 @register_step_type
@@ -282,7 +282,7 @@ def recipe_from_options(
     quantize_backend: str = "auto",
     group_size: int | None = None,
     quantize_head: bool = True,
-    activations: str = "int8",
+    activations: str = "fp32",
     prune: str | None = None,
     importance: str = "taylor",
     finetune_steps: int = 0,
@@ -348,7 +348,7 @@ def recipe_from_options(
         )
     if group_size is not None and quantize != "int4-weight":
         raise RecipeError("--group-size goes with --quantize int4-weight")
-    if activations != "int8" and not (quantize or "").endswith("-weight"):
+    if activations != "fp32" and not (quantize or "").endswith("-weight"):
         raise RecipeError("--activations goes with --quantize int8-weight or int4-weight")
     if quantize is not None:
         # with --max-drop the int8 step is accuracy-aware (on the validation split; the choice between the
