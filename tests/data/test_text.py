@@ -182,3 +182,32 @@ def test_lm_batch_smallest_and_too_short() -> None:
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
     with pytest.raises(DataError, match="needs at least 9"):
         lm_batch(tokens[:8], 2, 8, torch.Generator())
+
+
+def _rss_file_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def test_lm_batch_on_a_token_file_does_not_keep_its_pages_mapped(tmp_path: Path) -> None:
+    """Random windows of a memory-mapped token file: the same windows as from memory, and the pages read
+    are unmapped again, so the resident set does not grow with the file (bench/corpus_scale.py)."""
+    out = tmp_path / "big.bin"
+    tokens = (np.arange(8 * 2**20, dtype=np.int64) % 5000).astype(np.uint16)  # 16 MB
+    tokens.tofile(out)
+    (tmp_path / "big.bin.json").write_text(f'{{"dtype": "uint16", "num_tokens": {len(tokens)}}}')
+    mapped = open_token_file(out)
+    train, _ = split_tokens(mapped, 0.9)  # a slice of the map, as the tasks use
+    before = _rss_file_kb()
+    for n in range(40):
+        x, y = lm_batch(train, 32, 64, torch.Generator().manual_seed(n))
+        x_mem, y_mem = lm_batch(tokens[: len(train)], 32, 64, torch.Generator().manual_seed(n))
+        assert torch.equal(x, x_mem) and torch.equal(y, y_mem)
+    after = _rss_file_kb()
+    if before is not None and after is not None:  # Linux: 1,280 windows would map far more than 4 MB
+        assert after - before < 4096, (before, after)
