@@ -324,18 +324,6 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def int4_gemv(
-    lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
-) -> torch.Tensor:
-    """``x (M, K)`` fp32 contiguous times the int4 weight ``(N, K)`` transposed: ``(M, N)``."""
-    M, K = x.shape
-    N = q.shape[0]
-    y = torch.empty(M, N)
-    threads = torch.get_num_threads()
-    lib.int4_gemv(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(low), group, _ptr(y), threads)
-    return y
-
-
 def int4_dequant(
     lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
 ) -> torch.Tensor:
@@ -346,43 +334,12 @@ def int4_dequant(
     return w
 
 
-def int8_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x (M, K)`` fp32 contiguous times the int8 weight ``(N, K)`` transposed: ``(M, N)``."""
-    M, K = x.shape
-    N = q.shape[0]
-    y = torch.empty(M, N)
-    lib.int8_gemv(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(y), torch.get_num_threads())
-    return y
-
-
 def int8_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The fp32 weight ``(N, K)`` of int8 ``q (N, K)`` with one scale per row."""
     N, K = q.shape
     w = torch.empty(N, K)
     lib.int8_dequant(K, N, _ptr(q), _ptr(scale), _ptr(w), torch.get_num_threads())
     return w
-
-
-def int4_gemv_q8(
-    lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
-) -> torch.Tensor:
-    """As :func:`int4_gemv` with ``x`` quantized to int8 per block of 32 inputs first (K a multiple of 32):
-    integer dot products of codes and activations, as llama.cpp's Q4_1 x Q8_1."""
-    M, K = x.shape
-    N = q.shape[0]
-    y = torch.empty(M, N)
-    threads = torch.get_num_threads()
-    lib.int4_gemv_q8(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(low), group, _ptr(y), threads)
-    return y
-
-
-def int8_gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """As :func:`int8_gemv` with ``x`` quantized to int8 per block of 32 inputs first (K a multiple of 32)."""
-    M, K = x.shape
-    N = q.shape[0]
-    y = torch.empty(M, N)
-    lib.int8_gemv_q8(_ptr(x), M, K, N, _ptr(q), _ptr(scale), _ptr(y), torch.get_num_threads())
-    return y
 
 
 def gemv(
