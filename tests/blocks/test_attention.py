@@ -144,3 +144,15 @@ def test_kv_cache_refuses_overflow_and_wrong_shapes():
 def test_embed_dim_must_divide_into_heads():
     with pytest.raises(ValueError, match=r"embed_dim \(130\) must be divisible by num_heads \(4\)"):
         MultiHeadAttention(130, 4)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_one_query_attention_equals_sdpa(num_kv_heads: int) -> None:
+    """The form a compiled decoding step uses: one query per head over a cache, grouped or not."""
+    from tansuo.blocks.attention import _one_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    k, v = (torch.randn(2, num_kv_heads, 7, 8, generator=g) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=num_kv_heads != 4)
+    torch.testing.assert_close(_one_query_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from tansuo.bundle import load_bundle, save_bundle
 from tansuo.compress import (
@@ -208,6 +209,46 @@ def test_generation_with_the_kv_cache(backend: str) -> None:
         full = model.generate(prompt, 8, temperature=0.0, use_cache=False)
     assert cached.shape == (1, 13)
     assert torch.equal(cached, full)
+
+
+def test_the_kernels_as_a_compilable_operator() -> None:
+    """``torch.ops.tansuo.weight_only_gemv``, what a compiled decoding step calls: the layer's numbers, and
+    a fake implementation that ``torch.library.opcheck`` accepts (shapes for tracing, no data read)."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the weight-only kernels cannot be compiled here")
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 40)
+    for bits, group in ((8, None), (4, 32)):
+        q = WeightOnlyLinear.from_float(linear, bits, group)
+        x = torch.randn(1, 64)
+        args = (x, q.qweight, q.scale, q.low, q.group_size or 0, False)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.ops.tansuo.weight_only_gemv(*args) + q.bias, q(x))
+        torch.library.opcheck(
+            torch.ops.tansuo.weight_only_gemv, args, test_utils=("test_schema", "test_faketensor")
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_decoding_equals_eager(bits: int) -> None:
+    """``compile_decoding``: torch.compile of the one-token step (weight-only kernels as an operator, the
+    one-query attention) generates the tokens eager decoding does, over a growing cache (one compile)."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the weight-only kernels cannot be compiled here")
+    torch.manual_seed(0)
+    model = llama_test()
+    quantize_weights_(model, WeightOnlyConfig(bits=bits, group_size=32 if bits == 4 else None))
+    prompt, other = model.example_input(2, 5), model.example_input(1, 3)  # another batch and length
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = [model.generate(p, 12, temperature=0.0) for p in (prompt, other)]
+        compiled = [model.compile_decoding().generate(prompt, 12, temperature=0.0)]
+        assert counters["stats"]["unique_graphs"] == 1  # 11 steps over a growing cache: one graph
+        compiled.append(model.generate(other, 12, temperature=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+    assert not model.compile_decoding(False).compiled_decoding
 
 
 @pytest.mark.parametrize("head_bits", [8, 4])

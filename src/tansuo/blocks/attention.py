@@ -193,6 +193,19 @@ def attention_mask(
     return mask
 
 
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per head ``q (B, H, 1, D)`` over every key ``k, v (B, Hkv, S, D)``, Hkv dividing
+    H, in plain matmuls: a compiled decoding step fuses them, where SDPA's CPU kernel costs tens of
+    microseconds of set-up per call for a few hundred multiply-adds per head."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    # products and sums rather than matmuls, which Inductor fuses into its own loops (a matmul would be an
+    # MKL call each, as costly as SDPA at this size, or be rewritten into SDPA by its pattern matcher)
+    q = q.reshape(B, Hkv, H // Hkv, 1, D) * D**-0.5
+    weights = (q * k[:, :, None]).sum(dim=-1).softmax(dim=-1)  # (B, Hkv, group, S)
+    return (weights[..., None] * v[:, :, None]).sum(dim=-2).reshape(B, H, 1, D)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention.
 
@@ -272,6 +285,7 @@ class MultiHeadAttention(nn.Module):
         if memory is not None and cache is not None:
             raise ValueError("a KV cache is for self-attention; cross-attention memory is not cached")
         exporting = torch.compiler.is_exporting()
+        compiling = torch.compiler.is_compiling() and not exporting and not self.training
         grouped = self.num_kv_heads != self.num_heads
         plain = memory is None and cache is None and not causal and self.rotary is None and not grouped
         if exporting and plain:
@@ -296,6 +310,8 @@ class MultiHeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa
             )  # fused kernels
+        elif T == 1 and key_padding_mask is None and not isinstance(offset, torch.Tensor) and compiling:
+            y = _one_query_attention(q, k, v)  # a compiled decoding step: plain ops the compiler fuses
         else:
             mask = attention_mask(
                 T, S, causal=causal, offset=offset, key_padding_mask=key_padding_mask, device=x.device

@@ -226,6 +226,17 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in)`` to ``(..., out)``, in fp32."""
         rows = x.numel() // self.in_features
+        if rows <= GEMV_ROWS and x.is_cpu and torch.compiler.is_compiling() and _have_kernels():
+            y = torch.ops.tansuo.weight_only_gemv(  # an opaque call in a compiled graph
+                x.reshape(rows, self.in_features).float().contiguous(),
+                self.qweight,
+                self.scale,
+                self.low,
+                self.group_size or 0,
+                self.int8_activations,
+            )
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         lib = cpu_kernels.kernels() if rows <= GEMV_ROWS and x.is_cpu else None
         if lib is not None:  # decoding: the hot path, kept short (it runs per layer per token)
             x2 = x.reshape(rows, self.in_features)
@@ -255,6 +266,33 @@ class WeightOnlyLinear(nn.Module):
         acts = "int8" if self.int8_activations else "fp32"
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{shape}, int{self.bits}{group}, {acts} activations"
+
+
+@torch.compiler.assume_constant_result
+def _have_kernels() -> bool:
+    return cpu_kernels.kernels() is not None
+
+
+@torch.library.custom_op("tansuo::weight_only_gemv", mutates_args=())
+def _weight_only_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    low: torch.Tensor | None,
+    group_size: int,
+    int8_activations: bool,
+) -> torch.Tensor:
+    """The matrix-vector kernels as an operator ``torch.compile`` can put in a graph (ctypes it cannot
+    trace): ``x (M, K)`` fp32 contiguous to ``(M, N)``; ``low`` None for int8 weights."""
+    lib = cpu_kernels.kernels()
+    if lib is None:
+        raise RuntimeError("the weight-only kernels are not available in this process")
+    return cpu_kernels.gemv(lib, x, qweight, scale, low, group_size or None, int8_activations)
+
+
+@_weight_only_gemv.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, *_: Any) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 # ------------------------------------------------------------------------------------------ technique

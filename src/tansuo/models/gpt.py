@@ -164,6 +164,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self._init_weights()
+        #: decode one token at a time with a compiled step (:meth:`compile_decoding`)
+        self.compiled_decoding = False
         if config.tie_embeddings:
             self.register_state_dict_post_hook(_drop_tied_head)
             self.register_load_state_dict_pre_hook(_restore_tied_head)
@@ -304,6 +306,15 @@ class GPT(nn.Module):
     def _last_logits(self, idx: torch.Tensor, cache: list[KVCache] | None) -> torch.Tensor:
         return self.forward_head(self.forward_features(idx, cache)[:, -1])  # (B, V), the head on one position
 
+    def compile_decoding(self, enabled: bool = True) -> "GPT":
+        """Makes :meth:`generate` feed each new token through ``torch.compile`` of one decoding step (with a
+        KV cache; the prompt is still prefilled eagerly). Each op of an eager step costs microseconds of
+        dispatch, which at batch 1 is a large part of a small model's step; the compiled one fuses them.
+        The first step compiles, tens of seconds to minutes on a small CPU (cached on disk by PyTorch for
+        later processes), and the cache length is a dynamic size, so it compiles once. Returns ``self``."""
+        self.compiled_decoding = enabled
+        return self
+
     @torch.no_grad()
     def generate(
         self,
@@ -360,12 +371,19 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 break
             if cache is not None and cache[0].length < size:
-                logits = self._last_logits(next_token, cache)
+                step = _compiled_step() if self.compiled_decoding else GPT._last_logits
+                logits = step(self, next_token, cache)
             else:  # no cache, or a full one: the last L tokens from the start
                 for layer_cache in cache or []:
                     layer_cache.reset()
                 logits = self._last_logits(idx[:, -L:], cache)
         return idx
+
+
+@functools.cache
+def _compiled_step() -> Callable:
+    # compiled once per process; a graph per model (its parameters are guarded), the cache length dynamic
+    return torch.compile(GPT._last_logits, dynamic=True)
 
 
 def sample_logits(
