@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.helpers import (
@@ -89,6 +90,19 @@ def test_lm_train_then_generate(monkeypatch, capsys, tmp_path, text_file) -> Non
     assert out2 == out  # seeded sampling is reproducible
     code, _, err = run(["generate", str(bundle), "--prompt", "ROMEO: \u2603"], monkeypatch, capsys)
     assert code == 2 and "\u2603" in err  # a character the vocabulary never saw
+
+
+@pytest.mark.slow
+def test_generate_with_a_compiled_step_gives_the_same_text(monkeypatch, capsys, tmp_path, text_file) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", lm_recipe(text_file, tmp_path / "run"))
+    assert run(["train", str(recipe), "--quiet"], monkeypatch, capsys)[0] == 0
+    args = ["generate", str(tmp_path / "run" / "bundle"), "--prompt", "ROMEO:", "--max-new-tokens", "20"]
+    args += ["--temperature", "0"]
+    code, eager, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    code, compiled, err = run([*args, "--compile"], monkeypatch, capsys)
+    assert code == 0, err
+    assert compiled == eager
 
 
 def test_resume_without_checkpoint_exits_2(monkeypatch, capsys, tmp_path, image_npz) -> None:
