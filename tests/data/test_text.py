@@ -211,3 +211,19 @@ def test_lm_batch_on_a_token_file_does_not_keep_its_pages_mapped(tmp_path: Path)
     after = _rss_file_kb()
     if before is not None and after is not None:  # Linux: 1,280 windows would map far more than 4 MB
         assert after - before < 4096, (before, after)
+
+
+def test_lm_batch_releases_a_token_file_pages_every_few_windows(tmp_path: Path, monkeypatch) -> None:
+    """An evaluation's hundreds of windows do not all map their pages at once: the peak stays small."""
+    from tansuo.data import text
+
+    out = tmp_path / "t.bin"
+    (np.arange(4096, dtype=np.int64) % 50).astype(np.uint16).tofile(out)
+    (tmp_path / "t.bin.json").write_text('{"dtype": "uint16", "num_tokens": 4096}')
+    calls = []
+    monkeypatch.setattr(text, "release_pages", lambda tokens: calls.append(len(tokens)))
+    x, _ = lm_batch(open_token_file(out), 20, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (20, 16) and len(calls) == -(-20 // text.WINDOWS_PER_RELEASE)
+    calls.clear()
+    lm_batch(np.zeros(4096, dtype=np.uint16), 20, 16, torch.Generator().manual_seed(0))
+    assert len(calls) == 1  # an array in memory: one (no-op) call
