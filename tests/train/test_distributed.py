@@ -13,7 +13,7 @@ from torch.multiprocessing import ProcessRaisedException
 from tansuo.errors import RecipeError, TansuoError
 from tansuo.recipe import validate_recipe
 from tansuo.train.checkpoint import load_checkpoint
-from tansuo.train.distributed import LaunchConfig, Parallel
+from tansuo.train.distributed import LaunchConfig, Parallel, sharded_grad_scaler
 from tansuo.train.setup import train_recipe
 from tests.helpers import (
     Interrupted,
@@ -98,6 +98,42 @@ def test_fsdp_equals_one_process_and_its_checkpoint_is_whole(text_file: Path, tm
         _assert_close(one["state"][i], fsdp["state"][i])
     bundle = tmp_path / "fsdp" / "bundle" / "model.safetensors"
     assert bundle.is_file()
+
+
+def test_fsdp_trains_in_fp16_with_the_sharded_gradient_scaler(text_file: Path, tmp_path: Path) -> None:
+    """fp16 under FSDP: the ranks agree on each step's overflow check (a sharded scaler), and the run is the
+    one-process fp16 run, scale included, up to fp16 rounding of sums taken in another order."""
+    data = tmp_path / "data"
+    _one_process(_lm(text_file, tmp_path / "one", grad_accum=4, precision="fp16"), data)
+    raws = [_lm(text_file, tmp_path / "fsdp", grad_accum=2, parallel="fsdp", precision="fp16")] * 2
+    train_ranks(raws, data)
+
+    one, fsdp = (load_checkpoint(tmp_path / r / "checkpoint.safetensors") for r in ("one", "fsdp"))
+    torch.testing.assert_close(one["scaler"], fsdp["scaler"])
+    _assert_close(one["model"], fsdp["model"], atol=2e-3)
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "fsdp"), abs=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_the_sharded_scaler_skips_an_overflowing_step_with_fused_adamw(tmp_path: Path, impl: str) -> None:
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.AdamW([w], lr=0.1, **{impl: True})
+        scaler = sharded_grad_scaler("cpu", enabled=True)
+        for grad, stepped in ((torch.tensor([1.0, float("inf"), 0.0, 0.0]), False), (torch.ones(4), True)):
+            before = w.detach().clone()
+            w.grad = grad * scaler.scale(torch.ones(())).item()  # backward of a scaled loss
+            scaler.unscale_(opt)  # as the trainer does before clipping
+            scaler.step(opt)
+            scaler.update()
+            assert (not torch.equal(w.detach(), before)) == stepped
+        assert scaler.get_scale() == 65536.0 * 0.5  # backed off once, at the overflow
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # three runs of two processes

@@ -239,6 +239,23 @@ class _LossModule(nn.Module):
         return self._loss(batch)
 
 
+def sharded_grad_scaler(device_type: str, enabled: bool) -> torch.amp.GradScaler:
+    """FSDP's gradient scaler (every rank's overflow flags all-reduced before the step), fit for fused and
+    foreach AdamW: torch 2.13's flags overflow in a (1,) tensor where those take GradScaler's 0-d one
+    ("output with shape [] doesn't match the broadcast shape [1]"), so it is reshaped after unscaling."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    class Scaler(ShardedGradScaler):
+        def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+            super().unscale_(optimizer)
+            if self._enabled:
+                state = self._per_optimizer_states[id(optimizer)]
+                found = state["found_inf_per_device"]
+                state["found_inf_per_device"] = {d: t.reshape(()) for d, t in found.items()}
+
+    return Scaler(device_type, enabled=enabled)
+
+
 class Parallel:
     """What the trainer does differently on several processes: how the loss module is wrapped, which
     micro-batches a rank takes, reductions of logged figures, and state gathered to and spread from rank 0.
@@ -352,6 +369,13 @@ class Parallel:
         return bool(t.item())
 
     # ---------------------------------------------------------------- state
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        """fp16's gradient scaler: under FSDP the sharded one, whose overflow check is agreed on by every rank
+        (each sees only its shard of the gradients; a rank skipping a step alone would desynchronise them)."""
+        if self.mode == "fsdp":
+            return sharded_grad_scaler(self.device.type, enabled)
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
     def full_model(self, model: nn.Module) -> nn.Module:
         """A model with all the weights, for rank 0 to evaluate and bundle; every rank must call this (with
         FSDP it gathers the shards). With DDP or one process it is ``model`` itself."""

@@ -111,10 +111,10 @@ class Trainer:
         self.task, self.cfg, self.seed, self.recipe = task, cfg, seed, recipe
         self.device = rank_device(resolve_device(cfg.device))
         self.parallel = Parallel(cfg.parallel, self.device)
-        if self.parallel.mode == "fsdp" and (cfg.ema is not None or cfg.precision == "fp16"):
+        if self.parallel.mode == "fsdp" and cfg.ema is not None:
             raise RecipeError(
-                "train.parallel fsdp shards the weights: train.ema and train.precision fp16 (whose gradient "
-                "scaler would need FSDP's sharded one) are not supported with it; use ddp, or bf16 and no ema"
+                "train.parallel fsdp shards the weights: train.ema (a whole copy of them) is not supported "
+                "with it; use ddp, or no ema"
             )
         self.progress = progress and self.parallel.is_main
         if cfg.threads:
@@ -162,7 +162,7 @@ class Trainer:
             log.warning("train.precision %s on the CPU: correct but usually slower than fp32", cfg.precision)
         # fp16's narrow range needs the loss scaled up before backward (the scaler skips steps whose
         # gradients overflow and adapts the scale); disabled, every call passes straight through
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = self.parallel.grad_scaler(enabled=self.amp_dtype == torch.float16)
         self.ema = None if cfg.ema is None else ema_model(model, cfg.ema)
         self.metric = cfg.best_metric or task.default_metric
         self.mode = cfg.best_mode or metric_mode(self.metric)
