@@ -195,8 +195,8 @@ def attention_mask(
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Attention of one query per head ``q (B, H, 1, D)`` over every key ``k, v (B, Hkv, S, D)``, Hkv dividing
-    H, in plain matmuls: a compiled decoding step fuses them, where SDPA's CPU kernel costs tens of
-    microseconds of set-up per call for a few hundred multiply-adds per head."""
+    H, in elementwise products and sums: a compiled decoding step fuses them, where SDPA's CPU kernel costs
+    tens of microseconds of set-up per call for a few thousand multiply-adds per head."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     # products and sums rather than matmuls, which Inductor fuses into its own loops (a matmul would be an

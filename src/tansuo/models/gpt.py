@@ -371,8 +371,8 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 break
             if cache is not None and cache[0].length < size:
-                step = _compiled_step() if self.compiled_decoding else GPT._last_logits
-                logits = step(self, next_token, cache)
+                decode = _compiled_step() if self.compiled_decoding else GPT._last_logits
+                logits = decode(self, next_token, cache)
             else:  # no cache, or a full one: the last L tokens from the start
                 for layer_cache in cache or []:
                     layer_cache.reset()
