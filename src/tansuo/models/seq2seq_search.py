@@ -31,6 +31,7 @@ class DecodeSettings:
     length_penalty: float = 1.0  # finished scores are divided by length ** length_penalty (0: raw sums)
     max_len_ratio: float = 1.5  # a translation has at most ratio * source tokens + extra tokens
     max_len_extra: int = 10
+    max_len: int | None = None  # and at most this many tokens (a server's cap); None: the model's positions
     bos_id: int = 2
     eos_id: int = 3
 
@@ -39,13 +40,16 @@ class DecodeSettings:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
         if self.max_len_ratio < 0 or self.max_len_extra < 0 or self.max_len_ratio + self.max_len_extra <= 0:
             raise ValueError("max_len_ratio and max_len_extra must be >= 0 and not both 0")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {self.max_len}")
 
 
 def length_limits(model: Seq2Seq, src_mask: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
     """Each sentence's most target tokens (``</s>`` included), ``(B,)`` long, at least 1."""
     src_len = src_mask.sum(dim=1).float()
     limit = (settings.max_len_ratio * src_len + settings.max_len_extra).floor().long()
-    return limit.clamp(min=1, max=model.config.max_seq_len - 1)
+    cap = model.config.max_seq_len - 1
+    return limit.clamp(min=1, max=cap if settings.max_len is None else min(cap, settings.max_len))
 
 
 def translate_ids(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> list[list[int]]:

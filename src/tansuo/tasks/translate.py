@@ -105,8 +105,9 @@ class TranslateDataConfig(BaseModel):
             raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
         return v
 
-    def settings(self, beam_size: int, ids: dict[str, int]) -> Any:
-        """The decoding settings at ``beam_size`` (the model's bos/eos ids in ``ids``)."""
+    def settings(self, beam_size: int, ids: dict[str, int], max_len: int | None = None) -> Any:
+        """The decoding settings at ``beam_size`` (the model's bos/eos ids in ``ids``; at most ``max_len``
+        tokens when given)."""
         from tansuo.models.seq2seq_search import DecodeSettings
 
         return DecodeSettings(
@@ -114,6 +115,7 @@ class TranslateDataConfig(BaseModel):
             length_penalty=self.length_penalty,
             max_len_ratio=self.max_len_ratio,
             max_len_extra=self.max_len_extra,
+            max_len=max_len,
             bos_id=ids["bos"],
             eos_id=ids["eos"],
         )
@@ -219,6 +221,10 @@ class TranslateTask(TaskBase):
             [text.targets[i] for i in keep],
             [text.sources[i] for i in keep],
         )
+
+    def size(self, split: str) -> int:
+        """How many sentence pairs ``split`` holds (training pairs longer than ``max_len`` left out)."""
+        return len(self._split(split))
 
     def _split(self, split: str) -> _Encoded:
         if split not in self.splits:
@@ -328,11 +334,16 @@ class TranslateTask(TaskBase):
         }
 
     def _translate_encoded(
-        self, model: nn.Module, sources: list[list[int]], device: torch.device, beam_size: int
+        self,
+        model: nn.Module,
+        sources: list[list[int]],
+        device: torch.device,
+        beam_size: int,
+        max_len: int | None = None,
     ) -> list[str]:
         from tansuo.models.seq2seq_search import translate_ids
 
-        settings = self.data.settings(beam_size, self.ids)
+        settings = self.data.settings(beam_size, self.ids, max_len)
         rows = max(1, DECODE_ROWS // beam_size)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
@@ -348,15 +359,21 @@ class TranslateTask(TaskBase):
         return out
 
     def translate(
-        self, model: nn.Module, texts: list[str], device: torch.device, beam_size: int | None = None
+        self,
+        model: nn.Module,
+        texts: list[str],
+        device: torch.device,
+        beam_size: int | None = None,
+        max_len: int | None = None,
     ) -> list[str]:
-        """The translation of each text (``beam_size`` None: ``data.beam_size``)."""
+        """The translation of each text (``beam_size`` None: ``data.beam_size``; at most ``max_len``
+        tokens when given, else ``max_len_ratio`` x source + ``max_len_extra``)."""
         empty = [i for i, text in enumerate(texts) if not text.strip()]
         if empty:
             raise DataError(f"input {empty[0] + 1} of {len(texts)} is empty; give a sentence to translate")
         limit, eos = self.data.max_len, self.ids["eos"]
         sources = [ids[: limit - 1] + [eos] for ids in self._pieces([t.strip() for t in texts])]
-        return self._translate_encoded(model, sources, device, beam_size or self.data.beam_size)
+        return self._translate_encoded(model, sources, device, beam_size or self.data.beam_size, max_len)
 
     def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
         """Translate each text with beam search (``data.beam_size``)."""
