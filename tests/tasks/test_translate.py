@@ -142,3 +142,23 @@ def test_train_then_predict_a_sentence_and_a_file(tmp_path, monkeypatch, capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["translation"] for r in rows] == ["ka lo mi", "nu pe ri so"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_the_joint_vocabulary_has_its_special_tokens_first_and_decodes_to_text(kind):
+    from tansuo.data.tokenizers import SUBWORD_SPECIAL_TOKENS, train_subword_tokenizer
+
+    texts = ["Ein Mann fährt Fahrrad.", "A man rides a bike.", "Zwei Hunde spielen im Schnee."] * 20
+    tok = train_subword_tokenizer(texts, kind, 150)
+    assert [tok.token_to_id(t) for t in SUBWORD_SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert tok.decode(tok.encode("Zwei Hunde fährt Fahrrad.").ids) == "Zwei Hunde fährt Fahrrad."
+
+
+def test_the_timed_call_is_a_fixed_amount_of_translation(tmp_path):
+    task = task_from(translate_recipe(write_parallel(tmp_path / "pairs", 60), tmp_path / "run"))
+    from tansuo.models import create_model
+
+    model = create_model("seq2seq_test", **task.model_overrides()).eval()
+    what, call = task.timed_call(model, 2, 6, calls=1)
+    assert "6 greedy steps" in what
+    assert call().shape == (2, model.config.vocab_size)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -404,6 +404,28 @@ class TranslateTask(TaskBase):
 
     def example_input(self, model: nn.Module, batch_size: int, seq_len: int) -> tuple[torch.Tensor, ...]:
         return model.example_input(batch_size, seq_len=seq_len)
+
+    def timed_call(
+        self, model: nn.Module, batch_size: int, seq_len: int, calls: int
+    ) -> tuple[str, Callable[[], object]]:
+        """What a translation costs, at a fixed amount of work: encode a ``seq_len``-token source, then
+        ``seq_len`` greedy decoding steps with the caches (no stop at ``</s>``, so every variant of a model
+        does the same number of steps whatever it predicts)."""
+        src, tgt = model.example_input(batch_size, seq_len=seq_len)
+        steps = min(seq_len, model.config.max_seq_len - 1)
+
+        @torch.inference_mode()
+        def call() -> torch.Tensor:
+            mask = model.source_mask(src)
+            memory = model.encode(src, mask)
+            state = model.init_state(batch_size, steps, memory)
+            token = tgt[:, :1]
+            for _ in range(steps):
+                logits = model.step(token, memory, mask, state)
+                token = logits.argmax(dim=-1, keepdim=True)
+            return logits
+
+        return f"translate: encode {seq_len} tokens, {steps} greedy steps", call
 
     def save_assets(self, bundle_dir: Path) -> None:
         save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
