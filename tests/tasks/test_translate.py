@@ -162,3 +162,19 @@ def test_the_timed_call_is_a_fixed_amount_of_translation(tmp_path):
     what, call = task.timed_call(model, 2, 6, calls=1)
     assert "6 greedy steps" in what
     assert call().shape == (2, model.config.vocab_size)
+
+
+@pytest.mark.slow
+def test_int8_compression_of_a_translation_bundle_is_measured_in_bleu_points(tmp_path, monkeypatch, capsys):
+    prefix = write_parallel(tmp_path / "copy", 300, seed=4)
+    raw = translate_recipe(prefix, tmp_path / "run", max_steps=150, eval_every=150)
+    assert run(["train", str(write_recipe(tmp_path / "r.yaml", raw))], monkeypatch, capsys)[0] == 0
+    out = tmp_path / "compressed"
+    args = ["compress", str(tmp_path / "run" / "bundle"), "--quantize", "int8", "--quantize-backend", "torch"]
+    code, _, err = run([*args, "--out", str(out), "--threads", "1"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"]:  # quality is BLEU / 100: reports show it x100, as points
+        assert variant["metric"] == "bleu"
+        assert variant["quality"] == pytest.approx(variant["metrics"]["bleu"] / 100)
+    assert report["variants"][1]["steps"] == ["int8"]

@@ -142,6 +142,7 @@ class TranslateTask(TaskBase):
     default_metric: ClassVar[str] = "bleu"
     unit: ClassVar[str] = "tokens"
     heldout_split: ClassVar[str] = "test"
+    quality_scale: ClassVar[float] = 100.0  # BLEU is in points already (reports show quality x100)
 
     def __init__(self, data: TranslateDataConfig, seed: int, tokenizer: Tokenizer) -> None:
         self.data, self.seed, self.tokenizer = data, seed, tokenizer
