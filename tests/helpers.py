@@ -80,6 +80,25 @@ def mlm_recipe(path: Path, out: Path, **train_cfg: object) -> dict:
     }
 
 
+def translate_recipe(prefix: Path, out: Path, **train_cfg: object) -> dict:
+    """A tiny encoder-decoder on the line files ``<prefix>.src`` / ``<prefix>.tgt`` of
+    :func:`write_parallel` (val and test cut from them)."""
+    return {
+        "task": "translate",
+        "seed": 3,
+        "data": {"train": str(prefix), "src_lang": "src", "tgt_lang": "tgt", "vocab_size": 120},
+        "model": {"name": "seq2seq_test", "overrides": {"dropout": 0.0}},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 30,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "threads": 1,  # a tiny model: one thread is several times faster than two contended ones
+            **train_cfg,
+        },
+    }
+
+
 def write_recipe(path: Path, raw: dict) -> Path:
     """A raw recipe as a YAML file, for the command line."""
     path.write_text(yaml.safe_dump(raw))
@@ -101,6 +120,22 @@ def write_sentiment_tsv(path: Path, rows: int) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+LETTERS = ["ka", "lo", "mi", "nu", "pe", "ri", "so", "tu"]
+
+
+def write_parallel(prefix: Path, rows: int, seed: int = 0, *, reverse: bool = False) -> Path:
+    """``<prefix>.src`` / ``<prefix>.tgt``: random sentences of 3 to 6 syllable words and their copy (or
+    their words reversed): a translation a tiny model learns in seconds."""
+    import random
+
+    rng = random.Random(seed)
+    sources = [[rng.choice(LETTERS) for _ in range(rng.randint(3, 6))] for _ in range(rows)]
+    targets = [list(reversed(s)) if reverse else s for s in sources]
+    prefix.with_name(prefix.name + ".src").write_text("".join(" ".join(s) + "\n" for s in sources))
+    prefix.with_name(prefix.name + ".tgt").write_text("".join(" ".join(t) + "\n" for t in targets))
+    return prefix
 
 
 # ------------------------------------------------------------------------------------------------ runs

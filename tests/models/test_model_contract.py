@@ -16,6 +16,12 @@ def _build(name: str):
     return create_model(name)
 
 
+def _inputs(model) -> tuple:
+    """``example_input`` as positional arguments (an encoder-decoder takes source and target)."""
+    x = model.example_input()
+    return x if isinstance(x, tuple) else (x,)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_forward_shape_and_finite(name):
     model = _build(name)
@@ -26,23 +32,28 @@ def test_forward_shape_and_finite(name):
     if model.num_params() > LARGE:
         return
     x = model.example_input(batch_size=2)
-    out = model(x)
+    args = x if isinstance(x, tuple) else (x,)
+    out = model(*args)
     if model.family == "gpt":
         assert out.shape == (*x.shape, model.config.vocab_size)
+    elif model.family == "seq2seq":  # next-token logits of the target
+        assert out.shape == (*args[1].shape, model.config.vocab_size)
     else:
         assert out.shape == (2, model.config.num_classes)
     assert torch.isfinite(out).all()
     model.eval()
-    torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x), atol=0, rtol=0)
+    torch.testing.assert_close(
+        model.forward_head(model.forward_features(*args)), model(*args), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", list_models("*_test"))
 def test_every_parameter_gets_a_gradient(name):
     model = _build(name)
-    x = model.example_input()
-    loss = model(x).float().pow(2).mean()
+    x = _inputs(model)
+    loss = model(*x).float().pow(2).mean()
     if model.family == "bert":  # the MLM head is a second head, outside forward()
-        loss = loss + model.mlm_logits(model.forward_features(x)).float().pow(2).mean()
+        loss = loss + model.mlm_logits(model.forward_features(*x)).float().pow(2).mean()
     loss.backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, param_name
@@ -51,12 +62,12 @@ def test_every_parameter_gets_a_gradient(name):
 @pytest.mark.parametrize("name", list_models())
 def test_safetensors_round_trip_rebuilds_the_same_model(name, tmp_path):
     model = _build(name)
-    model(model.example_input())  # a training step's forward updates BatchNorm statistics
+    model(*_inputs(model))  # a training step's forward updates BatchNorm statistics
     path = tmp_path / "model.safetensors"
     save_file(model.state_dict(), path)
     rebuilt = create_model(model.model_name, **dataclasses.asdict(model.config))
     rebuilt.load_state_dict(load_file(path))
     model.eval()
     rebuilt.eval()
-    x = model.example_input()
-    assert torch.equal(model(x), rebuilt(x))
+    x = _inputs(model)
+    assert torch.equal(model(*x), rebuilt(*x))

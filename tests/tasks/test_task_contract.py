@@ -30,6 +30,8 @@ from tests.helpers import (
     image_recipe,
     lm_recipe,
     mlm_recipe,
+    translate_recipe,
+    write_parallel,
     write_sentiment_tsv,
 )
 
@@ -113,12 +115,22 @@ def _image(folder: Path) -> Case:
     return Case(image_recipe(npz, folder / "run"), [str(picture)], listing)
 
 
+def _translate(folder: Path) -> Case:
+    prefix = write_parallel(folder / "pairs", 80, seed=5, reverse=True)
+    inputs = folder / "inputs.txt"
+    inputs.write_text("ka lo mi\nnu pe ri so\n")
+    raw = translate_recipe(prefix, folder / "run")
+    raw["data"].update(beam_size=2, max_len_extra=4)  # label smoothing 0: the loss is the logits' CE
+    return Case(raw, ["ka lo mi nu"], inputs)
+
+
 #: task name -> a factory of its tiny data, recipe and inputs (a new task adds one entry)
 CASES: dict[str, Callable[[Path], Case]] = {
     "classify": _classify,
     "image": _image,
     "lm": _lm,
     "mlm": _mlm,
+    "translate": _translate,
 }
 
 #: case key "task:form" -> a factory of tiny data of another form a task reads

@@ -67,6 +67,11 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
 
+    def reorder_(self, index: torch.Tensor) -> None:
+        """Keeps rows ``index`` (``(B',)`` long), in that order: beam search follows its surviving
+        hypotheses (fairseq's ``reorder_incremental_state``)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
 
 class SlotKVCache:
     """Keys and values of independent sequences decoded as one batch, each row at its own length (continuous
@@ -274,7 +279,9 @@ class MultiHeadAttention(nn.Module):
             causal: Whether each position only sees itself and earlier positions (absolute positions, so a
                 chunk decoded with a cache sees the whole cache and the earlier part of the chunk).
             key_padding_mask: ``(B, S)``, True for real tokens. With a cache, S = cache length + T.
-            cache: Self-attention only: past keys and values, updated in place.
+            cache: Self-attention: past keys and values, updated in place. Cross-attention: the keys and
+                values of ``memory``, computed from it on the first call (an empty cache) and read back
+                on later calls, so an encoder-decoder's decoder projects its encoder output once.
 
         Returns:
             ``(B, T, C)``.
@@ -283,7 +290,7 @@ class MultiHeadAttention(nn.Module):
         if memory is None and self.kv_dim != C:
             raise ValueError(f"this attention reads keys and values of width {self.kv_dim}; pass memory")
         if memory is not None and cache is not None:
-            raise ValueError("a KV cache is for self-attention; cross-attention memory is not cached")
+            return self._cached_cross_attention(x, memory, key_padding_mask, cache)
         exporting = torch.compiler.is_exporting()
         compiling = torch.compiler.is_compiling() and not exporting and not self.training
         grouped = self.num_kv_heads != self.num_heads
@@ -320,6 +327,28 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa
             )  # (B, H, T, D)
         # heads side by side: H * D wide, narrower than C once heads are pruned
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _cached_cross_attention(
+        self, x: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None, cache: KVCache
+    ) -> torch.Tensor:
+        """Cross-attention whose keys and values of ``memory`` live in ``cache`` (filled on first use)."""
+        B, T, _ = x.shape
+        if not isinstance(cache, KVCache):
+            raise ValueError("cross-attention caches the memory's keys and values in a KVCache")
+        if cache.length == 0:
+            kv = self.kv_proj(memory).chunk(2, dim=-1)
+            cache.update(*(self._heads(t, self.num_kv_heads) for t in kv))  # (B, Hkv, S, D)
+        k, v = cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]
+        mask = None
+        if key_padding_mask is not None:
+            mask = attention_mask(T, k.shape[2], key_padding_mask=key_padding_mask, device=x.device)
+        q = self._heads(self.q_proj(x))  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        grouped = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout, enable_gqa=grouped
+        )  # (B, H, T, D)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _exported_self_attention(

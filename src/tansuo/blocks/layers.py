@@ -64,6 +64,7 @@ class TransformerLayer(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cross_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Runs the layer.
 
@@ -74,6 +75,8 @@ class TransformerLayer(nn.Module):
             key_padding_mask: ``(B, T)`` (or ``(B, cache length + T)``), True for real tokens of ``x``.
             memory_mask: ``(B, S)``, True for real tokens of ``memory``.
             cache: KV cache of the self-attention.
+            cross_cache: Keys and values of ``memory`` for the cross-attention, computed once (see
+                :class:`~tansuo.blocks.MultiHeadAttention`).
 
         Returns:
             ``(B, T, C)``.
@@ -83,9 +86,11 @@ class TransformerLayer(nn.Module):
         if self.cross_attn is not None:
             if memory is None:
                 raise ValueError("this layer has cross-attention: pass memory (the encoder output)")
-            h = self.cross_attn(self.cross_attn_norm(x), memory, key_padding_mask=memory_mask)
+            h = self.cross_attn(
+                self.cross_attn_norm(x), memory, key_padding_mask=memory_mask, cache=cross_cache
+            )
             x = x + self.dropout(h)
-        elif memory is not None:
+        elif memory is not None or cross_cache is not None:
             raise ValueError("memory was passed to a layer without cross-attention")
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -168,19 +173,27 @@ class TransformerStack(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        cross_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """Maps ``(B, T, C)`` to ``(B, T, C)``; arguments as in :meth:`TransformerLayer.forward`, with one
-        cache per layer in ``caches``."""
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers; pass one per layer")
-        recompute = self.checkpoint_layers and caches is None and torch.is_grad_enabled()
+        cache per layer in ``caches`` (self-attention) and ``cross_caches`` (cross-attention)."""
+        for given in (caches, cross_caches):
+            if given is not None and len(given) != len(self.layers):
+                raise ValueError(f"got {len(given)} caches for {len(self.layers)} layers; pass one per layer")
+        recompute = (
+            self.checkpoint_layers and caches is None and cross_caches is None and torch.is_grad_enabled()
+        )
         for i, layer in enumerate(self.layers):
-            kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, memory_mask=memory_mask)
+            kwargs: dict[str, object] = dict(
+                causal=causal, key_padding_mask=key_padding_mask, memory_mask=memory_mask
+            )
             if recompute:
                 # the backward pass runs the layer again (with the same dropout masks: the RNG state is
                 # saved) instead of keeping its activations
                 x = checkpoint(layer, x, memory=memory, use_reentrant=False, **kwargs)
             else:
+                if cross_caches is not None:
+                    kwargs["cross_cache"] = cross_caches[i]
                 x = layer(x, memory=memory, cache=None if caches is None else caches[i], **kwargs)
         return x if self.final_norm is None else self.final_norm(x)
 

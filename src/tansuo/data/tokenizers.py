@@ -427,3 +427,53 @@ def decode(tok: Tokenizer, ids: Sequence[int] | np.ndarray) -> str:
             table[index] = char
         return "".join(table[i] for i in ids)
     return tok.decode(ids, skip_special_tokens=False)
+
+
+#: special tokens of a subword vocabulary trained by :func:`train_subword_tokenizer`, ids 0..3 in this order
+SUBWORD_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+#: ``data.tokenizer`` values that train a subword vocabulary (anything else is a path)
+SUBWORD_KINDS = ("bpe", "unigram")
+
+
+def train_subword_tokenizer(
+    texts: Iterable[str], kind: str, vocab_size: int, *, lowercase: bool = False
+) -> Tokenizer:
+    """Train a SentencePiece-style subword vocabulary (Sennrich et al. 2016 BPE, or Kudo 2018's unigram
+    language model) on ``texts``, e.g. the source and target sides of a parallel corpus together (a joint
+    vocabulary, as fairseq and Marian train for related languages).
+
+    Text is NFKC-normalised (and lower-cased with ``lowercase``); spaces become the ``▁`` marker of the
+    following piece (Metaspace), so :meth:`Tokenizer.decode` gives detokenized text back. Special tokens are
+    ``<pad> <unk> <s> </s>``, ids 0 to 3; the tokenizer itself adds none (the task places ``<s>``/``</s>``).
+
+    Args:
+        texts: Training strings.
+        kind: ``bpe`` or ``unigram``.
+        vocab_size: Vocabulary size wanted, the special tokens included.
+        lowercase: Lower-case before everything else.
+
+    Raises:
+        DataError: For an unknown ``kind`` or a vocabulary too small to hold the special tokens.
+    """
+    if kind not in SUBWORD_KINDS:
+        raise DataError(f"unknown subword vocabulary {kind!r}; choose one of {list(SUBWORD_KINDS)}")
+    if vocab_size <= 2 * len(SUBWORD_SPECIAL_TOKENS):
+        raise DataError(f"data.vocab_size={vocab_size} is too small for a subword vocabulary; use >= 100")
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    specials = list(SUBWORD_SPECIAL_TOKENS)
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer: Any = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=2, special_tokens=specials, show_progress=False
+        )
+    else:
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+        )
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainer=trainer)
+    logger.debug("%s vocabulary of %d pieces", kind, tok.get_vocab_size())
+    return tok

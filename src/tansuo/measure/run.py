@@ -193,7 +193,8 @@ def measure_bundle(
             metrics = b.task.evaluate(b.model, split, 64, torch.device("cpu"))
         result["split"] = split
         result["metric"] = b.task.default_metric
-        result["quality"] = float(metrics[b.task.default_metric])
+        # a fraction, or a loss: reports show a fraction x100 as points (BLEU is divided back by 100)
+        result["quality"] = float(metrics[b.task.default_metric]) / b.task.quality_scale
         result["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     return result
 

@@ -57,6 +57,9 @@ class Task(Protocol):
     heldout_split: ClassVar[str]
     #: optional abilities (:data:`GENERATE`, :data:`ONNX`)
     abilities: ClassVar[frozenset[str]]
+    #: what the default metric is divided by to give the ``quality`` that compression and the explorer
+    #: compare and show x100 as points: 1 for a fraction (accuracy), 100 for a score in points already (BLEU)
+    quality_scale: ClassVar[float]
 
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> Task:
@@ -174,6 +177,7 @@ class TaskBase:
 
     name: ClassVar[str]
     abilities: ClassVar[frozenset[str]] = frozenset()
+    quality_scale: ClassVar[float] = 1.0
     seed: int
     data: BaseModel
 

@@ -1,4 +1,4 @@
-"""Classification metrics shared by the image and text classification tasks."""
+"""Metrics shared by tasks: classification (image and text classification) and translation."""
 
 from __future__ import annotations
 
@@ -54,3 +54,25 @@ def classifier_metrics(
     metrics: dict[str, Any] = dict(classification_metrics(logits, labels, top_k))
     metrics.update(per_class_report(logits.argmax(-1), labels, names))
     return metrics
+
+
+def translation_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus-level translation metrics with sacreBLEU (Post 2018), one reference per sentence.
+
+    - ``bleu``: sacreBLEU's standard: detokenized text, cased, its ``13a`` tokenization (the signature
+      ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp``); the figure to quote;
+    - ``chrf``: chrF (Popović 2015), character n-grams, sacreBLEU's defaults;
+    - ``bleu_tok_lc``: BLEU of lower-cased ``13a`` tokens, for comparison with papers and notebooks that
+      score lower-cased tokenized text (bentrevett's Multi30k anchor: spaCy tokens; not quotable as
+      sacreBLEU).
+    """
+    import sacrebleu  # imported here: `import tansuo` stays light
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    refs = [references]
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(hypotheses, refs).score),
+        "chrf": float(sacrebleu.corpus_chrf(hypotheses, refs).score),
+        "bleu_tok_lc": float(sacrebleu.corpus_bleu(hypotheses, refs, lowercase=True).score),
+    }

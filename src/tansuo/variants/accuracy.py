@@ -122,7 +122,7 @@ class Judge:
     def quality(self, model: nn.Module) -> float:
         with torch.inference_mode():
             metrics = self.task.evaluate(model, self.split, 64, torch.device("cpu"))
-        return float(metrics[self.task.default_metric])
+        return float(metrics[self.task.default_metric]) / self.task.quality_scale
 
     @property
     def reference(self) -> float:

@@ -24,6 +24,7 @@ class Limits:
     max_items: int = 64
     max_new_tokens: int = 256
     timeout_s: float = 30.0
+    max_beam: int = 8  # beam search: the widest beam a request may ask for
 
 
 class ApiError(Exception):

@@ -10,6 +10,26 @@ from tansuo.serve.endpoints.base import ApiError, Endpoint, register_endpoint
 
 
 # ------------------------------------------------------------------------------------------- text
+def checked_texts(endpoint: Endpoint, inputs: str | list[str]) -> list[str]:
+    """A request's texts as a list, refused when empty, not valid Unicode, too long or too many."""
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    endpoint._count(texts)
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ApiError(422, f"inputs[{i}] is an empty text; send some words")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" is valid JSON
+            raise ApiError(422, f"inputs[{i}]: lone surrogate at {e.start}; send valid Unicode") from e
+        if len(text) > endpoint.limits.max_text_chars:
+            raise ApiError(
+                413,
+                f"inputs[{i}] is {len(text)} characters long; at most {endpoint.limits.max_text_chars} "
+                "(--max-text-chars)",
+            )
+    return texts
+
+
 class TextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr | list[StrictStr] = Field(
@@ -26,22 +46,7 @@ class TextPredict(Endpoint):
     request_model = TextRequest
 
     def items(self, request: TextRequest) -> list[str]:
-        texts = [request.inputs] if isinstance(request.inputs, str) else list(request.inputs)
-        self._count(texts)
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise ApiError(422, f"inputs[{i}] is an empty text; send some words")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" is valid JSON
-                raise ApiError(422, f"inputs[{i}]: lone surrogate at {e.start}; send valid Unicode") from e
-            if len(text) > self.limits.max_text_chars:
-                raise ApiError(
-                    413,
-                    f"inputs[{i}] is {len(text)} characters long; at most {self.limits.max_text_chars} "
-                    "(--max-text-chars)",
-                )
-        return texts
+        return checked_texts(self, request.inputs)
 
     def run(self, items: list[str]) -> list[dict[str, Any]]:
         return self.task.predict(self.model, items, self.device)

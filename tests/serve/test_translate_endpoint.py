@@ -1,0 +1,70 @@
+"""``POST /v1/translate`` in process: one text or a list, the same translations as the task's own, beam
+size and length within the server's limits, the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tansuo.bundle import load_bundle, save_bundle
+from tansuo.models import create_model
+from tansuo.recipe import validate_recipe
+from tansuo.serve.app import ServeConfig, Server, create_app
+from tansuo.serve.endpoints import Limits
+from tansuo.tasks import TASKS
+from tests.helpers import translate_recipe, write_parallel
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained translation bundle (serving does not care whether it learned anything)."""
+    folder = tmp_path_factory.mktemp("translate-serve")
+    recipe, data = validate_recipe(translate_recipe(write_parallel(folder / "pairs", 60), folder / "run"))
+    task = TASKS["translate"].from_recipe(data, recipe.seed, folder / "data")
+    torch.manual_seed(0)
+    model = create_model(recipe.model.name, **{**task.model_overrides(), **recipe.model.overrides})
+    model.model_name = recipe.model.name
+    return save_bundle(folder / "bundle", model, task)
+
+
+def _client(bundle: Path, limits: Limits) -> TestClient:
+    return TestClient(create_app(Server(load_bundle(bundle), ServeConfig(limits=limits), CPU)))
+
+
+def test_translate_answers_one_text_or_a_list_as_the_task_does(bundle: Path) -> None:
+    b = load_bundle(bundle)
+    texts = ["ka lo mi", "nu pe ri so tu"]
+    beam = b.task.translate(b.model, texts, CPU, beam_size=4, max_len=20)  # the bundle's 5, capped
+    greedy = b.task.translate(b.model, texts, CPU, beam_size=1, max_len=3)
+    with _client(bundle, Limits(max_beam=4, max_new_tokens=20)) as c:
+        one = c.post("/v1/translate", json={"inputs": texts[0]})
+        many = c.post("/v1/translate", json={"inputs": texts})
+        short = c.post("/v1/translate", json={"inputs": texts, "beam_size": 1, "max_length": 3})
+        card = c.get("/v1/model").json()
+    assert one.status_code == 200 and many.status_code == 200 and short.status_code == 200
+    assert one.json()["translations"] == [{"input": texts[0], "translation": beam[0]}]
+    assert [t["translation"] for t in many.json()["translations"]] == beam
+    assert [t["translation"] for t in short.json()["translations"]] == greedy
+    assert all(len(b.task.tokenizer.encode(t).ids) <= 3 for t in greedy)
+    assert card["endpoint"] == "/v1/translate" and card["source_language"] == "src"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"inputs": "ka lo", "beam_size": 9}, 422, "beam_size 9 is above this server's limit of 4"),
+        ({"inputs": "ka lo", "max_length": 21}, 422, "max_length 21 is above this server's limit of 20"),
+        ({"inputs": ["ka lo", " "]}, 422, "inputs[1] is an empty text"),
+        ({"inputs": "ka lo", "beam_size": 0}, 422, "beam_size"),
+    ],
+)
+def test_requests_beyond_the_limits_are_refused(bundle: Path, body: dict, status: int, message: str) -> None:
+    with _client(bundle, Limits(max_beam=4, max_new_tokens=20)) as c:
+        r = c.post("/v1/translate", json=body)
+    assert r.status_code == status
+    assert message in r.text
