@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tansuo.cli._app import console, setup_logging
+from tansuo.cli._app import CompileOption, console, setup_logging
 from tansuo.errors import TansuoError
 
 EXIT_WORDS = ("/exit", "/quit")
@@ -26,14 +26,7 @@ def chat(
         Path | None,
         typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
     ] = None,
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="decode with a torch.compile'd step: faster per token after a first compile of tens of "
-            "seconds to minutes (cached on disk for later runs)",
-        ),
-    ] = False,
+    compile_: CompileOption = False,
 ) -> None:
     """Chat with a bundle: each line you type is a turn, the history is kept; /reset forgets it, /exit
     (or end of input) leaves."""

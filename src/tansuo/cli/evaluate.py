@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from tansuo.cli._app import (
+    CompileOption,
     console,
     metrics_table,
     print_class_report,
@@ -62,14 +63,7 @@ def generate(
         Path | None,
         typer.Option(help="a LoRA adapter folder (PEFT's layout) merged into the bundle's weights"),
     ] = None,
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="decode with a torch.compile'd step: faster per token after a first compile of tens of "
-            "seconds to minutes (cached on disk for later runs)",
-        ),
-    ] = False,
+    compile_: CompileOption = False,
 ) -> None:
     """Sample text from a language-model bundle, using a KV cache (--chat: a chat model's answer)."""
     setup_logging(False)
