@@ -70,6 +70,20 @@ def test_student_layers_come_from_evenly_spaced_teacher_layers() -> None:
     assert student.mlm_head.decoder.weight is student.tok_emb.weight  # the tie survives
 
 
+def test_an_encoder_decoder_student_maps_each_stack_on_its_own_depth() -> None:
+    torch.manual_seed(0)
+    teacher = create_model("seq2seq_test", num_encoder_layers=2, num_decoder_layers=4)
+    student = create_model("seq2seq_test", num_encoder_layers=2, num_decoder_layers=1)
+    assert init_from_teacher(student, teacher)["skipped"] == 0
+    pairs = [(student.encoder.layers[i], teacher.encoder.layers[i]) for i in range(2)]
+    pairs += [(student.decoder.layers[0], teacher.decoder.layers[3])]
+    for s_layer, t_layer in pairs:
+        want = t_layer.state_dict()
+        for name, got in s_layer.state_dict().items():
+            assert torch.equal(got, want[name]), name
+    assert torch.equal(student.decoder.final_norm.weight, teacher.decoder.final_norm.weight)
+
+
 def test_a_narrow_student_learns_from_the_teacher(image_npz: Path, tmp_path: Path) -> None:
     teacher_run = make_trainer(image_recipe(image_npz, tmp_path / "teacher", max_steps=40, eval_every=40))
     teacher_run.fit()

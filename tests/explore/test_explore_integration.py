@@ -220,3 +220,35 @@ def test_lora_rank_by_weight_only_quantization(text_file: Path, tmp_path: Path, 
         assert r["figures"]["quality"] > 0  # a loss
     for c in ("lora-r2", "lora-r8"):
         assert rows[(c, "int4w")]["figures"]["size_bytes"] < rows[(c, "plain")]["figures"]["size_bytes"]
+
+
+def test_a_translation_study_is_ranked_by_bleu(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A translate recipe explores like any other: two depths x (plain, int8), quality is BLEU (stored /
+    100 as every quality in [0, 1] is, maximised), each variant's figure is the BLEU of its own bundle."""
+    from tests.helpers import translate_recipe, write_parallel
+
+    study_dir = tmp_path / "study"
+    raw = translate_recipe(write_parallel(tmp_path / "copy", 300, seed=4), tmp_path / "run", max_steps=120)
+    raw["explore"] = {
+        "study": str(study_dir),
+        "candidates": [{"model": "seq2seq_test", "space": {"num_decoder_layers": [1, 2]}}],
+        "variants": [
+            {"name": "plain"},
+            {"name": "int8", "steps": [{"step": "quantize", "backend": "torch"}]},
+        ],
+        "objectives": ["quality", "latency"],
+        "sampler": "grid",
+        "measure": {"threads": 1, "reps": 5},
+    }
+    code, out, err = run(["explore", str(_write(tmp_path, raw)), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["counts"]["complete"] == 2 and results["quality_direction"] == "maximize"
+    assert len(results["variants"]) == 4
+    for r in results["variants"]:
+        assert r["status"] == "ok", r.get("reason")
+        figures = r["figures"]
+        assert figures["metric"] == "bleu"
+        assert figures["quality"] == pytest.approx(figures["metrics"]["bleu"] / 100)
+        assert 0.2 < figures["quality"] <= 1.0  # the copy task is learnt well past BLEU 20
+    assert results["recommended"] is not None

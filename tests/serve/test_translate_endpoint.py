@@ -68,3 +68,42 @@ def test_requests_beyond_the_limits_are_refused(bundle: Path, body: dict, status
         r = c.post("/v1/translate", json=body)
     assert r.status_code == status
     assert message in r.text
+
+
+def test_concurrent_requests_with_different_settings_each_get_their_own_translations(bundle: Path) -> None:
+    """Micro-batching: requests that arrive together are translated as one batch when their beam and
+    length agree, in batches of their own when not; every answer is what the task gives for it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    b = load_bundle(bundle)
+    asks = [
+        (["ka lo mi"], 1, 12),
+        (["nu pe", "ri so tu ka"], 3, 12),
+        (["mi mi nu"], 1, 12),
+        (["lo ka"], 1, 4),
+        (["pe ri so", "tu"], 3, 12),
+        (["so so so so"], 2, 8),
+    ]
+    expected = [b.task.translate(b.model, texts, CPU, beam, length) for texts, beam, length in asks]
+    seen: list[list] = []
+    server = Server(load_bundle(bundle), ServeConfig(limits=Limits(max_beam=4, max_new_tokens=20)), CPU)
+    with TestClient(create_app(server)) as c:
+        endpoint = server.endpoint
+        run_batch = endpoint.run
+
+        def recording(items: list) -> list:
+            seen.append(items)
+            return run_batch(items)
+
+        endpoint.run = recording
+
+        def ask(i: int) -> list[str]:
+            texts, beam, length = asks[i]
+            body = {"inputs": texts, "beam_size": beam, "max_length": length}
+            return [t["translation"] for t in c.post("/v1/translate", json=body).json()["translations"]]
+
+        with ThreadPoolExecutor(len(asks)) as pool:
+            assert list(pool.map(ask, range(len(asks)))) == expected
+    assert sum(len(items) for items in seen) == sum(len(texts) for texts, _, _ in asks)
+    for items in seen:  # a batch holds one setting
+        assert len({(item.beam_size, item.max_length) for item in items}) == 1

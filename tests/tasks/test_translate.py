@@ -142,6 +142,11 @@ def test_train_then_predict_a_sentence_and_a_file(tmp_path, monkeypatch, capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["translation"] for r in rows] == ["ka lo mi", "nu pe ri so"]
+    text = tmp_path / "out.tgt"  # any other suffix: the translations, one a line, as fairseq and Marian write
+    args = ["predict", str(bundle), "--input", str(inputs), "--output", str(text)]
+    code, out, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert text.read_text() == "ka lo mi\nnu pe ri so\n"
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
@@ -165,16 +170,23 @@ def test_the_timed_call_is_a_fixed_amount_of_translation(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_compression_of_a_translation_bundle_is_measured_in_bleu_points(tmp_path, monkeypatch, capsys):
+def test_distillation_and_int8_of_a_translation_bundle_are_measured_in_bleu_points(
+    tmp_path, monkeypatch, capsys
+):
     prefix = write_parallel(tmp_path / "copy", 300, seed=4)
     raw = translate_recipe(prefix, tmp_path / "run", max_steps=150, eval_every=150)
     assert run(["train", str(write_recipe(tmp_path / "r.yaml", raw))], monkeypatch, capsys)[0] == 0
     out = tmp_path / "compressed"
     args = ["compress", str(tmp_path / "run" / "bundle"), "--quantize", "int8", "--quantize-backend", "torch"]
+    args += ["--distill-into", "seq2seq_test", "--student", "num_encoder_layers=1"]
+    args += ["--train", "max_steps=150"]
     code, _, err = run([*args, "--out", str(out), "--threads", "1"], monkeypatch, capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     for variant in report["variants"]:  # quality is BLEU / 100: reports show it x100, as points
         assert variant["metric"] == "bleu"
         assert variant["quality"] == pytest.approx(variant["metrics"]["bleu"] / 100)
-    assert report["variants"][1]["steps"] == ["int8"]
+    original, student, quantized = report["variants"]
+    assert student["steps"][0].startswith("distill") and quantized["steps"][-1] == "int8"
+    assert student["params"] < original["params"]
+    assert student["quality"] > 0.3  # the one-layer encoder still copies most words (teacher: about 0.75)

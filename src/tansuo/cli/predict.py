@@ -25,7 +25,12 @@ def predict(
         Path | None, typer.Option("--input", help="a file of inputs: CSV/TSV/JSONL texts for text tasks")
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", help="write one JSON object per input to this .jsonl file")
+        Path | None,
+        typer.Option(
+            "--output",
+            help="write the predictions to this file: one JSON object per input for .jsonl (or .json), "
+            "else the printed line per input (a translation per line for translate bundles)",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="inputs per batch")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -78,7 +83,11 @@ def _predict(
             rows += b.task.predict(model, items[i : i + batch_size], dev)
             bar.update(job, completed=len(rows))
     if output is not None:
-        atomic_write_text(output, "".join(json.dumps(row) + "\n" for row in rows))
+        if output.suffix.lower() in (".jsonl", ".json"):
+            lines = [json.dumps(row) for row in rows]
+        else:
+            lines = [b.task.format_prediction(row, top) for row in rows]
+        atomic_write_text(output, "".join(line + "\n" for line in lines))
         console.print(f"{len(rows)} predictions written to {output}", highlight=False)
         return
     for row in rows:

@@ -209,20 +209,27 @@ def teacher_layers(n_teacher: int, n_student: int) -> list[int]:
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, int]:
     """Copy the teacher's weights into a student of the same family and width: every tensor outside the
-    layers, and layer ``i`` of the student from layer :func:`teacher_layers` ``[i]`` of the teacher. Returns
-    counts of copied and skipped (shape mismatch) tensors."""
+    layers, and layer ``i`` of the student from layer :func:`teacher_layers` ``[i]`` of the teacher, stack by
+    stack (an encoder-decoder's ``encoder.layers`` and ``decoder.layers`` are mapped each on its own depth).
+    Returns counts of copied and skipped (shape mismatch) tensors."""
     t_state = teacher.state_dict()
-    layer_ids = [int(m.group(2)) for k in t_state for m in [_LAYER.search(k)] if m]
-    s_layer_ids = [int(m.group(2)) for k in student.state_dict() for m in [_LAYER.search(k)] if m]
-    n_t = max(layer_ids) + 1 if layer_ids else 0
-    n_s = max(s_layer_ids) + 1 if s_layer_ids else 0
-    mapping = teacher_layers(n_t, n_s) if n_t and n_s else []
+
+    def depths(keys: Any) -> dict[str, int]:  # layers per stack, a stack named by what precedes "layers."
+        out: dict[str, int] = {}
+        for key in keys:
+            if m := _LAYER.search(key):
+                stack = key[: m.start()]
+                out[stack] = max(out.get(stack, 0), int(m.group(2)) + 1)
+        return out
+
+    t_depth, s_depth = depths(t_state), depths(student.state_dict())
     new, copied, skipped = {}, 0, 0
     for key, value in student.state_dict().items():
-        m = _LAYER.search(key)
-        source = (
-            key if m is None else _LAYER.sub(f"{m.group(1)}layers.{mapping[int(m.group(2))]}.", key, count=1)
-        )
+        source = key
+        if (m := _LAYER.search(key)) and key[: m.start()] in t_depth:
+            stack = key[: m.start()]
+            j = teacher_layers(t_depth[stack], s_depth[stack])[int(m.group(2))]
+            source = f"{stack}{m.group(1)}layers.{j}.{key[m.end() :]}"
         if source in t_state and t_state[source].shape == value.shape:
             new[key] = t_state[source]
             copied += 1
