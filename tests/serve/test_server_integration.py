@@ -32,7 +32,14 @@ from tansuo.bundle import load_bundle, save_bundle
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
 from tansuo.tasks import TASKS
-from tests.helpers import chromium_path, free_port, image_recipe, lm_recipe
+from tests.helpers import (
+    chromium_path,
+    free_port,
+    image_recipe,
+    lm_recipe,
+    translate_recipe,
+    write_parallel,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -471,50 +478,57 @@ class _Label(HTMLParser):
             self.text += data
 
 
+def _browse(chromium: str, page: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Headless chromium on ``page`` with a fresh profile; ``--virtual-time-budget`` makes it run the page's
+    timers and wait for its network fetches (pending fetches hold virtual time back) before it dumps the DOM
+    or takes the screenshot, so both show the finished answer without a sleep; the subprocess timeout only
+    bounds a hung browser."""
+    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *flags,
+        page,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _label(dom: str) -> str:
+    parser = _Label()
+    parser.feed(dom)
+    assert parser.text is not None, f"no element with id='label' in the page:\n{dom[-3000:]}"
+    return parser.text.strip()
+
+
 def test_try_it_page_predicts_in_headless_chromium(text_server: Server, tmp_path: Path) -> None:
     """Loads ``/?text=...&run=1``: the page fetches the model card, fills the form, clicks Run itself and
-    shows the answer of ``POST /v1/predict``. ``--virtual-time-budget`` makes headless chromium run the
-    page's timers and wait for its network fetches (pending fetches hold virtual time back) before it dumps
-    the DOM or takes the screenshot, so both show the finished prediction without a sleep; the subprocess
-    timeout only bounds a hung browser."""
+    shows the answer of ``POST /v1/predict``."""
     chromium = chromium_path()
     text = "a charming, moving film — not dull at all"
     api = httpx.post(text_server.url + "/v1/predict", json={"inputs": text}, timeout=30).json()
     (want,) = api["predictions"]
     page = f"{text_server.url}/?{urllib.parse.urlencode({'text': text, 'run': '1'})}"
 
-    def browse(*flags: str) -> subprocess.CompletedProcess:
-        profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
-        cmd = [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--virtual-time-budget=10000",
-            *flags,
-            page,
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-4000:]
-        return done
-
-    dom = browse("--dump-dom").stdout
-    parser = _Label()
-    parser.feed(dom)
-    assert parser.text is not None, f"no element with id='label' in the page:\n{dom[-3000:]}"
-    m = re.fullmatch(r"(.+) \((\d+\.\d)%\)", parser.text.strip())
-    assert m, parser.text
+    dom = _browse(chromium, page, tmp_path, "--dump-dom").stdout
+    label = _label(dom)
+    m = re.fullmatch(r"(.+) \((\d+\.\d)%\)", label)
+    assert m, label
     assert m.group(1) == want["label"]
     assert abs(float(m.group(2)) - 100 * want["probability"]) <= 0.051
     assert 'class="error"' not in dom
 
     shot = tmp_path / "page.png"
-    browse(f"--screenshot={shot}", "--window-size=900,700")
+    _browse(chromium, page, tmp_path, f"--screenshot={shot}", "--window-size=900,700")
     assert shot.is_file() and shot.stat().st_size > 5000
     from PIL import Image
 
@@ -525,3 +539,22 @@ def test_try_it_page_predicts_in_headless_chromium(text_server: Server, tmp_path
     bar = np.abs(pixels - [0x4A, 0x7B, 0xD0]).sum(1) <= 6  # the probability bars: drawn after the answer
     assert bar.sum() > 200, "no probability bar in the screenshot"
     _no_server_errors(text_server)
+
+
+def test_try_it_page_translates_in_headless_chromium(
+    serve: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A translation bundle's page: the same form, and the translation of ``POST /v1/translate`` shown."""
+    chromium = chromium_path()
+    folder = tmp_path_factory.mktemp("translate")
+    raw = translate_recipe(write_parallel(folder / "pairs", 60), folder / "run")
+    server = serve(_save_untrained(raw, folder / "bundle", noise=0.5), "--max-beam", "4")
+    text = "ka lo mi nu"
+    api = httpx.post(server.url + "/v1/translate", json={"inputs": text}, timeout=60).json()
+    (want,) = api["translations"]
+    assert want["translation"].strip()  # an untrained model, but it says something
+    page = f"{server.url}/?{urllib.parse.urlencode({'text': text, 'run': '1'})}"
+    dom = _browse(chromium, page, tmp_path, "--dump-dom").stdout
+    assert _label(dom) == want["translation"].strip()
+    assert 'class="error"' not in dom
+    _no_server_errors(server)
