@@ -102,6 +102,18 @@ class RecommendDataConfig(BaseModel):
         )
 
 
+class RecommendPredictOptions(BaseModel):
+    """What ``predict`` takes besides the histories (``tansuo predict BUNDLE HISTORY -o k=20``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, description="items to recommend per history")
+    candidates: str | list[str] | None = Field(
+        None, description="items to score as the next one: ids or titles, comma- or |-separated"
+    )
+    exclude_seen: bool = Field(True, description="recommend only items not in the history")
+
+
 def objective(model: nn.Module) -> str:
     """The training objective a recommender declares (``causal`` or ``masked``)."""
     found = getattr(model, "objective", None)
@@ -149,6 +161,7 @@ class RecommendTask(TaskBase):
     default_metric: ClassVar[str] = "ndcg@10"
     unit: ClassVar[str] = "samples"
     heldout_split: ClassVar[str] = "test"
+    PredictOptions: ClassVar[type[BaseModel]] = RecommendPredictOptions
 
     def __init__(
         self, data: RecommendDataConfig, seed: int, items: list[str], titles: dict[str, str] | None = None
