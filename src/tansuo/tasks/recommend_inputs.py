@@ -85,26 +85,45 @@ def describe(task: RecommendTask, index: int, score: float, probability: float) 
 
 @torch.no_grad()
 def score_histories(
-    task: RecommendTask,
-    model: nn.Module,
-    histories: list[list[int]],
-    device: torch.device,
-    exclude_seen: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    task: RecommendTask, model: nn.Module, histories: list[list[int]], device: torch.device
+) -> torch.Tensor:
     """The model's scores ``(B, V)`` of every item as the next one after each history (cut to its last
-    ``max_len`` items), and their log-softmax over the items that may be recommended (padding and, with
-    ``exclude_seen``, the history's items at ``-inf``)."""
+    ``max_len`` items), in one call of the model."""
     from tansuo.tasks.recommend import left_pad
 
     model.eval()
     cut = [h[-task.data.max_len :] for h in histories]
-    scores = model.next_item_scores(left_pad(cut).to(device)).float().cpu()
+    return model.next_item_scores(left_pad(cut).to(device)).float().cpu()
+
+
+def answer(
+    task: RecommendTask,
+    scores: torch.Tensor,
+    history: list[int],
+    k: int,
+    candidates: list[int] | None,
+    exclude_seen: bool,
+) -> dict[str, Any]:
+    """From one history's scores ``(V,)``: ``items``, the top ``k`` (item, title, score, probability: the
+    softmax over the items that may be recommended, padding and with ``exclude_seen`` the history's items
+    left out), ties in item order as the metrics rank them; given ``candidates``, each one's score and
+    probability of being picked next (0 for a seen item with ``exclude_seen``)."""
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
     allowed = scores.clone()
-    allowed[:, 0] = float("-inf")
+    allowed[0] = float("-inf")
     if exclude_seen:
-        for row, history in enumerate(histories):
-            allowed[row, history] = float("-inf")
-    return scores, allowed.log_softmax(dim=-1)
+        allowed[history] = float("-inf")
+    logp = allowed.log_softmax(dim=-1)
+    order = logp.sort(descending=True, stable=True).indices[:k].tolist()  # ties: lower item index first
+    top = [j for j in order if logp[j] > float("-inf")]
+    row: dict[str, Any] = {
+        "history": [task.items[j - 1] for j in history],
+        "items": [describe(task, j, float(scores[j]), float(logp[j].exp())) for j in top],
+    }
+    if candidates is not None:
+        row["candidates"] = [describe(task, j, float(scores[j]), float(logp[j].exp())) for j in candidates]
+    return row
 
 
 def recommend(
@@ -117,27 +136,12 @@ def recommend(
     candidates: list[int] | None,
     exclude_seen: bool,
 ) -> list[dict[str, Any]]:
-    """One row per history: ``items``, the top ``k`` (item, title, score, probability: the softmax over the
-    items that may be recommended), ties in item order as the metrics rank them; given ``candidates``, each
-    one's score and probability of being picked next (0 for a seen item with ``exclude_seen``)."""
-    if k < 1:
-        raise DataError(f"k must be at least 1, got {k}")
-    scores, logp = score_histories(task, model, histories, device, exclude_seen)
-    order = logp.sort(dim=1, descending=True, stable=True).indices  # ties: lower item index first
-    rows = []
-    for i, history in enumerate(histories):
-        top = [j for j in order[i, :k].tolist() if logp[i, j] > float("-inf")]
-        row: dict[str, Any] = {
-            "input": inputs[i],
-            "history": [task.items[j - 1] for j in history],
-            "items": [describe(task, j, float(scores[i, j]), float(logp[i, j].exp())) for j in top],
-        }
-        if candidates is not None:
-            row["candidates"] = [
-                describe(task, j, float(scores[i, j]), float(logp[i, j].exp())) for j in candidates
-            ]
-        rows.append(row)
-    return rows
+    """One row per history (see :func:`answer`), with its ``input``."""
+    scores = score_histories(task, model, histories, device)
+    return [
+        {"input": text, **answer(task, scores[i], history, k, candidates, exclude_seen)}
+        for i, (text, history) in enumerate(zip(inputs, histories, strict=True))
+    ]
 
 
 def format_recommendation(row: dict[str, Any]) -> str:
