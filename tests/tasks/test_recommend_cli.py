@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.helpers import recommend_recipe, run, write_interactions, write_recipe
 
 
@@ -44,3 +46,25 @@ def test_train_eval_and_predict_a_history_with_options(tmp_path, monkeypatch, ca
     assert code == 2 and "-o k:" in err
     code, _, err = run(["predict", bundle, "m1,m404"], monkeypatch, capsys)
     assert code == 2 and "unknown item ['m404']" in err
+
+
+@pytest.mark.slow
+def test_distillation_and_int8_of_a_sasrec_bundle_are_measured_in_ndcg(tmp_path, monkeypatch, capsys):
+    raw = recommend_recipe(write_interactions(tmp_path / "log.tsv"), tmp_path / "run", max_steps=150)
+    raw["model"]["overrides"] = {"embed_dim": 32}
+    assert run(["train", str(write_recipe(tmp_path / "r.yaml", raw))], monkeypatch, capsys)[0] == 0
+    out = tmp_path / "compressed"
+    args = ["compress", str(tmp_path / "run" / "bundle"), "--quantize", "int8", "--quantize-backend", "torch"]
+    args += ["--distill-into", "sasrec_test", "--student", "num_layers=1", "--student", "embed_dim=16"]
+    args += ["--train", "max_steps=150"]
+    code, _, err = run([*args, "--out", str(out), "--threads", "1"], monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"]:  # quality is NDCG@10 of full ranking, a fraction
+        assert variant["metric"] == "ndcg@10"
+        assert variant["quality"] == pytest.approx(variant["metrics"]["ndcg@10"])
+    original, student, quantized = report["variants"]
+    assert student["steps"][0].startswith("distill") and quantized["steps"][-1] == "int8"
+    assert student["params"] < original["params"]
+    assert original["quality"] == 1.0  # the cycle is learnt
+    assert student["quality"] > 0.9 and quantized["quality"] > 0.9
