@@ -160,7 +160,6 @@ def run_tansuo(args: argparse.Namespace, inter: Path, out_dir: Path) -> dict[str
     best = load_bundle(Path(result["bundle"]), device=trainer.device)
     test = best.task.evaluate(best.model, "test", 512, trainer.device)
     best.task.data = best.task.data.model_copy(update={"exclude_seen": False})
-    best.task._eval.clear()
     as_recbole = best.task.evaluate(best.model, "test", 512, trainer.device)
     return {
         "epochs": epochs,

@@ -103,7 +103,6 @@ def test_no_seen_item_is_ranked(tmp_path):
     assert got["mrr@20"] == pytest.approx((1 / 2 + 1 / 7) / 2)
     assert got["hr@5"] == 0.5
     task.data = task.data.model_copy(update={"exclude_seen": False})
-    task._eval.clear()
     assert task.evaluate(model, "test", 16, CPU)["mrr@20"] == pytest.approx((1 / 7 + 1 / 8) / 2)
     row = task.predict(model, ["i1,i2,i3"], CPU, k=8)[0]
     assert [item["item"] for item in row["items"]] == ["i5", "i4", "j1", "i6", "j2"]

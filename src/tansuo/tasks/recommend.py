@@ -52,7 +52,7 @@ from tansuo.data.interactions import (
     read_interactions,
     read_titles,
 )
-from tansuo.errors import DataError, TansuoError
+from tansuo.errors import BundleError, DataError, TansuoError
 from tansuo.tasks.base import Batch, TaskBase, batch_seed, register_task
 from tansuo.tasks.metrics import RANKING_KS, ranking_metrics, target_ranks
 from tansuo.tasks.recommend_inputs import format_recommendation, parse_history, recommend
@@ -203,6 +203,8 @@ class RecommendTask(TaskBase):
             moved = Path(data_path).expanduser()
             new = moved / Path(data.path or "").name if moved.is_dir() else moved
             data = data.model_copy(update={"path": str(new)})
+        if not (bundle_dir / "items.json").is_file():
+            raise BundleError(f"{bundle_dir}: items.json is missing (the item ids and titles of the model)")
         assets = json.loads((bundle_dir / "items.json").read_text(encoding="utf-8"))
         return cls(data, info["seed"], assets["items"], assets.get("titles"))
 
@@ -317,6 +319,7 @@ class RecommendTask(TaskBase):
         return -(F.logsigmoid(scores[:, 0]) + F.logsigmoid(-scores[:, 1])).mean()
 
     def count(self, batch: Batch) -> int:
+        """The interactions the batch trains on: every item of a window after its first."""
         return int((batch["window"][:, 1:] != 0).sum())
 
     # ------------------------------------------------------------ evaluation
