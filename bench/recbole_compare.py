@@ -116,6 +116,7 @@ def run_recbole(args: argparse.Namespace, atomic: Path, out_dir: Path) -> dict[s
         raise RuntimeError(f"RecBole failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - started
+    (out_dir / "recbole.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -127,7 +128,7 @@ def run_tansuo(args: argparse.Namespace, inter: Path, out_dir: Path) -> dict[str
     epochs = args.tansuo_epochs or args.epochs
     sets = [
         f"train.out_dir={json.dumps(str(out_dir / 'tansuo'))}",
-        f"data.path={json.dumps(str(inter))}",
+        f"data.path={json.dumps(str(inter.resolve()))}",  # absolute: --data-dir is for the titles
         f"train.epochs={epochs}",
         "train.max_steps=null",
         "train.eval_every=0",  # once an epoch, as RecBole validates
