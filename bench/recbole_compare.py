@@ -1,7 +1,8 @@
 """SASRec on MovieLens-100k, tansuo's beside RecBole 1.2.1's, on the identical split.
 
-What is measured: u.data is converted to RecBole's atomic format (``<out>/atomic/ml-100k/ml-100k.inter``:
-``user_id:token item_id:token rating:float timestamp:float``) and both libraries read that one file. RecBole
+What is measured: u.data is converted to RecBole's atomic format (``<out>/atomic/ml100k_tansuo/
+ml100k_tansuo.inter``: ``user_id:token item_id:token rating:float timestamp:float``) and both libraries read
+that one file. RecBole
 (in its own virtual environment, ``make recbole``; never a tansuo dependency) trains its SASRec with its
 defaults for ``--epochs`` (``bench/_recbole_worker.py``); tansuo trains ``recipes/ml100k-sasrec.yaml`` on the
 same file for ``--tansuo-epochs`` (default: the same). Both split leave-one-out by time (RecBole's ``LS:
@@ -48,7 +49,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RECIPE = REPO / "recipes" / "ml100k-sasrec.yaml"
 RECBOLE_VENV = HERE / ".venv-recbole"
-DATASET = "ml-100k"
+# not "ml-100k": for that name RecBole 1.2.1 reads the copy inside its wheel, whatever data_path says
+DATASET = "ml100k_tansuo"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_atomic(data_dir: Path, folder: Path, users: int | None) -> tuple[Path, int]:
-    """u.data as RecBole's ``ml-100k.inter`` in ``folder/ml-100k/`` (the first ``users`` users when given);
-    returns the file and its number of interactions."""
+    """u.data as RecBole's atomic ``DATASET.inter`` in ``folder/DATASET/`` (the first ``users`` users when
+    given); returns the file and its number of interactions."""
     source = data_dir / "u.data"
     if not source.is_file():
         fail(f"{source} not found; pass --data-dir to the MovieLens-100k folder (u.data, u.item)")
