@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # nothing pulls a multi-gigabyte CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-all lint format bench minilm smollm llamacpp clean
+.PHONY: demo test test-all lint format bench minilm smollm llamacpp recbole clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +70,15 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs models .pytest_cache .ruff_cache
+
+# RecBole 1.2.1 for bench/recbole_compare.py only (not a tansuo dependency): its own venv with the same CPU
+# torch; RecBole's optional extras (ray, tensorboard's plugins, kmeans_pytorch) are left out
+RECBOLE_VENV := bench/.venv-recbole
+recbole: $(RECBOLE_VENV)/.installed
+
+$(RECBOLE_VENV)/.installed:
+	$(PYTHON) -m venv $(RECBOLE_VENV)
+	$(RECBOLE_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(RECBOLE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps recbole==1.2.1
+	$(RECBOLE_VENV)/bin/pip install --quiet --disable-pip-version-check "numpy<2" "scipy<1.14" "pandas<2.3" tqdm colorlog==4.7.2 colorama==0.4.4 scikit-learn pyyaml tabulate texttable thop plotly tensorboard psutil
+	touch $@

@@ -252,3 +252,46 @@ def test_a_translation_study_is_ranked_by_bleu(tmp_path: Path, monkeypatch, caps
         assert figures["quality"] == pytest.approx(figures["metrics"]["bleu"] / 100)
         assert 0.05 < figures["quality"] <= 1.0  # 120 steps: the copy task is partly learnt
     assert results["recommended"] is not None
+
+
+def test_a_recommendation_study_compares_sasrec_gru4rec_and_mf_by_ndcg(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A recommend recipe explores like any other: three model families, int8 where there are Linear
+    layers, quality is the full-ranking NDCG@10 of each variant's own bundle (a fraction, maximised)."""
+    from tests.helpers import recommend_recipe, write_interactions
+
+    study_dir = tmp_path / "study"
+    raw = recommend_recipe(write_interactions(tmp_path / "log.tsv"), tmp_path / "run", max_steps=120)
+    raw["explore"] = {
+        "study": str(study_dir),
+        "candidates": [{"model": "sasrec_test"}, {"model": "gru4rec_test"}, {"model": "mf_test"}],
+        "variants": [
+            {"name": "plain"},
+            {"name": "int8", "steps": [{"step": "quantize", "backend": "torch"}], "families": ["sasrec"]},
+        ],
+        "objectives": ["quality", "latency"],
+        "sampler": "grid",
+        "measure": {"threads": 1, "reps": 5},
+    }
+    code, out, err = run(["explore", str(_write(tmp_path, raw)), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["counts"]["complete"] == 3 and results["quality_direction"] == "maximize"
+    rows = {(r["candidate"], r["variant"]): r for r in results["variants"]}
+    assert set(rows) == {
+        ("sasrec_test", "plain"),
+        ("sasrec_test", "int8"),
+        ("gru4rec_test", "plain"),
+        ("mf_test", "plain"),
+    }
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("reason")
+        assert r["figures"]["metric"] == "ndcg@10"
+        assert r["figures"]["quality"] == pytest.approx(r["figures"]["metrics"]["ndcg@10"])
+    # the sequence models learn the cycle; order-free MF cannot tell which seen item came last
+    assert (
+        rows[("sasrec_test", "plain")]["figures"]["quality"]
+        > rows[("mf_test", "plain")]["figures"]["quality"]
+    )
+    assert results["recommended"] is not None

@@ -30,7 +30,9 @@ from tests.helpers import (
     image_recipe,
     lm_recipe,
     mlm_recipe,
+    recommend_recipe,
     translate_recipe,
+    write_interactions,
     write_parallel,
     write_sentiment_tsv,
 )
@@ -124,12 +126,20 @@ def _translate(folder: Path) -> Case:
     return Case(raw, ["ka lo mi nu"], inputs)
 
 
+def _recommend(folder: Path) -> Case:
+    log = write_interactions(folder / "log.tsv", users=20, items=16, length=8)
+    inputs = folder / "histories.txt"
+    inputs.write_text("m1,m2,m3\nm7|m8\n")
+    return Case(recommend_recipe(log, folder / "run"), ["m1,m2,m3"], inputs)
+
+
 #: task name -> a factory of its tiny data, recipe and inputs (a new task adds one entry)
 CASES: dict[str, Callable[[Path], Case]] = {
     "classify": _classify,
     "image": _image,
     "lm": _lm,
     "mlm": _mlm,
+    "recommend": _recommend,
     "translate": _translate,
 }
 

@@ -40,8 +40,19 @@ def predict(
         str,
         typer.Option(help="torch, or onnxruntime (the model exported, checked and fused at start; CPU)"),
     ] = "torch",
+    options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            help="NAME=VALUE, a task's own prediction option (repeatable); e.g. for recommend bundles "
+            "-o k=20 -o candidates=50,172 -o exclude_seen=false. A wrong name lists the task's options",
+        ),
+    ] = None,
 ) -> None:
-    """Predict with a bundle: the label and class probabilities for each input."""
+    """Predict with a bundle: the label and class probabilities for each input (per task: a translation; for
+    recommend bundles each input is a history of item ids or titles, e.g. "50,172,133", answered with the
+    top items not seen yet)."""
     setup_logging(False)
     import tempfile
 
@@ -53,7 +64,7 @@ def predict(
     b = load_bundle(bundle, device=dev)
     with tempfile.TemporaryDirectory(prefix="tansuo-predict-") as tmp:
         model = model_for_backend(b, backend, dev, Path(tmp))
-        _predict(b, model, dev, inputs, input_file, output, batch_size, as_json, top)
+        _predict(b, model, dev, inputs, input_file, output, batch_size, as_json, top, options or [])
 
 
 def _predict(
@@ -66,9 +77,12 @@ def _predict(
     batch_size: int,
     as_json: bool,
     top: int,
+    options: list[str],
 ) -> None:
     from tansuo.atomic import atomic_write_text
+    from tansuo.tasks.base import predict_options
 
+    extra = predict_options(b.task, options)
     items = list(inputs or [])
     if input_file is not None:
         items += b.task.read_inputs(input_file)
@@ -80,7 +94,7 @@ def _predict(
     with Progress(console=err_console, transient=True, disable=len(items) <= batch_size) as bar:
         job = bar.add_task("predict", total=len(items))
         for i in range(0, len(items), batch_size):
-            rows += b.task.predict(model, items[i : i + batch_size], dev)
+            rows += b.task.predict(model, items[i : i + batch_size], dev, **extra)
             bar.update(job, completed=len(rows))
     if output is not None:
         if output.suffix.lower() in (".jsonl", ".json"):

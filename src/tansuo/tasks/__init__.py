@@ -8,7 +8,7 @@ is named in ``TANSUO_PLUGINS`` (see :mod:`tansuo.plugins`).
 
 from __future__ import annotations
 
-from tansuo.tasks import classify, image, lm, mlm, translate  # noqa: F401  (registers the tasks)
+from tansuo.tasks import classify, image, lm, mlm, recommend, translate  # noqa: F401  (registers the tasks)
 from tansuo.tasks.base import (
     GENERATE,
     ONNX,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from tansuo.errors import RecipeError, TansuoError
@@ -57,6 +57,9 @@ class Task(Protocol):
     heldout_split: ClassVar[str]
     #: optional abilities (:data:`GENERATE`, :data:`ONNX`)
     abilities: ClassVar[frozenset[str]]
+    #: the options ``predict`` takes besides its inputs (``tansuo predict -o NAME=VALUE``): a pydantic model
+    #: whose fields are keyword arguments of ``predict``; :class:`NoOptions` for none
+    PredictOptions: ClassVar[type[BaseModel]]
     #: what the default metric is divided by to give the ``quality`` that compression and the explorer
     #: compare and show x100 as points: 1 for a fraction (accuracy), 100 for a score in points already (BLEU)
     quality_scale: ClassVar[float]
@@ -109,8 +112,11 @@ class Task(Protocol):
         """Write ``task.json`` and any assets (``tokenizer.json``) into a bundle folder being built."""
         ...
 
-    def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
-        """Predictions for what a person typed: file paths for images, texts for text tasks."""
+    def predict(
+        self, model: nn.Module, inputs: list[str], device: torch.device, **options: Any
+    ) -> list[dict[str, Any]]:
+        """Predictions for what a person typed: file paths for images, texts for text tasks, histories for
+        recommendations; ``options`` are fields of :attr:`PredictOptions` (``tansuo predict -o k=5``)."""
         ...
 
     def read_inputs(self, path: Path) -> list[str]:
@@ -171,12 +177,52 @@ def get_task(name: Any) -> type[Task]:
     raise RecipeError(f"invalid recipe:\n  task: must be one of {sorted(TASKS)} (got {name!r}).{hint}")
 
 
+class NoOptions(BaseModel):
+    """A task whose ``predict`` takes no options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def predict_options(task: Task, pairs: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` strings (``tansuo predict -o``) checked against the task's ``PredictOptions``, as
+    keyword arguments of its ``predict`` (only those given; values converted as the fields say).
+
+    Raises:
+        TansuoError: A pair without ``=``, or a name or value the task does not take (naming its options).
+    """
+    schema: type[BaseModel] = getattr(task, "PredictOptions", NoOptions)
+    raw: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise TansuoError(f"-o {pair!r}: expected NAME=VALUE, for example -o k=5")
+        raw[name.strip()] = value
+    try:
+        return schema.model_validate(raw).model_dump(include=set(raw))
+    except ValidationError as e:
+        fields = {n: f.description or "" for n, f in schema.model_fields.items()}
+        offered = "; ".join(f"{n} ({d})" if d else n for n, d in fields.items()) or "none"
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "options"
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            shown = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+            lines.append(f"  -o {where}: {msg}{shown}")
+        raise TansuoError(
+            f"invalid predict option for {task.name!r} bundles:\n"
+            + "\n".join(lines)
+            + f"\noptions: {offered}"
+        ) from None
+
+
 class TaskBase:
-    """The protocol's defaults, for tasks to subclass: no optional abilities, inputs as arguments only,
-    predictions printed as JSON, ``task.json`` from :meth:`state`, the model's own example input."""
+    """The protocol's defaults, for tasks to subclass: no optional abilities, no predict options, inputs as
+    arguments only, predictions printed as JSON, ``task.json`` from :meth:`state`, the model's own example
+    input."""
 
     name: ClassVar[str]
     abilities: ClassVar[frozenset[str]] = frozenset()
+    PredictOptions: ClassVar[type[BaseModel]] = NoOptions
     quality_scale: ClassVar[float] = 1.0
     seed: int
     data: BaseModel

@@ -1,4 +1,5 @@
-"""Metrics shared by tasks: classification (image and text classification) and translation."""
+"""Metrics shared by tasks: classification (image and text classification), translation and ranking
+(recommendation)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,61 @@ def translation_metrics(hypotheses: list[str], references: list[str]) -> dict[st
         "chrf": float(sacrebleu.corpus_chrf(hypotheses, refs).score),
         "bleu_tok_lc": float(sacrebleu.corpus_bleu(hypotheses, refs, lowercase=True).score),
     }
+
+
+#: the cut-offs of the ranking metrics (RecBole's ``topk: [5, 10, 20]`` style)
+RANKING_KS = (5, 10, 20)
+
+
+def target_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The 1-based rank of each row's target among the row's candidates.
+
+    Args:
+        scores: ``(N, K)`` scores of K candidates (every item, or a target and its sampled negatives).
+        targets: ``(N,)`` the target's column in ``scores``.
+        exclude: ``(N, K)`` bool, candidates taken out of the ranking (items the user has seen; column 0,
+            padding); the target itself is never taken out.
+
+    Ties are broken by column, lower first: the order of a sort by (score descending, column ascending),
+    which is also the order ``predict`` lists items in, so the figures do not depend on a kernel's tie
+    order (a most-popular model has many ties).
+
+    Returns:
+        ``(N,)`` long ranks, 1 = first.
+    """
+    scores = scores.float()
+    rows = torch.arange(len(targets), device=scores.device)
+    target_score = scores[rows, targets][:, None]  # (N, 1)
+    columns = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    ahead = (scores > target_score) | ((scores == target_score) & (columns < targets[:, None]))
+    if exclude is not None:
+        ahead = ahead & ~exclude
+    return ahead.sum(dim=1) + 1
+
+
+def ranking_metrics(
+    ranks: torch.Tensor, ks: tuple[int, ...] = RANKING_KS, prefix: str = ""
+) -> dict[str, float]:
+    """HR@K, NDCG@K and MRR@K averaged over rows, from each row's target rank (one relevant item per row).
+
+    RecBole's definitions with one positive: ``hr@K`` = 1 if rank <= K; ``ndcg@K`` = 1 / log2(rank + 1) if
+    rank <= K (the ideal DCG is 1); ``mrr@K`` = 1 / rank if rank <= K; each 0 otherwise. Computed on the
+    rank of the target, one vector op per figure: torchmetrics' retrieval metrics would need every (row,
+    item) score flattened with a query index (N x items elements, sorted per query) to give the same three
+    numbers, and break ties by their own order.
+
+    Args:
+        ranks: ``(N,)`` 1-based ranks (:func:`target_ranks`).
+        ks: The cut-offs.
+        prefix: Put before each name (``"sampled_"`` for the sampled protocol).
+    """
+    ranks = ranks.double()
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"{prefix}hr@{k}"] = float(hit.double().mean())
+        out[f"{prefix}ndcg@{k}"] = float(torch.where(hit, 1.0 / torch.log2(ranks + 1), 0.0).mean())
+        out[f"{prefix}mrr@{k}"] = float(torch.where(hit, 1.0 / ranks, 0.0).mean())
+    return out

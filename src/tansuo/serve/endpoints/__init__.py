@@ -11,7 +11,7 @@ Inputs are always data in the request body (texts, base64-encoded pictures, pixe
 request can name a file path.
 """
 
-from tansuo.serve.endpoints import generate, image, openai, text, translate  # noqa: F401  (registers the endpoints)
+from tansuo.serve.endpoints import generate, image, openai, recommend, text, translate  # noqa: F401
 from tansuo.serve.endpoints.base import (
     ENDPOINTS,
     ApiError,
