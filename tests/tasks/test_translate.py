@@ -147,6 +147,11 @@ def test_train_then_predict_a_sentence_and_a_file(tmp_path, monkeypatch, capsys)
     code, out, err = run(args, monkeypatch, capsys)
     assert code == 0, err
     assert text.read_text() == "ka lo mi\nnu pe ri so\n"
+    code, out, err = run(["predict", str(bundle), "ka lo mi nu", "-o", "max_length=2"], monkeypatch, capsys)
+    assert code == 0, err
+    assert 0 < len(out.strip()) < len("ka lo mi nu") and "ka lo mi nu".startswith(out.strip())  # 2 tokens
+    code, out, err = run(["predict", str(bundle), "ka lo", "-o", "beam_size=0"], monkeypatch, capsys)
+    assert code == 2 and "beam_size" in err
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])

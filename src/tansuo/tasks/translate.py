@@ -121,6 +121,16 @@ class TranslateDataConfig(BaseModel):
         )
 
 
+class TranslatePredictOptions(BaseModel):
+    """``tansuo predict -o NAME=VALUE`` for translation bundles."""
+
+    model_config = ConfigDict(extra="forbid")
+    beam_size: int | None = Field(None, ge=1, description="beam width, 1 for greedy; default the bundle's")
+    max_length: int | None = Field(
+        None, ge=1, description="most tokens of a translation; default the bundle's ratio of the source"
+    )
+
+
 class _Encoded:
     """One split: source ids (with ``</s>``), target ids (without ``<s>`` / ``</s>``), raw targets."""
 
@@ -143,6 +153,7 @@ class TranslateTask(TaskBase):
     unit: ClassVar[str] = "tokens"
     heldout_split: ClassVar[str] = "test"
     quality_scale: ClassVar[float] = 100.0  # BLEU is in points already (reports show quality x100)
+    PredictOptions: ClassVar[type[BaseModel]] = TranslatePredictOptions
 
     def __init__(self, data: TranslateDataConfig, seed: int, tokenizer: Tokenizer) -> None:
         self.data, self.seed, self.tokenizer = data, seed, tokenizer
@@ -376,12 +387,18 @@ class TranslateTask(TaskBase):
         sources = [ids[: limit - 1] + [eos] for ids in self._pieces([t.strip() for t in texts])]
         return self._translate_encoded(model, sources, device, beam_size or self.data.beam_size, max_len)
 
-    def predict(self, model: nn.Module, inputs: list[str], device: torch.device) -> list[dict[str, Any]]:
-        """Translate each text with beam search (``data.beam_size``)."""
-        return [
-            {"input": text, "translation": hyp}
-            for text, hyp in zip(inputs, self.translate(model, inputs, device), strict=True)
-        ]
+    def predict(
+        self,
+        model: nn.Module,
+        inputs: list[str],
+        device: torch.device,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Translate each text with beam search (``beam_size`` None: ``data.beam_size``; 1: greedy), at most
+        ``max_length`` tokens when given (``tansuo predict -o beam_size=1 -o max_length=40``)."""
+        hyps = self.translate(model, inputs, device, beam_size, max_length)
+        return [{"input": text, "translation": hyp} for text, hyp in zip(inputs, hyps, strict=True)]
 
     def format_prediction(self, row: dict[str, Any], top: int) -> str:
         return row["translation"]
