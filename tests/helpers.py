@@ -249,11 +249,20 @@ def train_ranks(
 
 
 def _train_rank(rank: int, raws: list[dict], data_root: str, resume: bool, die: tuple | None) -> None:
+    import time
+
     from tansuo.train.setup import train_recipe
 
     recipe, data = validate_recipe(raws[rank])
     start = (lambda trainer: interrupt_after(trainer, die[1])) if die is not None and die[0] == rank else None
-    train_recipe(recipe, data, data_root=data_root, resume=resume, on_start=start)
+    try:
+        train_recipe(recipe, data, data_root=data_root, resume=resume, on_start=start)
+    except Exception:
+        if die is not None and die[0] != rank:
+            # the peers' next collective fails once the dying rank is gone ("connection reset"); wait so
+            # that spawn reports the dying rank's Interrupted, which it takes from whichever exits first
+            time.sleep(5)
+        raise
 
 
 def run(
