@@ -8,6 +8,7 @@ import torch
 from tansuo.atomic import atomic_write_dir
 from tansuo.bundle import load_bundle, save_bundle
 from tansuo.errors import BundleError
+from tansuo.integrity import write_manifest
 from tansuo.models import create_model
 from tests.helpers import image_recipe, lm_recipe, recipe_and_task
 
@@ -60,11 +61,31 @@ def test_unknown_task_and_format(tmp_path: Path, image_npz: Path) -> None:
     save_bundle(tmp_path / "b", model, task)
     info = json.loads((tmp_path / "b" / "task.json").read_text())
     (tmp_path / "b" / "task.json").write_text(json.dumps({**info, "task": "poetry"}))
+    write_manifest(tmp_path / "b")  # as another tansuo (or a plugin's task) would have written it
     with pytest.raises(BundleError, match="unknown task 'poetry'"):
         load_bundle(tmp_path / "b")
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     (tmp_path / "b" / "config.json").write_text(json.dumps({**config, "format": 99}))
+    write_manifest(tmp_path / "b")
     with pytest.raises(BundleError, match="format 99"):
+        load_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("embed_dim", "wide"), ("num_layers", -1), ("no_such_field", 1)],
+    ids=["type", "value", "name"],
+)
+def test_a_config_the_model_cannot_be_built_from_names_config_json(
+    field: str, value: object, tmp_path: Path, image_npz: Path
+) -> None:
+    _, task = recipe_and_task(image_recipe(image_npz, tmp_path))
+    save_bundle(tmp_path / "b", create_model("vit_test", **task.model_overrides()), task)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["config"][field] = value
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    write_manifest(tmp_path / "b")
+    with pytest.raises(BundleError, match="config.json does not describe a model"):
         load_bundle(tmp_path / "b")
 
 

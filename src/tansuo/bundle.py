@@ -12,6 +12,8 @@ bundle/
   recipe.json        the validated recipe that trained it (when trained by tansuo)
   adapter/           with LoRA adapters (a ``lora`` record): them alone, in PEFT's layout
                      (adapter_config.json, adapter_model.safetensors; see tansuo.adapters.peft)
+  manifest.json      the sha256 and size of every other file (tansuo.integrity), checked before loading
+  manifest.sig       an Ed25519 signature of manifest.json, once `tansuo sign` signed the bundle
 ```
 Loading reads JSON and safetensors only; nothing is unpickled. Bundles are written atomically.
 """
@@ -26,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from tansuo import __version__
 from tansuo.atomic import atomic_write_dir, atomic_write_json
 from tansuo.errors import BundleError, RecipeError
+from tansuo.integrity import verify_manifest, verify_signature, write_manifest
 from tansuo.models import create_model
 from tansuo.tasks import get_task
 from tansuo.tasks.base import Task
@@ -93,14 +97,16 @@ def save_bundle(
             from tansuo.adapters import write_adapter
 
             write_adapter(model, tmp / "adapter", origin)
+        write_manifest(tmp)
 
     atomic_write_dir(path, build)
     return path
 
 
 def update_bundle_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Replace a bundle's metrics.json (atomically)."""
+    """Replace a bundle's metrics.json (atomically) and its manifest (a signature no longer holds)."""
     atomic_write_json(Path(path) / "metrics.json", metrics)
+    write_manifest(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -115,16 +121,27 @@ def load_bundle(
     device: str | torch.device = "cpu",
     data_path: str | None = None,
     adapter: str | Path | None = None,
+    public_key: str | Path | None = None,
 ) -> Bundle:
-    """Load a bundle folder: rebuild the model from the registry, load weights, rebuild the task.
+    """Load a bundle folder: check its files against its manifest, rebuild the model from the registry, load
+    weights, rebuild the task.
 
     ``adapter``: a LoRA adapter folder (PEFT's layout, written by tansuo or by PEFT) merged into the
-    model's weights after loading (see :func:`apply_adapter`)."""
+    model's weights after loading (see :func:`apply_adapter`). ``public_key``: load only a bundle signed by
+    that Ed25519 key (``tansuo sign``).
+
+    Raises:
+        BundleError: Not a bundle, a file changed, truncated, missing or foreign, the signature missing or
+            by another key, or a config the model cannot be built from; each names the file."""
     path = Path(path)
     if not path.is_dir():
         old = path.with_name(path.name + ".old")
         hint = f" (an interrupted save left a complete copy at {old})" if old.is_dir() else ""
         raise BundleError(f"bundle not found: {path}{hint}; pass the folder a training run wrote")
+    if public_key is not None:
+        verify_signature(path, public_key)  # the manifest too
+    else:
+        verify_manifest(path)
     weights = "model.safetensors"
     if (path / "config.json").is_file():
         weights = (
@@ -221,7 +238,7 @@ def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -
     if torch.device(device).type != "cpu":
         raise BundleError(f"{path} is an ONNX Runtime (CPU) bundle; pass --device cpu")
     with torch.device("meta"):
-        reference = create_model(config["model_name"], **config["config"])
+        reference = _build(path, config)
     reference.model_name = config["model_name"]
     records = config.get("compression", [])
     per_sample = any(r.get("per_sample") for r in records if r.get("step") == "quantize")
@@ -230,8 +247,17 @@ def _load_onnx(path: Path, config: dict[str, Any], device: str | torch.device) -
     return model
 
 
+def _build(path: Path, config: dict[str, Any]) -> nn.Module:
+    try:
+        return create_model(config["model_name"], **config["config"])
+    except (KeyError, TypeError, ValueError, RecipeError) as e:
+        raise BundleError(
+            f"{path / 'config.json'} does not describe a model this tansuo can build ({e})"
+        ) from e
+
+
 def _load_torch(path: Path, config: dict[str, Any], device: str | torch.device) -> nn.Module:
-    model = create_model(config["model_name"], **config["config"])
+    model = _build(path, config)
     if config.get("compression"):
         import tansuo.adapters  # noqa: F401  (registers the "lora" step that bundles with adapters carry)
         from tansuo.compress import restore_structure
@@ -241,5 +267,10 @@ def _load_torch(path: Path, config: dict[str, Any], device: str | torch.device) 
         ):
             raise BundleError(f"{path} holds int8 layers, which run on the CPU only; pass --device cpu")
         restore_structure(model, config["compression"])
-    load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True, device="cpu")
+    except (SafetensorError, RuntimeError, ValueError, OSError) as e:  # a damaged header, other shapes
+        raise BundleError(
+            f"{path / 'model.safetensors'} does not fit the model config.json describes ({e})"
+        ) from e
     return model.to(device).eval()

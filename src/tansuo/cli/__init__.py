@@ -24,6 +24,7 @@ from tansuo.cli import (
     models,
     predict,
     serve,
+    sign,
     train,
 )
 from tansuo.cli._app import app, console, err_console
@@ -40,6 +41,9 @@ app.command()(merge.merge)
 app.command()(compress.compress)
 app.command()(export.export)
 app.command()(serve.serve)
+app.command()(sign.sign)
+app.command()(sign.keygen)
+app.command()(sign.manifest)
 app.command()(explore.explore)
 app.command()(explore.report)
 app.command()(models.models)

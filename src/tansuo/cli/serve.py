@@ -46,6 +46,13 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="the model's id in the OpenAI-compatible routes (default: folder name)")
     ] = None,
+    require_signature: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PUBKEY",
+            help="serve the bundle only if this Ed25519 public key signed it (tansuo sign; PEM, ssh-ed25519)",
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: the task's endpoint, /v1/model, /health, /ready, /metrics, a try-it page.
 
@@ -70,12 +77,16 @@ def serve(
         batching=batching,
         model_name=model_name,
     )
-    server, asgi = serve_bundle(bundle, config, device, threads, adapter=adapter)
+    server, asgi = serve_bundle(
+        bundle, config, device, threads, adapter=adapter, public_key=require_signature
+    )
     url = f"http://{host}:{port}"
     console.print(
         f"serving {bundle} ({server.bundle.task.name}, {backend}) at {url}  POST "
         f"{', '.join(e.path for e in server.endpoints)}, "
-        f"try it at {url}/, docs at {url}/docs" + ("  (API key required)" if api_key else ""),
+        f"try it at {url}/, docs at {url}/docs"
+        + ("  (API key required)" if api_key else "")
+        + (f"  (signature verified with {require_signature})" if require_signature else ""),
         highlight=False,
         markup=False,
     )

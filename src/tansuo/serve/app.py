@@ -197,14 +197,21 @@ def serve_bundle(
     device: str = "auto",
     threads: int | None = None,
     adapter: Path | None = None,
+    public_key: Path | None = None,
 ) -> tuple[Server, Any]:
     """Load a bundle for serving on ``config.backend`` (ONNX Runtime runs on the CPU) and build the ASGI
     application around it; returns the server and the application (what ``tansuo serve`` runs).
-    ``adapter``: a LoRA adapter folder merged into the bundle's weights first."""
+    ``adapter``: a LoRA adapter folder merged into the bundle's weights first. ``public_key``: serve the
+    bundle only if that Ed25519 key signed it (``tansuo sign``)."""
+    if public_key is not None and adapter is not None:
+        raise TansuoError(
+            "--require-signature covers the bundle's files, not an --adapter folder; merge the adapter "
+            "(tansuo merge), sign the merged bundle and serve that"
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     dev = resolve_device("cpu" if config.backend == "onnxruntime" and device == "auto" else device)
-    server = Server(load_bundle(path, device=dev, adapter=adapter), config, dev)
+    server = Server(load_bundle(path, device=dev, adapter=adapter, public_key=public_key), config, dev)
     return server, create_app(server)
 
 
