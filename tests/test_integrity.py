@@ -40,7 +40,7 @@ def _flip_one_byte(file: Path) -> None:
             lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:-100]),
             r"model.safetensors has \d+ bytes where the manifest says \d+",
         ),
-        (lambda b: (b / "task.json").unlink(), r"task.json is missing"),
+        (lambda b: (b / "metrics.json").unlink(), r"metrics.json is missing"),
         (lambda b: (b / "extra.py").write_text("import os"), r"does not list: extra.py"),
         (lambda b: (b / "manifest.json").unlink(), r"has no manifest.json.*tansuo manifest"),
         (lambda b: (b / "manifest.json").write_text("{"), r"manifest.json is unreadable"),

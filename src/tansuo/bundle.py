@@ -138,10 +138,6 @@ def load_bundle(
         old = path.with_name(path.name + ".old")
         hint = f" (an interrupted save left a complete copy at {old})" if old.is_dir() else ""
         raise BundleError(f"bundle not found: {path}{hint}; pass the folder a training run wrote")
-    if public_key is not None:
-        verify_signature(path, public_key)  # the manifest too
-    else:
-        verify_manifest(path)
     weights = "model.safetensors"
     if (path / "config.json").is_file():
         weights = (
@@ -150,6 +146,10 @@ def load_bundle(
     missing = [name for name in (*REQUIRED[:1], weights, *REQUIRED[2:]) if not (path / name).is_file()]
     if missing:
         raise BundleError(f"{path} is not a complete bundle: missing {', '.join(missing)}")
+    if public_key is not None:
+        verify_signature(path, public_key)  # the manifest too
+    else:
+        verify_manifest(path)
     config = _read_json(path / "config.json")
     if config.get("format") != FORMAT:
         raise BundleError(
