@@ -273,7 +273,7 @@ def test_serve_command_refuses_bad_setups_with_exit_2(
     empty.write_text("\n")
     cases = [
         ([str(lm_bundle), "--backend", "onnxruntime"], "--backend torch"),
-        ([str(text_bundle), "--api-key-file", str(empty)], "is empty"),
+        ([str(text_bundle), "--api-key-file", str(empty)], "holds no key"),
         ([str(text_bundle), "--api-key-file", str(tmp_path / "missing")], "cannot read"),
         ([str(tmp_path / "nothing")], "bundle not found"),
     ]

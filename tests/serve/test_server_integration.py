@@ -541,6 +541,15 @@ def test_try_it_page_predicts_in_headless_chromium(text_server: Server, tmp_path
     _no_server_errors(text_server)
 
 
+def test_api_docs_render_offline_under_the_content_security_policy(
+    text_server: Server, tmp_path: Path
+) -> None:
+    """/docs loads Swagger UI from this server's own files, inside the page's policy: the operations render."""
+    dom = _browse(chromium_path(), text_server.url + "/docs", tmp_path, "--dump-dom").stdout
+    assert "opblock-summary-path" in dom and "/v1/predict" in dom, dom[-3000:]
+    _no_server_errors(text_server)
+
+
 def test_try_it_page_translates_in_headless_chromium(
     serve: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:

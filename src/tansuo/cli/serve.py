@@ -9,6 +9,7 @@ import typer
 
 from tansuo.cli._app import (
     console,
+    err_console,
     setup_logging,
 )
 
@@ -22,8 +23,16 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="most items per model call; 1 = no batching")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help="how long a batch waits for more")] = 5.0,
     api_key_file: Annotated[
-        Path | None, typer.Option(help="require 'Authorization: Bearer KEY' with the key in this file")
+        Path | None,
+        typer.Option(help="require 'Authorization: Bearer KEY', KEY one of this file's (tansuo apikey)"),
     ] = None,
+    rate_limit: Annotated[
+        str | None,
+        typer.Option(help="requests per key (per client without keys), as 10/s, 600/min or 10/s:20 (burst)"),
+    ] = None,
+    access_log: Annotated[
+        bool, typer.Option(help="log a line per request: time, client, key name, route, status, ms")
+    ] = True,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 1_000_000,
     max_text_chars: Annotated[int, typer.Option(min=1, help="longest text or prompt")] = 10_000,
     max_items: Annotated[int, typer.Option(min=1, help="most inputs in one request")] = 64,
@@ -58,21 +67,24 @@ def serve(
 
     Language models also answer OpenAI's API: /v1/completions, /v1/chat/completions and /v1/models.
 
-    The API key may also come from the TANSUO_API_KEY environment variable.
+    Without --api-key-file the one API key may come from the TANSUO_API_KEY environment variable.
     """
     setup_logging(verbose)
     import uvicorn
 
-    from tansuo.serve.app import ServeConfig, read_api_key, serve_bundle
+    from tansuo.serve.app import ServeConfig, read_api_keys, serve_bundle
     from tansuo.serve.endpoints import Limits
+    from tansuo.serve.security import Rate
 
-    api_key = read_api_key(api_key_file)
+    api_keys = read_api_keys(api_key_file)
     limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam)
     config = ServeConfig(
         backend,
         max_batch,
         max_wait_ms,
-        api_key=api_key,
+        api_keys=api_keys,
+        rate_limit=None if rate_limit is None else Rate.parse(rate_limit),
+        access_log=access_log,
         limits=limits,
         batching=batching,
         model_name=model_name,
@@ -85,9 +97,28 @@ def serve(
         f"serving {bundle} ({server.bundle.task.name}, {backend}) at {url}  POST "
         f"{', '.join(e.path for e in server.endpoints)}, "
         f"try it at {url}/, docs at {url}/docs"
-        + ("  (API key required)" if api_key else "")
+        + (f"  ({len(api_keys)} API key{'s' if len(api_keys) > 1 else ''} accepted)" if api_keys else "")
         + (f"  (signature verified with {require_signature})" if require_signature else ""),
         highlight=False,
         markup=False,
     )
     uvicorn.run(asgi, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+
+
+def apikey(
+    key_file: Annotated[
+        Path, typer.Argument(help="the key file (created if missing): names and hashes only")
+    ],
+    name: Annotated[str, typer.Argument(help="the key's name (it appears in the access log)")],
+    rate_limit: Annotated[
+        str | None, typer.Option(help="this key's own rate limit, as 10/s, 600/min or 10/s:20 (burst)")
+    ] = None,
+) -> None:
+    """Make a new API key for `tansuo serve --api-key-file`: the file keeps its name and sha256 only, and the
+    key is printed this once."""
+    setup_logging(False)
+    from tansuo.serve.security import add_key
+
+    key = add_key(key_file, name, rate_limit)
+    console.print(key, markup=False, highlight=False, soft_wrap=True)
+    err_console.print(f"added {name!r} to {key_file}; the key above is shown only now", markup=False)

@@ -8,27 +8,27 @@ FastAPI's OpenAPI docs at ``/docs``. With an API key every ``/v1`` route needs
 ``Authorization: Bearer KEY`` (compared in constant time). Every error is JSON ``{"error": message}`` with a
 4xx status for bad requests; the server keeps serving whatever a request holds.
 
-Requests pass through one outer ASGI layer (:class:`_Guard`) that refuses bodies over the limit before they
-are parsed and records each request's status and latency.
+Requests pass through one outer ASGI layer (``guard.py``) that refuses bodies over the limit before they are
+parsed, adds the security headers and records each request's status and latency; ``security.py`` checks API
+keys (kept as hashes) and rate limits; ``pages.py`` serves the try-it page and the API docs from local files.
 """
 
 import asyncio
-import hmac
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tansuo import __version__
@@ -39,7 +39,17 @@ from tansuo.export.onnx import BACKENDS, model_for_backend
 from tansuo.models.generation import DecodeEngine
 from tansuo.serve.batching import Batcher, BusyError, ContinuousBatcher
 from tansuo.serve.endpoints import ApiError, Endpoint, Limits, Submit, endpoints_for
+from tansuo.serve.guard import Guard, json_error
 from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
+from tansuo.serve.pages import add_pages
+from tansuo.serve.security import (
+    ApiKey,
+    KeyRing,
+    Rate,
+    RateLimiter,
+    hash_key,
+    read_key_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +65,10 @@ class ServeConfig:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 1024
-    api_key: str | None = None
+    api_key: str | None = None  # one key in plain text (TANSUO_API_KEY), named "default"
+    api_keys: tuple[ApiKey, ...] = ()  # keys by name and hash (--api-key-file)
+    rate_limit: Rate | None = None  # per key (per client address without keys), unless a key has its own
+    access_log: bool = True  # one line per request on the logger tansuo.serve.access
     limits: Limits = field(default_factory=Limits)
     #: generation: "continuous" (a request joins the running batch at the next step) or "static"
     batching: str = "continuous"
@@ -72,6 +85,9 @@ class Server:
         if config.backend not in BACKENDS:
             raise TansuoError(f"--backend {config.backend!r} is unknown; use {' or '.join(BACKENDS)}")
         self.bundle, self.config, self.device = bundle, config, device
+        plain = [ApiKey("default", hash_key(config.api_key))] if config.api_key else []
+        self.keys = KeyRing([*plain, *config.api_keys])
+        self.signed_by: str | None = None  # the public key file a verified signature was checked with
         self._tmp: Path | None = None
         if config.backend == "onnxruntime" and getattr(bundle.model, "onnx_file", None) is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="tansuo-serve-"))  # the export goes here
@@ -171,24 +187,21 @@ class Server:
             },
             "model_id": self.model_id,
             "limits": asdict(self.config.limits),
-            "auth": self.config.api_key is not None,
+            "auth": bool(self.keys),
+            "rate_limit": None if self.config.rate_limit is None else self.config.rate_limit.text,
+            "signed_by": self.signed_by,
             "tansuo_version": __version__,
             **self.endpoint.card(),
         }
 
 
-def read_api_key(api_key_file: Path | None) -> str | None:
-    """The key every ``/v1`` request must send: the file's contents when a file is given, else the
-    ``TANSUO_API_KEY`` environment variable, else None (no key)."""
+def read_api_keys(api_key_file: Path | None) -> tuple[ApiKey, ...]:
+    """The keys ``/v1`` requests may send: those of the key file (:mod:`tansuo.serve.security`) when one is
+    given, else the ``TANSUO_API_KEY`` environment variable's (named ``default``), else none."""
     if api_key_file is None:
-        return os.environ.get("TANSUO_API_KEY") or None
-    try:
-        key = Path(api_key_file).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TansuoError(f"cannot read --api-key-file {api_key_file}: {e}") from e
-    if not key:
-        raise TansuoError(f"--api-key-file {api_key_file} is empty; write the key in it")
-    return key
+        key = os.environ.get("TANSUO_API_KEY")
+        return (ApiKey("default", hash_key(key)),) if key else ()
+    return tuple(read_key_file(api_key_file))
 
 
 def serve_bundle(
@@ -212,6 +225,7 @@ def serve_bundle(
         torch.set_num_threads(threads)
     dev = resolve_device("cpu" if config.backend == "onnxruntime" and device == "auto" else device)
     server = Server(load_bundle(path, device=dev, adapter=adapter, public_key=public_key), config, dev)
+    server.signed_by = None if public_key is None else str(public_key)
     return server, create_app(server)
 
 
@@ -226,19 +240,6 @@ def _metrics() -> Metrics:
     m.counter("tansuo_items_total", "Items (texts, images, prompts) run through the model.")
     m.counter("tansuo_generated_tokens_total", "Tokens generated.")
     return m
-
-
-def _error(
-    status: int, message: str, headers: dict[str, str] | None = None, openai: bool = False
-) -> JSONResponse:
-    """The JSON error body: ``{"error": message}``, or OpenAI's shape on the OpenAI-compatible routes."""
-    if not openai:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    kind = {401: "authentication_error", 404: "not_found_error", 503: "server_busy"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(error: RequestValidationError) -> str:
@@ -266,45 +267,61 @@ def create_app(server: Server) -> Any:
         version=__version__,
         lifespan=lifespan,
         description=f"Serving {server.bundle.path.name}. Errors are JSON objects with an 'error' message.",
+        docs_url=None,  # pages.py serves Swagger UI from local files
+        redoc_url=None,
     )
 
-    async def authorize(request: Request) -> None:
-        key = server.config.api_key
-        if key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'")
+    limiter = RateLimiter()
 
-    guarded = (
-        [Depends(authorize)] if server.config.api_key is not None else []
-    )  # no per-request cost without a key
+    async def authorize(request: Request) -> None:
+        rate = server.config.rate_limit
+        if server.keys.keys:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            key = server.keys.match(given.strip()) if scheme.lower() == "bearer" else None
+            if key is None:
+                raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'")
+            name, rate = key.name, key.rate or rate
+            request.state.key_name = name  # for the access log
+        else:
+            name = f"client {request.client.host if request.client else '?'}"
+        if rate is not None:
+            wait = limiter.allow(name, rate)
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    f"rate limit {rate.text} reached for {name if server.keys.keys else 'this client'}; "
+                    f"retry in {wait:.1f} s",
+                    {"Retry-After": str(math.ceil(wait))},
+                )
+
+    # no per-request cost without keys or limits
+    guarded = [Depends(authorize)] if server.keys.keys or server.config.rate_limit is not None else []
 
     openai = {e.path for e in server.endpoints if e.error_style == "openai"}
     openai |= {path for e in server.endpoints if e.error_style == "openai" for path in e.get_routes()}
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return _error(e.status, e.message, headers, request.url.path in openai)
+    async def _apijson_error(request: Request, e: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else e.headers
+        return json_error(e.status, e.message, headers, request.url.path in openai)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         # OpenAI's clients expect 400 for a malformed request; the other routes have always said 422
         status = 400 if request.url.path in openai else 422
-        return _error(status, _validation_message(e), None, request.url.path in openai)
+        return json_error(status, _validation_message(e), None, request.url.path in openai)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), None, request.url.path in openai)
+        return json_error(e.status_code, str(e.detail), None, request.url.path in openai)
 
     @app.exception_handler(TansuoError)
     async def _bad_input(request: Request, e: TansuoError) -> JSONResponse:
-        return _error(422, str(e), None, request.url.path in openai)
+        return json_error(422, str(e), None, request.url.path in openai)
 
     @app.exception_handler(BusyError)
     async def _busy(request: Request, e: BusyError) -> JSONResponse:
-        return _error(503, f"server busy: {e}", {"Retry-After": "1"}, request.url.path in openai)
+        return json_error(503, f"server busy: {e}", {"Retry-After": "1"}, request.url.path in openai)
 
     extra: set[str] = set()
     for endpoint in server.endpoints:
@@ -332,12 +349,7 @@ def create_app(server: Server) -> Any:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    page = resources.files("tansuo.serve").joinpath("page.html").read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def try_it() -> HTMLResponse:
-        return HTMLResponse(page)
-
+    pages = add_pages(app)
     routes = {
         *(e.path for e in server.endpoints),
         *extra,
@@ -345,11 +357,10 @@ def create_app(server: Server) -> Any:
         "/health",
         "/ready",
         "/metrics",
-        "/",
-        "/docs",
+        *pages,
         "/openapi.json",
     }
-    return _Guard(app, server.metrics, server.config.limits.max_body_bytes, routes)
+    return Guard(app, server.metrics, server.config.limits.max_body_bytes, routes, server.config.access_log)
 
 
 def _add_route(app: FastAPI, endpoint: Endpoint, submit: Submit, guarded: list[Any]) -> None:
@@ -360,87 +371,3 @@ def _add_route(app: FastAPI, endpoint: Endpoint, submit: Submit, guarded: list[A
         return await endpoint.answer(body, submit)
 
     app.post(endpoint.path, dependencies=guarded, summary=endpoint.summary)(handle)
-
-
-def _is_json(scope: dict) -> bool:
-    for name, value in scope.get("headers", []):
-        if name == b"content-type":
-            kind = value.split(b";")[0].strip().lower()
-            return kind == b"application/json" or kind.endswith(b"+json")
-    return False
-
-
-class _Guard:
-    """Outer ASGI layer: refuses bodies over ``max_body_bytes`` (413, before the app parses anything) and
-    records every request's status and duration."""
-
-    def __init__(self, app: FastAPI, metrics: Metrics, max_body_bytes: int, routes: set[str]) -> None:
-        self.app, self.metrics, self.max_body_bytes, self.routes = app, metrics, max_body_bytes, routes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        route = scope["path"] if scope["path"] in self.routes else "other"
-        status = 500
-
-        async def send_and_record(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._record(route, status, time.perf_counter() - started)
-
-        body = await self._read_body(scope, receive)
-        if body is None:
-            limit = self.max_body_bytes
-            response = _error(413, f"the request body is over {limit} bytes (--max-body-bytes)")
-            await response(scope, receive, send_and_record)
-            return
-        if body and scope["method"] == "POST" and not _is_json(scope):
-            response = _error(415, "send the body as JSON, with the header 'Content-Type: application/json'")
-            await response(scope, receive, send_and_record)
-            return
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as e:
-            response = _error(400, f"the body is not valid UTF-8 (byte {e.start}); send JSON in UTF-8")
-            await response(scope, receive, send_and_record)
-            return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as Starlette expects
-
-        await self.app(scope, replay, send_and_record)
-
-    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
-        """The whole body, or None once it is known to be over the limit."""
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-    def _record(self, route: str, status: int, seconds: float) -> None:
-        self.metrics.inc("tansuo_requests_total", endpoint=route, status=str(status))
-        if status >= 400:
-            self.metrics.inc("tansuo_request_errors_total", endpoint=route)
-        self.metrics.observe("tansuo_request_duration_seconds", seconds, endpoint=route)

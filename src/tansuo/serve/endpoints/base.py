@@ -30,10 +30,11 @@ class Limits:
 class ApiError(Exception):
     """A request the server will not run; ``status`` is the HTTP status, the message says why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class Submit:
