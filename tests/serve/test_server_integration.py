@@ -544,7 +544,7 @@ def test_try_it_page_predicts_in_headless_chromium(text_server: Server, tmp_path
 def test_api_docs_render_offline_under_the_content_security_policy(
     text_server: Server, tmp_path: Path
 ) -> None:
-    """/docs loads Swagger UI from this server's own files, inside the page's policy: the operations render."""
+    """/docs loads Swagger UI from this server's own files, within the page's policy: operations render."""
     dom = _browse(chromium_path(), text_server.url + "/docs", tmp_path, "--dump-dom").stdout
     assert "opblock-summary-path" in dom and "/v1/predict" in dom, dom[-3000:]
     _no_server_errors(text_server)

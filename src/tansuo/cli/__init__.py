@@ -23,6 +23,7 @@ from tansuo.cli import (
     merge,
     models,
     predict,
+    scrub,
     serve,
     sign,
     train,
@@ -38,6 +39,7 @@ app.command()(evaluate.generate)
 app.command()(chat.chat)
 app.command()(predict.predict)
 app.command()(merge.merge)
+app.command()(scrub.scrub)
 app.command()(compress.compress)
 app.command()(export.export)
 app.command()(serve.serve)

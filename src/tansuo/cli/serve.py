@@ -30,6 +30,10 @@ def serve(
         str | None,
         typer.Option(help="requests per key (per client without keys), as 10/s, 600/min or 10/s:20 (burst)"),
     ] = None,
+    redact_output: Annotated[
+        str | None,
+        typer.Option(help="scrub this PII from generated text, e.g. email,phone,credit_card,iban,ip,url"),
+    ] = None,
     access_log: Annotated[
         bool, typer.Option(help="log a line per request: time, client, key name, route, status, ms")
     ] = True,
@@ -77,7 +81,12 @@ def serve(
     from tansuo.serve.security import Rate
 
     api_keys = read_api_keys(api_key_file)
-    limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam)
+    redact = tuple(t.strip() for t in redact_output.split(",") if t.strip()) if redact_output else ()
+    if redact:
+        from tansuo.data.pii import check_types
+
+        check_types(redact)
+    limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam, redact)
     config = ServeConfig(
         backend,
         max_batch,

@@ -224,6 +224,8 @@ class TaskBase:
     abilities: ClassVar[frozenset[str]] = frozenset()
     PredictOptions: ClassVar[type[BaseModel]] = NoOptions
     quality_scale: ClassVar[float] = 1.0
+    #: what preparing the data did, for the run's log (metrics.jsonl's "data" event); e.g. PII scrubbed
+    data_report: dict[str, Any] = {}  # noqa: RUF012  (replaced per instance, never mutated)
     seed: int
     data: BaseModel
 

@@ -43,6 +43,7 @@ from tansuo.data import (
     texts_digest,
     trained_once,
 )
+from tansuo.data.pii import SCRUB_HELP, Scrubber, ScrubTypes
 from tansuo.errors import DataError
 from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
 from tansuo.tasks.metrics import classifier_metrics
@@ -90,6 +91,7 @@ class ClassifyDataConfig(BaseModel):
         128, ge=4, description="longest encoding in tokens (longer texts are cut); at most the model's"
     )
     lowercase: bool = Field(True, description="lower-case texts (WordPiece training and vocab.txt)")
+    scrub_pii: ScrubTypes = Field([], description=SCRUB_HELP)
     label_smoothing: float = Field(
         0.0, ge=0, lt=1, description="training loss against (1 - e) * one-hot + e / classes; 0 turns it off"
     )
@@ -150,7 +152,7 @@ class ClassifyTask(TaskBase):
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> ClassifyTask:
         assert isinstance(data, ClassifyDataConfig)
-        rows = _read_splits(data, seed)
+        rows, report = _read_splits(data, seed)
         train = rows["train"][1]
         if not train:
             raise DataError(f"{rows['train'][0]}: the training split is empty; {DATA_HINT}")
@@ -165,6 +167,7 @@ class ClassifyTask(TaskBase):
             ),
         )
         task = cls(data, seed, tokenizer, labels)
+        task.data_report = report
         task._encode_all(rows)
         return task
 
@@ -235,7 +238,7 @@ class ClassifyTask(TaskBase):
         if split not in self.splits:
             raise DataError(f"this classify task has splits {self.splits}, not {split!r}")
         if self._encoded is None:
-            self._encode_all(_read_splits(self.data, self.seed))
+            self._encode_all(_read_splits(self.data, self.seed)[0])
         assert self._encoded is not None
         return self._encoded[split]
 
@@ -407,8 +410,24 @@ def _read(data: ClassifyDataConfig, path: str | None) -> tuple[Path, list[Labell
     return source, rows
 
 
-def _read_splits(data: ClassifyDataConfig, seed: int) -> dict[str, tuple[Path, list[LabelledRow]]]:
-    """The rows of each split, with the file they come from (for error messages)."""
+def _read_splits(
+    data: ClassifyDataConfig, seed: int
+) -> tuple[dict[str, tuple[Path, list[LabelledRow]]], dict[str, Any]]:
+    """The rows of each split, with the file they come from (for error messages); with ``data.scrub_pii``
+    their texts scrubbed, and the report of it (the count per type)."""
+    out = _split_rows(data, seed)
+    if not data.scrub_pii:
+        return out, {}
+    scrub = Scrubber(data.scrub_pii)
+    for name, (source, rows) in out.items():
+        rows = [r._replace(text=scrub(r.text), pair=r.pair and scrub(r.pair)) for r in rows]
+        out[name] = (source, rows)
+    counts = {t: scrub.counts.get(t, 0) for t in scrub.types}
+    logger.info("scrubbed %s: %s", data.train, ", ".join(f"{n} {t}" for t, n in counts.items()))
+    return out, {"pii_scrubbed": counts}
+
+
+def _split_rows(data: ClassifyDataConfig, seed: int) -> dict[str, tuple[Path, list[LabelledRow]]]:
     source, rows = _read(data, data.train)
     out = {}
     if data.val is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
@@ -58,6 +59,7 @@ from tansuo.data.instructions import (
     render_file,
     trained_tokenizer,
 )
+from tansuo.data.pii import SCRUB_HELP, ScrubTypes, scrubbed_copy
 from tansuo.errors import DataError
 from tansuo.tasks.base import GENERATE, Batch, batch_seed, register_task
 from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
@@ -95,6 +97,7 @@ class LMDataConfig(BaseModel):
     format: Literal["auto", "text", "instructions"] = Field(
         "auto", description="auto: instructions when path ends in .jsonl, else text"
     )
+    scrub_pii: ScrubTypes = Field([], description=SCRUB_HELP)
     tokenizer: str = Field(
         "char",
         description="char, bpe, a tokenizer.json, or a bundle folder (its tokenizer and chat template)",
@@ -149,8 +152,8 @@ class LMTask(TokenCorpusTask):
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> LMTask:
         assert isinstance(data, LMDataConfig)
-        source = _source(data.path)
         work_dir.mkdir(parents=True, exist_ok=True)
+        source, report = _input(data, work_dir)
         given, inherited = named_tokenizer(data.tokenizer)
         chat = chat_in_effect(
             inherited, None if data.chat is None else data.chat.model_dump(), plain=data.instructions()
@@ -164,6 +167,7 @@ class LMTask(TokenCorpusTask):
                 lambda: trained_tokenizer(data.tokenizer, data.vocab_size, iter(texts), chat),
             )
             task = cls(data, seed, tokenizer, work_dir, chat)
+            task.data_report = report
             task._prepare_instructions(pieces)
             return task
         tok_path, tokens_path = work_dir / "tokenizer.json", work_dir / "tokens.bin"
@@ -177,18 +181,19 @@ class LMTask(TokenCorpusTask):
             )
         save_tokenizer(tokenizer, tok_path)
         task = cls(data, seed, tokenizer, work_dir, chat)
+        task.data_report = report
         task._prepare(source)
         return task
 
     def corpus(self, work_dir: Path) -> Path:
-        return _source(self.data.path)
+        return _input(self.data, work_dir)[0]
 
     def window(self) -> tuple[int, str, int]:
         return self.data.block_size + 1, "block_size", self.data.block_size
 
     def _prepare_instructions(self, pieces: list[list[tuple[str, bool]]] | None = None) -> None:
         """Tokenized, labelled, split and (when ``data.packing``) packed examples of ``data.path``."""
-        source = _source(self.data.path)
+        source = _input(self.data, self._work_dir)[0]
         if pieces is None:  # loaded from a bundle: render with the bundle's template
             pieces = render_file(source, self.chat or {})
         n = len(pieces)
@@ -472,6 +477,15 @@ class LMTask(TokenCorpusTask):
 
 def _length(example: Example) -> int:
     return len(example.ids)
+
+
+def _input(data: LMDataConfig, work_dir: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The file to read: ``data.path``, or with ``data.scrub_pii`` its scrubbed copy (and the counts)."""
+    source = _source(data.path)
+    if not data.scrub_pii:
+        return source, {}
+    copy, counts = scrubbed_copy(source, data.scrub_pii, work_dir or Path(tempfile.mkdtemp(prefix="tansuo-")))
+    return copy, {"pii_scrubbed": counts}
 
 
 def _source(path: str | None) -> Path:

@@ -40,6 +40,7 @@ from tansuo.data import (
     mask_tokens,
     save_tokenizer,
 )
+from tansuo.data.pii import SCRUB_HELP, ScrubTypes, scrubbed_copy
 from tansuo.errors import DataError, TansuoError
 from tansuo.tasks.base import Batch, batch_seed, register_task
 from tansuo.tasks.corpus import TokenCorpusTask, tokens_are_current
@@ -61,6 +62,7 @@ class MLMDataConfig(BaseModel):
         None, description="plain-text corpus, or a .csv/.tsv/.jsonl file of texts; --data PATH sets it"
     )
     text_column: str = Field("sentence", description="for .csv/.tsv/.jsonl: the column holding the text")
+    scrub_pii: ScrubTypes = Field([], description=SCRUB_HELP)
     tokenizer: str = Field(
         "wordpiece",
         description="wordpiece or bpe (trained here), or a tokenizer.json / vocab.txt / folder holding one",
@@ -99,6 +101,7 @@ class MLMTask(TokenCorpusTask):
         assert isinstance(data, MLMDataConfig)
         work_dir.mkdir(parents=True, exist_ok=True)
         source = _corpus(data, work_dir)
+        report = {"pii_scrubbed": _scrub_counts(data, work_dir)} if data.scrub_pii else {}
         tok_path, tokens_path = work_dir / "tokenizer.json", work_dir / "tokens.bin"
         trained = data.tokenizer in TRAINED_ENCODER_TOKENIZERS
         wanted = [data.tokenizer, data.vocab_size, data.lowercase]
@@ -117,6 +120,7 @@ class MLMTask(TokenCorpusTask):
         save_tokenizer(tokenizer, tok_path)
         atomic_write_text(spec_path, json.dumps(wanted))
         task = cls(data, seed, tokenizer, work_dir)
+        task.data_report = report
         task._prepare(source)
         return task
 
@@ -251,10 +255,17 @@ class MLMTask(TokenCorpusTask):
         return out
 
 
+def _scrub_counts(data: MLMDataConfig, work_dir: Path) -> dict[str, int]:
+    return scrubbed_copy(_source(data.path), data.scrub_pii, work_dir)[1]  # the copy _corpus made
+
+
 def _corpus(data: MLMDataConfig, work_dir: Path) -> Path:
     """The plain-text corpus: ``data.path`` itself, or for a table of texts, its text column written to
-    ``work_dir/corpus.txt`` one text per line (rewritten only when the table is newer)."""
+    ``work_dir/corpus.txt`` one text per line (rewritten only when the table is newer); with
+    ``data.scrub_pii``, of the file's scrubbed copy."""
     source = _source(data.path)
+    if data.scrub_pii:
+        source = scrubbed_copy(source, data.scrub_pii, work_dir)[0]
     if source.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
         return source
     corpus = work_dir / "corpus.txt"

@@ -280,6 +280,9 @@ class Trainer:
                 if main
                 else None
             )
+            report = getattr(self.task, "data_report", None)  # what preparing the data did (PII scrubbed)
+            if report and not resume:
+                self._write({"event": "data", "step": self.step, **report})
             self._bar = bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
             with bar:
                 bar.update(self.step, {})

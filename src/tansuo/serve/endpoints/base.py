@@ -25,6 +25,7 @@ class Limits:
     max_new_tokens: int = 256
     timeout_s: float = 30.0
     max_beam: int = 8  # beam search: the widest beam a request may ask for
+    redact_output: tuple[str, ...] = ()  # PII types scrubbed from generated text (--redact-output)
 
 
 class ApiError(Exception):
@@ -79,6 +80,11 @@ class Endpoint(abc.ABC):
 
     def __init__(self, task: Any, model: torch.nn.Module, device: torch.device, limits: Limits) -> None:
         self.task, self.model, self.device, self.limits = task, model, device, limits
+        self.redact: Callable[[str], str] | None = None  # generated text's PII scrubber (--redact-output)
+        if limits.redact_output:
+            from tansuo.data.pii import Scrubber
+
+            self.redact = Scrubber(limits.redact_output)
 
     @abc.abstractmethod
     def items(self, request: BaseModel) -> list[Any]:

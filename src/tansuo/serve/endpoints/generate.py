@@ -113,7 +113,10 @@ class Generate(Endpoint):
 
     def respond(self, request: GenerateRequest, results: list[GenerationJob]) -> dict[str, Any]:
         (job,) = results
-        return {"completion": self.text(job, job.output), "tokens": len(job.output)}
+        return {"completion": self._final(self.text(job, job.output)), "tokens": len(job.output)}
+
+    def _final(self, text: str) -> str:
+        return text if self.redact is None else self.redact(text)
 
     def warm_up_items(self) -> list[GenerationJob]:
         return [GenerationJob(ids=[0], max_new_tokens=2, temperature=0.0)]
@@ -142,6 +145,8 @@ class Generate(Endpoint):
             finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
             if getter in finished:
                 new.append(getter.result())
+                if self.redact is not None:  # PII may span pieces: the text goes out whole, scrubbed
+                    continue
                 text = self.text(job, new)
                 if len(text) > len(sent) and not text.endswith("\ufffd"):  # hold back half a character
                     yield _event({"token": text[len(sent) :]})
@@ -155,7 +160,7 @@ class Generate(Endpoint):
                 message = error.message if isinstance(error, ApiError) else str(error) or type(error).__name__
                 yield _event({"error": message})
                 return
-            text = self.text(job, new)
+            text = self._final(self.text(job, new))
             if len(text) > len(sent):
                 yield _event({"token": text[len(sent) :]})
             yield _event({"done": True, "completion": text, "tokens": len(new)})

@@ -101,9 +101,16 @@ class _Detokenizer:
     half-spelled characters and text that could be the start of a stop string; a stop string found stops
     the request and ends the text before it."""
 
-    def __init__(self, decode_new: Callable[[list[int]], str], job: GenerationJob, stops: list[str]) -> None:
+    def __init__(
+        self,
+        decode_new: Callable[[list[int]], str],
+        job: GenerationJob,
+        stops: list[str],
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.decode_new, self.job, self.stops = decode_new, job, [s for s in stops if s]
-        self.text, self.sent, self.cut = "", 0, False
+        self.text, self.sent, self.cut, self.finished = "", 0, False, False
+        self.redact = redact  # PII may span pieces: with a scrubber the text goes out whole at the end
 
     def push(self) -> str:
         """The piece of text that became final with the job's latest token ('' if none)."""
@@ -118,6 +125,8 @@ class _Detokenizer:
             if at >= 0:
                 self.text, self.cut = text[:at], True
                 self.job.stop()
+        if self.redact is not None:
+            return ""
         if self.cut:
             return self._emit(len(self.text))
         hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
@@ -125,8 +134,13 @@ class _Detokenizer:
 
     def finish(self) -> str:
         """The rest of the text, once decoding is over."""
+        if self.finished:
+            return ""
+        self.finished = True
         if not self.cut:
             self.text = self.decode_new(self.job.output)
+        if self.redact is not None:
+            self.text = self.redact(self.text)
         return self._emit(len(self.text))
 
     def _emit(self, end: int) -> str:
@@ -263,7 +277,7 @@ class _OpenAI(Endpoint):
     async def answer(self, request: Any, submit: Submit) -> Any:
         jobs = self.items(request)
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        texts = [_Detokenizer(self.decoder(job), job, stops) for job in jobs]
+        texts = [_Detokenizer(self.decoder(job), job, stops, self.redact) for job in jobs]
         if not request.stream:
             for text in texts:
                 text.job.on_token = lambda _t, text=text: text.push()
