@@ -39,7 +39,7 @@ from tansuo.export.onnx import BACKENDS, model_for_backend
 from tansuo.models.generation import DecodeEngine
 from tansuo.serve.batching import Batcher, BusyError, ContinuousBatcher
 from tansuo.serve.endpoints import ApiError, Endpoint, Limits, Submit, endpoints_for
-from tansuo.serve.guard import Guard, json_error
+from tansuo.serve.guard import Guard, error_responses, json_error
 from tansuo.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 from tansuo.serve.pages import add_pages
 from tansuo.serve.security import (
@@ -329,9 +329,11 @@ def create_app(server: Server) -> Any:
         for path, handler in endpoint.get_routes().items():
             if path not in extra:
                 extra.add(path)
-                app.get(path, dependencies=guarded, summary=(handler.__doc__ or "").strip())(handler)
+                summary = (handler.__doc__ or "").strip()
+                responses = error_responses(endpoint.error_style == "openai")
+                app.get(path, dependencies=guarded, summary=summary, responses=responses)(handler)
 
-    @app.get("/v1/model", dependencies=guarded, summary="The bundle's card")
+    @app.get("/v1/model", dependencies=guarded, summary="The bundle's card", responses=error_responses())
     async def model_card() -> dict[str, Any]:
         return server.card()
 
@@ -370,4 +372,7 @@ def _add_route(app: FastAPI, endpoint: Endpoint, submit: Submit, guarded: list[A
     async def handle(body: request_model) -> Any:  # type: ignore[valid-type]
         return await endpoint.answer(body, submit)
 
-    app.post(endpoint.path, dependencies=guarded, summary=endpoint.summary)(handle)
+    responses = error_responses(endpoint.error_style == "openai")
+    if "stream" in request_model.model_fields:  # "stream": true answers with server-sent events
+        responses[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    app.post(endpoint.path, dependencies=guarded, summary=endpoint.summary, responses=responses)(handle)

@@ -9,10 +9,46 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from tansuo.serve.metrics import Metrics
 from tansuo.serve.pages import DOCS_ASSETS
 from tansuo.serve.security import SECURITY_HEADERS
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class _OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: _OpenAIErrorDetail
+
+
+_STATUSES = {
+    400: "the body is not UTF-8 (or, on OpenAI's routes, not a valid request)",
+    401: "a missing or wrong API key",
+    404: "an unknown model (OpenAI's routes)",
+    413: "a body, text or list over its limit",
+    415: "a body that is not JSON",
+    422: "a request the model cannot run, and why",
+    429: "the key's (or client's) rate limit is reached; see Retry-After",
+    503: "the model is loading or the queue is full; see Retry-After",
+    504: "the request ran past --timeout",
+}
+
+
+def error_responses(openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The error answers a ``/v1`` route may give, for its OpenAPI description (what clients and fuzzers
+    check the server against)."""
+    body = OpenAIErrorBody if openai else ErrorBody
+    return {code: {"model": body, "description": why} for code, why in _STATUSES.items()}
 
 
 def json_error(
