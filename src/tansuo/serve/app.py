@@ -374,5 +374,6 @@ def _add_route(app: FastAPI, endpoint: Endpoint, submit: Submit, guarded: list[A
 
     responses = error_responses(endpoint.error_style == "openai")
     if "stream" in request_model.model_fields:  # "stream": true answers with server-sent events
-        responses[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+        responses[200] = {"content": {"text/event-stream": {"schema": event}}}  # each event: a JSON line
     app.post(endpoint.path, dependencies=guarded, summary=endpoint.summary, responses=responses)(handle)
