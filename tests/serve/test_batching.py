@@ -147,3 +147,39 @@ def test_a_full_queue_refuses_and_timed_out_requests_are_skipped() -> None:
     assert _run(main()) == ([2], [6])
     batcher.stop()
     assert [2] not in fn.batches  # its caller had given up
+
+
+def test_a_request_whose_prefill_fails_fails_at_once_and_alone() -> None:
+    """A NaN temperature makes sampling raise while the request is admitted: it fails right away (not at
+    its timeout) and a request decoding beside it still finishes."""
+    import torch
+
+    from tansuo.models import create_model
+    from tansuo.models.generation import DecodeEngine, GenerationJob
+    from tansuo.serve.batching import ContinuousBatcher
+
+    torch.manual_seed(0)
+    model = create_model("gpt_test", vocab_size=16).eval()
+    batcher = ContinuousBatcher(DecodeEngine(model, torch.device("cpu"), slots=2))
+    batcher.start()
+
+    async def both():
+        good = GenerationJob(ids=[1, 2], max_new_tokens=6, temperature=0.0)
+        bad = GenerationJob(ids=[3], max_new_tokens=6, temperature=float("nan"))
+        return await asyncio.gather(batcher.submit([good]), batcher.submit([bad]), return_exceptions=True)
+
+    try:
+        done, failed = _run(asyncio.wait_for(both(), timeout=60))  # before the fix: never answered
+        assert isinstance(failed, RuntimeError) and len(done[0].output) == 6
+    finally:
+        batcher.stop()
+
+
+def test_a_tiny_temperature_decodes_greedily() -> None:
+    import torch
+
+    from tansuo.models.gpt import sample_logits
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
+    assert sample_logits(logits, 6.4e-69).flatten().tolist() == [1, 0]
+    assert sample_logits(logits, 0.0).flatten().tolist() == [1, 0]

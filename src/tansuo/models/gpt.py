@@ -386,6 +386,9 @@ def _compiled_step() -> Callable:
     return torch.compile(GPT._last_logits, dynamic=True)
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
+
+
 def sample_logits(
     logits: torch.Tensor,
     temperature: float,
@@ -395,11 +398,12 @@ def sample_logits(
 ) -> torch.Tensor:
     """Picks one token id per row of ``logits`` (B, V); returns ``(B, 1)``.
 
-    ``temperature`` 0 is greedy; otherwise the logits are divided by it, cut to the ``top_k`` likeliest
-    tokens and then to the smallest set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al.
-    2019), and one token is drawn.
+    ``temperature`` 0 is greedy (so is one below 1e-5, as in vLLM: dividing by it would overflow the logits
+    to infinities); otherwise the logits are divided by it, cut to the ``top_k`` likeliest tokens and then to
+    the smallest set whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2019), and one
+    token is drawn.
     """
-    if temperature == 0:
+    if 0 <= temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None:

@@ -289,6 +289,10 @@ class ContinuousBatcher(_Worker):
         except ValueError as error:  # this request cannot run (its prompt does not fit)
             self._fail(request, error)
             return
+        except Exception as error:  # its prefill failed: fail it now, not at its timeout; the others go on
+            log.exception("admitting a request failed")
+            self._fail(request, error)
+            return
         if self.on_admit is not None:
             self.on_admit()
         if going:
