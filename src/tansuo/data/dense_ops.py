@@ -80,27 +80,34 @@ class Placement:
         return F.interpolate(inner, size=(self.height, self.width), mode="bilinear")[0]
 
 
-def image_to_input(image: np.ndarray, placement: Placement, fill: int = 0) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, size, size) in 0..255: resized (bilinear, antialiased) and padded."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]  # (1, 3, H, W)
+def letterbox_image(image: np.ndarray, placement: Placement, fill: int = 0) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3): resized (Pillow's bilinear filter, which averages when it
+    shrinks) and padded with ``fill``."""
+    from PIL import Image
+
     h, w = placement.inner
-    if (h, w) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    out = torch.full((3, placement.size, placement.size), float(fill))
-    out[:, placement.pad_y : placement.pad_y + h, placement.pad_x : placement.pad_x + w] = x[0]
+    if (h, w) != image.shape[:2]:
+        picture = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BILINEAR)
+        image = np.asarray(picture)
+    out = np.full((placement.size, placement.size, 3), fill, np.uint8)
+    out[placement.pad_y : placement.pad_y + h, placement.pad_x : placement.pad_x + w] = image
     return out
 
 
+def image_to_input(image: np.ndarray, placement: Placement, fill: int = 0) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, size, size) in 0..255, as :func:`letterbox_image` places it."""
+    return torch.from_numpy(letterbox_image(image, placement, fill)).permute(2, 0, 1).float()
+
+
 def _resize_labels(maps: np.ndarray, placement: Placement, fill: int) -> np.ndarray:
-    """(C, H, W) integer or bool maps -> (C, size, size), nearest neighbour, padding = ``fill``."""
+    """(C, H, W) integer or bool maps -> (C, size, size), nearest neighbour (the source pixel under each
+    output pixel's centre), padding = ``fill``."""
     h, w = placement.inner
-    x = torch.from_numpy(maps.astype(np.int64))[None].float()
-    if (h, w) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(h, w), mode="nearest-exact")
+    rows = np.minimum(((np.arange(h) + 0.5) * maps.shape[1] / h).astype(np.int64), maps.shape[1] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * maps.shape[2] / w).astype(np.int64), maps.shape[2] - 1)
     out = np.full((maps.shape[0], placement.size, placement.size), fill, dtype=maps.dtype)
-    out[:, placement.pad_y : placement.pad_y + h, placement.pad_x : placement.pad_x + w] = (
-        x[0].numpy().astype(maps.dtype)
-    )
+    top, left = placement.pad_y, placement.pad_x
+    out[:, top : top + h, left : left + w] = maps[:, rows][:, :, cols]
     return out
 
 
@@ -117,14 +124,14 @@ def resize_sample(
     """
     image = sample.pixels()
     placement = Placement.fit(image.shape[0], image.shape[1], size, mode)
-    pixels = image_to_input(image, placement, fill).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    pixels = letterbox_image(image, placement, fill)
     masks = None if sample.masks is None else _resize_labels(sample.masks, placement, 0).astype(bool)
     semantic = None
     if sample.semantic is not None:
         semantic = _resize_labels(sample.semantic[None], placement, IGNORE_INDEX)[0]
     resized = replace(
         sample,
-        image=np.ascontiguousarray(pixels),
+        image=pixels,
         boxes=placement.boxes_to_input(sample.boxes),
         masks=masks,
         semantic=semantic,

@@ -178,6 +178,25 @@ def _tensors(dataset: DenseDataset, size: int, mode: str) -> tuple[torch.Tensor,
     return torch.stack(images), torch.stack(maps)
 
 
+def prepare_splits(
+    data: SegmentDataConfig, seed: int
+) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The class names (after ``data.classes``) and every split resized, as uint8 tensors (a test set that
+    is the validation set is prepared once)."""
+    loaded = load_splits(data, seed)
+    names: list[str] = []
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split, dataset in loaded.items():
+        same = next((k for k in out if loaded[k] is dataset), None)
+        if same is not None:
+            out[split] = out[same]
+            continue
+        kept = keep_classes(dataset, data.classes)
+        names = names or kept.names
+        out[split] = _tensors(kept, data.image_size, data.resize)
+    return names, out
+
+
 @register_task
 class SegmentTask(TaskBase):
     """Give every pixel a class (0: background)."""
@@ -212,11 +231,10 @@ class SegmentTask(TaskBase):
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> SegmentTask:
         assert isinstance(data, SegmentDataConfig)
-        raw = {k: keep_classes(v, data.classes) for k, v in load_splits(data, seed).items()}
-        splits = {k: _tensors(v, data.image_size, data.resize) for k, v in raw.items()}
+        names, splits = prepare_splits(data, seed)
         images = splits["train"][0].double() / 255.0  # (N, 3, S, S)
         info = {
-            "names": raw["train"].names,
+            "names": names,
             "mean": images.mean(dim=(0, 2, 3)).tolist(),
             "std": (images.std(dim=(0, 2, 3)) + 1e-6).tolist(),
         }
@@ -237,15 +255,12 @@ class SegmentTask(TaskBase):
         if split not in SPLITS:
             raise DataError(f"the segment task has splits {SPLITS}, not {split!r}")
         if self._splits is None:
-            raw = {
-                k: keep_classes(v, self.data.classes) for k, v in load_splits(self.data, self.seed).items()
-            }
-            if raw["train"].names != self.names:
+            names, splits = prepare_splits(self.data, self.seed)
+            if names != self.names:
                 raise DataError(
-                    f"the data has classes {raw['train'].names[:10]}, but the model was trained on "
-                    f"{self.names[:10]}"
+                    f"the data has classes {names[:10]}, but the model was trained on {self.names[:10]}"
                 )
-            self._splits = {k: _tensors(v, self.data.image_size, self.data.resize) for k, v in raw.items()}
+            self._splits = splits
         return self._splits[split]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
