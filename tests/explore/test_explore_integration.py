@@ -295,3 +295,36 @@ def test_a_recommendation_study_compares_sasrec_gru4rec_and_mf_by_ndcg(
         > rows[("mf_test", "plain")]["figures"]["quality"]
     )
     assert results["recommended"] is not None
+
+
+def test_a_segmentation_study_compares_a_vit_and_a_unet_by_miou(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A segment recipe explores like any other: a ViT segmenter (plain and int8) against a U-Net, quality
+    is the mIoU of each variant's own bundle (a fraction, maximised)."""
+    from tests.helpers import segment_recipe, write_digits_csv
+
+    study_dir = tmp_path / "study"
+    csv = write_digits_csv(tmp_path / "digits.csv", 40, digits=3)
+    raw = segment_recipe(csv, tmp_path / "run", max_steps=40)
+    raw["explore"] = {
+        "study": str(study_dir),
+        "candidates": [{"model": "segmenter_test"}, {"model": "unet_test"}],
+        "variants": [
+            {"name": "plain"},
+            {"name": "int8", "steps": [{"step": "quantize", "backend": "torch"}], "families": ["segmenter"]},
+        ],
+        "objectives": ["quality", "latency"],
+        "sampler": "grid",
+        "measure": {"threads": 1, "reps": 5},
+    }
+    code, out, err = run(["explore", str(_write(tmp_path, raw)), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["counts"]["complete"] == 2 and results["quality_direction"] == "maximize"
+    rows = {(r["candidate"], r["variant"]): r for r in results["variants"]}
+    assert set(rows) == {("segmenter_test", "plain"), ("segmenter_test", "int8"), ("unet_test", "plain")}
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("reason")
+        assert r["figures"]["metric"] == "miou"
+        assert r["figures"]["quality"] == pytest.approx(r["figures"]["metrics"]["miou"])
+        assert 0 < r["figures"]["quality"] <= 1
+    assert results["recommended"] is not None

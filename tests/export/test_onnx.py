@@ -64,6 +64,19 @@ def test_export_matches_pytorch_on_new_shapes(name: str, fuse: bool, tmp_path: P
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["segmenter_test", "unet_test"])
+def test_segmenters_export_their_per_pixel_scores(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3).eval()
+    model.model_name = name
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report["max_abs_diff"] <= 1e-4
+    x = torch.randn(5, 3, 16, 16)  # a batch size the export never saw
+    with torch.no_grad():
+        ref = model(x)  # (5, 3, 16, 16)
+    torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", model)(x), ref, atol=1e-4, rtol=0)
+
+
 def test_unsupported_family_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TansuoError, match="'gpt' family does not export to ONNX"):
         export_onnx(create_model("gpt_test"), tmp_path / "m.onnx")

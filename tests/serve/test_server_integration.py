@@ -37,7 +37,9 @@ from tests.helpers import (
     free_port,
     image_recipe,
     lm_recipe,
+    segment_recipe,
     translate_recipe,
+    write_digits_csv,
     write_parallel,
 )
 
@@ -566,4 +568,42 @@ def test_try_it_page_translates_in_headless_chromium(
     dom = _browse(chromium, page, tmp_path, "--dump-dom").stdout
     assert _label(dom) == want["translation"].strip()
     assert 'class="error"' not in dom
+    _no_server_errors(server)
+
+
+@pytest.fixture(scope="module")
+def segment_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, noised U-Net on tiny digit canvases: its masks hold several classes."""
+    tmp = tmp_path_factory.mktemp("segment")
+    raw = segment_recipe(write_digits_csv(tmp / "digits.csv"), tmp / "run", model="unet_test")
+    return _save_untrained(raw, tmp / "bundle", noise=0.3)
+
+
+def test_try_it_page_draws_a_segmentation_in_headless_chromium(
+    serve: Callable[..., Server], segment_bundle: Path, tmp_path: Path
+) -> None:
+    """Loads ``/?image=data:...&run=1``: the page sends the picture to ``POST /v1/segment`` and draws the
+    returned class mask over it, blending every non-background pixel, with a table of class areas."""
+    from PIL import Image
+
+    server = serve(segment_bundle)
+    chromium = chromium_path()
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    api = httpx.post(server.url + "/v1/segment", json={"inputs": {"image": data_url}}, timeout=30).json()
+    (want,) = api["predictions"]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(want["mask_png"]))))
+    page = f"{server.url}/?{urllib.parse.urlencode({'image': data_url, 'run': '1'})}"
+
+    dom = _browse(chromium, page, tmp_path, "--dump-dom").stdout
+    assert 'class="error"' not in dom, dom[-3000:]
+    drawn = re.search(r'<canvas id="overlay" width="(\d+)" height="(\d+)"[^>]*data-drawn="(\d+)"', dom)
+    assert drawn, dom[-3000:]
+    assert (int(drawn.group(1)), int(drawn.group(2))) == (40, 24)
+    assert int(drawn.group(3)) == int((mask > 0).sum()) > 0  # every non-background pixel blended
+    table = _label(dom)
+    for name, share in want["areas"].items():
+        assert f"{name}{100 * share:.1f}%" in table.replace("\n", "")
     _no_server_errors(server)

@@ -42,6 +42,9 @@ def serve(
     max_items: Annotated[int, typer.Option(min=1, help="most inputs in one request")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="most tokens one request may generate")] = 256,
     max_beam: Annotated[int, typer.Option(min=1, help="widest beam a translation request may ask for")] = 8,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="most pixels an uploaded picture may have (checked before decoding)")
+    ] = 16_777_216,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch threads (default: all cores)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every request")] = False,
@@ -86,7 +89,16 @@ def serve(
         from tansuo.data.pii import check_types
 
         check_types(redact)
-    limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam, redact)
+    limits = Limits(
+        max_body_bytes,
+        max_text_chars,
+        max_items,
+        max_new_tokens,
+        timeout,
+        max_beam,
+        max_pixels=max_pixels,
+        redact_output=redact,
+    )
     config = ServeConfig(
         backend,
         max_batch,

@@ -25,6 +25,7 @@ class Limits:
     max_new_tokens: int = 256
     timeout_s: float = 30.0
     max_beam: int = 8  # beam search: the widest beam a request may ask for
+    max_pixels: int = 16_777_216  # pictures: the most pixels (4096 x 4096), checked before decoding
     redact_output: tuple[str, ...] = ()  # PII types scrubbed from generated text (--redact-output)
 
 
