@@ -3,7 +3,18 @@
 Build models by name: ``create_model("gpt_mini", vocab_size=50304)``; list them with ``list_models("vit_*")``.
 """
 
-from tansuo.models import bert, bert4rec, cnn, gpt, rec_baselines, sasrec, seq2seq, vit  # noqa: F401
+from tansuo.models import (  # noqa: F401
+    bert,
+    bert4rec,
+    cnn,
+    cnn_det,
+    gpt,
+    rec_baselines,
+    sasrec,
+    seq2seq,
+    vit,
+    vit_det,
+)
 from tansuo.models._registry import (
     ModelEntry,
     check_overrides,
