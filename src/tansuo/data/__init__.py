@@ -1,6 +1,25 @@
 """Data: tokenizers, token files, labelled text, image arrays, seeded splits, augmentation. No task logic."""
 
 from tansuo.data.augment import AUTO_AUGMENT, auto_augment, mix_batch, random_shift
+from tansuo.data.canvas import load_digit_arrays, mnist_canvas
+from tansuo.data.dense import (
+    IGNORE_INDEX,
+    DenseDataset,
+    DenseSample,
+    boxes_from_masks,
+    check_sample,
+    keep_classes,
+    read_image,
+    semantic_from_instances,
+)
+from tansuo.data.dense_formats import (
+    read_coco_instances,
+    read_instance_pngs,
+    read_names,
+    read_semantic_pngs,
+    read_yolo,
+)
+from tansuo.data.dense_ops import Placement, augment_batch, image_to_input, resize_sample
 from tansuo.data.image_csv import load_csv_arrays
 from tansuo.data.images import ImageArrays, infer_pixel_max, load_digits_arrays, load_npz_arrays, map_labels
 from tansuo.data.masking import mask_tokens
@@ -38,6 +57,25 @@ from tansuo.data.tokenizers import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "DenseDataset",
+    "DenseSample",
+    "Placement",
+    "augment_batch",
+    "boxes_from_masks",
+    "check_sample",
+    "image_to_input",
+    "keep_classes",
+    "load_digit_arrays",
+    "mnist_canvas",
+    "read_coco_instances",
+    "read_image",
+    "read_instance_pngs",
+    "read_names",
+    "read_semantic_pngs",
+    "read_yolo",
+    "resize_sample",
+    "semantic_from_instances",
     "AUTO_AUGMENT",
     "auto_augment",
     "mix_batch",
