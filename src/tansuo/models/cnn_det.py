@@ -170,8 +170,10 @@ def resnet_det(
 _TEST = dict(
     image_size=32, num_classes=3, width=4, num_stages=3, num_levels=2, fpn_channels=8, head_convs=1
 )  # fmt: skip
-# 128x128 canvases: stages at strides 2, 4, 8, 16; levels 4/8/16 as the ViT detector's
-_CANVAS = dict(image_size=128, stem_stride=2, width=32, num_stages=4, blocks_per_stage=1, fpn_channels=64)
+# 128x128 canvases: stages at strides 4, 8, 16; levels 8/16 as the ViT detector's
+_CANVAS = dict(
+    image_size=128, stem_stride=4, width=32, num_stages=3, blocks_per_stage=2, num_levels=2, fpn_channels=64
+)  # fmt: skip
 # photographs letterboxed to 320x320: stem stride 4, stages at 4, 8, 16, 32; levels 8/16/32
 _SMALL = dict(image_size=320, stem_stride=4, width=32, num_stages=4, blocks_per_stage=2, fpn_channels=96)
 
@@ -184,7 +186,7 @@ def resnet_det_test(**overrides) -> ResNetDet:
 
 @register_model
 def resnet_det_canvas(**overrides) -> ResNetDet:
-    """ResNet detector for 128x128 digit canvases: 4 stages of width 32-256, strides 4/8/16."""
+    """ResNet detector for 128x128 digit canvases: 3 stages of 2 blocks, widths 32-128, strides 8/16."""
     return resnet_det(**{**_CANVAS, **overrides})
 
 

@@ -35,7 +35,8 @@ class ViTDetConfig:
     dropout: float = 0.0
     stem_channels: int = 32  # 3x3 conv stem before patchifying (0: none); helps on small data
     fpn_channels: int = 64  # channels of every pyramid level and of the head
-    num_levels: int = 3  # pyramid levels at strides patch_size/2, patch_size, 2*patch_size, ...
+    num_levels: int = 3  # pyramid levels at strides finest_stride, 2 * finest_stride, ...
+    finest_stride: int = 4  # below patch_size: upsampled by transposed convolutions (ViTDet's 1/4 level)
     head_convs: int = 2  # conv layers in each of the head's two towers
 
     def __post_init__(self) -> None:
@@ -44,12 +45,14 @@ class ViTDetConfig:
         check_positive(self, ["num_classes", "patch_size", "mlp_ratio", "fpn_channels", "num_levels"])
         check_positive(self, ["stem_channels", "head_convs"], minimum=0)
         check_dropout(self)
-        if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"patch_size ({self.patch_size}) must be a power of two of at least 2")
-        if self.image_size % (self.patch_size * 2 ** max(self.num_levels - 2, 0)):
+        for name in ("patch_size", "finest_stride"):
+            value = getattr(self, name)
+            if value < 2 or value & (value - 1):
+                raise ValueError(f"{name} ({value}) must be a power of two of at least 2")
+        if self.image_size % max(self.strides[-1], self.patch_size):
             raise ValueError(
                 f"image_size ({self.image_size}) must be divisible by the coarsest stride "
-                f"{self.patch_size * 2 ** max(self.num_levels - 2, 0)}; change image_size or num_levels"
+                f"{self.strides[-1]} and by patch_size; change image_size, finest_stride or num_levels"
             )
         if self.fpn_channels % 4:
             raise ValueError(f"fpn_channels ({self.fpn_channels}) must be divisible by 4 (GroupNorm)")
@@ -57,7 +60,7 @@ class ViTDetConfig:
     @property
     def strides(self) -> list[int]:
         """Stride of each pyramid level, finest first."""
-        return [self.patch_size // 2 * 2**i for i in range(self.num_levels)]
+        return [self.finest_stride * 2**i for i in range(self.num_levels)]
 
 
 def _project(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -160,6 +163,7 @@ def vit_det(
     stem_channels: int = 32,
     fpn_channels: int = 64,
     num_levels: int = 3,
+    finest_stride: int = 4,
     head_convs: int = 2,
 ) -> ViTDet:
     """Builds a ViT detector from every hyperparameter (see :class:`ViTDetConfig` for what each means)."""
@@ -176,6 +180,7 @@ def vit_det(
         stem_channels=stem_channels,
         fpn_channels=fpn_channels,
         num_levels=num_levels,
+        finest_stride=finest_stride,
         head_convs=head_convs,
     )
     return ViTDet(config)
@@ -185,10 +190,15 @@ _TEST = dict(
     image_size=32, patch_size=8, embed_dim=16, num_layers=1, num_heads=2, stem_channels=4, fpn_channels=8,
     num_levels=2, head_convs=1, num_classes=3,
 )  # fmt: skip
-# 128x128 canvases: 16x16 tokens; levels at strides 4, 8, 16 (digits of 15-50 pixels)
-_CANVAS = dict(image_size=128, patch_size=8, embed_dim=128, num_layers=4, num_heads=4, fpn_channels=64)
+# 128x128 canvases: 16x16 tokens; levels at strides 8 and 16 (digits of 15-45 pixels all fall on stride 8)
+_CANVAS = dict(
+    image_size=128, patch_size=8, embed_dim=128, num_layers=4, num_heads=4, fpn_channels=64, finest_stride=8,
+    num_levels=2,
+)  # fmt: skip
 # photographs letterboxed to 320x320: 20x20 tokens at patch 16; levels at strides 8, 16, 32
-_SMALL = dict(image_size=320, patch_size=16, embed_dim=192, num_layers=6, num_heads=3, fpn_channels=96)
+_SMALL = dict(
+    image_size=320, patch_size=16, embed_dim=192, num_layers=6, num_heads=3, fpn_channels=96, finest_stride=8
+)  # fmt: skip
 
 
 @register_model
@@ -199,7 +209,7 @@ def vit_det_test(**overrides) -> ViTDet:
 
 @register_model
 def vit_det_canvas(**overrides) -> ViTDet:
-    """ViT detector for 128x128 digit canvases: 8x8 patches, 4 layers of width 128, strides 4/8/16."""
+    """ViT detector for 128x128 digit canvases: 8x8 patches, 4 layers of width 128, strides 8/16."""
     return vit_det(**{**_CANVAS, **overrides})
 
 

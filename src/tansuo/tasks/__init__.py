@@ -8,7 +8,15 @@ is named in ``TANSUO_PLUGINS`` (see :mod:`tansuo.plugins`).
 
 from __future__ import annotations
 
-from tansuo.tasks import classify, image, lm, mlm, recommend, translate  # noqa: F401  (registers the tasks)
+from tansuo.tasks import (  # noqa: F401  (registers the tasks)
+    classify,
+    detect,
+    image,
+    lm,
+    mlm,
+    recommend,
+    translate,
+)
 from tansuo.tasks.base import (
     GENERATE,
     ONNX,
