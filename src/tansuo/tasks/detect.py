@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import count
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -143,8 +144,8 @@ class _Split:
     def __init__(self, dataset: DenseDataset, size: int) -> None:
         images, self.boxes, self.labels, self.original, self.placements = [], [], [], [], []
         for i in range(len(dataset)):
-            sample = check_sample(dataset[i], len(dataset.names))
-            resized, placement = resize_sample(sample, size)
+            sample = replace(check_sample(dataset[i], len(dataset.names)), masks=None, semantic=None)
+            resized, placement = resize_sample(sample, size)  # boxes only: masks are not resized
             images.append(torch.from_numpy(resized.image).permute(2, 0, 1))
             self.boxes.append(torch.from_numpy(resized.boxes).float())
             self.labels.append(torch.from_numpy(sample.labels).long())
