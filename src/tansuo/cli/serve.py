@@ -29,6 +29,9 @@ def serve(
     max_items: Annotated[int, typer.Option(min=1, help="most inputs in one request")] = 64,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="most tokens one request may generate")] = 256,
     max_beam: Annotated[int, typer.Option(min=1, help="widest beam a translation request may ask for")] = 8,
+    max_detections: Annotated[
+        int, typer.Option(min=1, help="most boxes a detection request may ask for per image")
+    ] = 100,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch threads (default: all cores)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every request")] = False,
@@ -60,7 +63,9 @@ def serve(
     from tansuo.serve.endpoints import Limits
 
     api_key = read_api_key(api_key_file)
-    limits = Limits(max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam)
+    limits = Limits(
+        max_body_bytes, max_text_chars, max_items, max_new_tokens, timeout, max_beam, max_detections
+    )
     config = ServeConfig(
         backend,
         max_batch,

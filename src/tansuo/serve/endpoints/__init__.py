@@ -11,7 +11,15 @@ Inputs are always data in the request body (texts, base64-encoded pictures, pixe
 request can name a file path.
 """
 
-from tansuo.serve.endpoints import generate, image, openai, recommend, text, translate  # noqa: F401
+from tansuo.serve.endpoints import (  # noqa: F401
+    detect,
+    generate,
+    image,
+    openai,
+    recommend,
+    text,
+    translate,
+)
 from tansuo.serve.endpoints.base import (
     ENDPOINTS,
     ApiError,

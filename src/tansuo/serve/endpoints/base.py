@@ -25,6 +25,7 @@ class Limits:
     max_new_tokens: int = 256
     timeout_s: float = 30.0
     max_beam: int = 8  # beam search: the widest beam a request may ask for
+    max_detections: int = 100  # detection: the most boxes a request may ask for per image
 
 
 class ApiError(Exception):
