@@ -41,18 +41,23 @@ class DetectDataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     #: fields naming data files, resolved against --data-dir when relative
-    path_fields: ClassVar[tuple[str, ...]] = ("path", "train_json", "train_images", "val_json", "val_images")
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "path", "names", "train_images", "train_labels", "val_images", "val_labels"
+    )  # fmt: skip
 
     source: Literal["mnist-canvas", "yolo", "coco"] = Field(
         "mnist-canvas", description="where the images and boxes come from"
     )
     path: str | None = Field(
-        None, description="mnist-canvas: the MNIST CSV (or its folder); yolo: the Ultralytics data YAML"
+        None,
+        description="mnist-canvas: the MNIST CSV (or its folder); yolo: an Ultralytics data YAML (or give "
+        "the folders below)",
     )
-    train_json: str | None = Field(None, description="coco: the training instances JSON")
-    train_images: str | None = Field(None, description="coco: the training images folder")
-    val_json: str | None = Field(None, description="coco: the validation instances JSON")
-    val_images: str | None = Field(None, description="coco: the validation images folder")
+    train_images: str | None = Field(None, description="yolo, coco: the training images folder")
+    train_labels: str | None = Field(None, description="yolo: the training labels folder; coco: its JSON")
+    val_images: str | None = Field(None, description="yolo, coco: the validation images folder")
+    val_labels: str | None = Field(None, description="yolo: the validation labels folder; coco: its JSON")
+    names: str | None = Field(None, description="yolo folders: a YAML with names: (or one name a line)")
     classes: list[str] | None = Field(None, description="keep only these classes (others are dropped)")
     image_size: int = Field(128, gt=0, description="side of the square model input (images letterboxed)")
     canvases: tuple[int, int] = Field((2000, 200), description="mnist-canvas: train and val canvases")
@@ -67,12 +72,15 @@ class DetectDataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _needs(self) -> DetectDataConfig:
-        if self.source == "coco":
-            missing = [
-                f for f in ("train_json", "train_images", "val_json", "val_images") if not getattr(self, f)
-            ]
+        folders = ("train_images", "train_labels", "val_images", "val_labels")
+        if self.source == "coco" or (self.source == "yolo" and self.path is None):
+            needed = folders + (("names",) if self.source == "yolo" else ())
+            missing = [f for f in needed if not getattr(self, f)]
             if missing:
-                raise ValueError(f"source coco needs {', '.join(missing)} (instances JSON and image folders)")
+                raise ValueError(
+                    f"source {self.source} needs {', '.join(missing)}"
+                    + (" (or path: an Ultralytics data YAML)" if self.source == "yolo" else "")
+                )
         elif self.path is None:
             what = "the MNIST CSV" if self.source == "mnist-canvas" else "the Ultralytics data YAML"
             raise ValueError(f"source {self.source} needs path: {what}")
@@ -126,14 +134,21 @@ def load_splits(data: DetectDataConfig, seed: int) -> dict[str, DenseDataset]:
             "train": mnist_canvas((images[train_idx], labels[train_idx]), data.canvases[0], seed=seed, **kw),
             "val": mnist_canvas((images[val_idx], labels[val_idx]), data.canvases[1], seed=seed + 1, **kw),
         }
-    if data.source == "yolo":
-        assert data.path is not None
+    if data.source == "yolo" and data.path is not None:
         return _yolo(data.path)
+    if data.source == "yolo":
+        from tansuo.data.dense_formats import read_names, read_yolo
+
+        names = read_names(str(data.names))
+        return {
+            "train": read_yolo(str(data.train_images), str(data.train_labels), names, lazy=True),
+            "val": read_yolo(str(data.val_images), str(data.val_labels), names, lazy=True),
+        }
     from tansuo.data.dense_formats import read_coco_instances
 
     return {
-        "train": read_coco_instances(str(data.train_json), str(data.train_images), lazy=True),
-        "val": read_coco_instances(str(data.val_json), str(data.val_images), lazy=True),
+        "train": read_coco_instances(str(data.train_labels), str(data.train_images), lazy=True),
+        "val": read_coco_instances(str(data.val_labels), str(data.val_images), lazy=True),
     }
 
 
