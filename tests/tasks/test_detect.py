@@ -50,7 +50,7 @@ def test_a_class_outside_names_is_an_error_naming_the_file(tmp_path: Path):
 
 
 def test_recipe_checks():
-    with pytest.raises(RecipeError, match="needs path"):
+    with pytest.raises(RecipeError, match="or path: an Ultralytics data YAML"):
         validate_recipe({"task": "detect", "data": {"source": "yolo"}, "model": {"name": "vit_det_test"}})
     with pytest.raises(RecipeError, match="train_labels"):
         validate_recipe({"task": "detect", "data": {"source": "coco"}, "model": {"name": "vit_det_test"}})
