@@ -119,6 +119,49 @@ def recommend_recipe(log: Path, out: Path, model: str = "sasrec_test", **train_c
     }
 
 
+def segment_recipe(digits_csv: Path, out: Path, model: str = "segmenter_test", **train_cfg: object) -> dict:
+    """A tiny segmenter on 32x32 canvases of the digits of :func:`write_digits_csv`."""
+    return {
+        "task": "segment",
+        "seed": 3,
+        "data": {
+            "source": "mnist-canvas",
+            "path": str(digits_csv),
+            "image_size": 32,
+            "canvases": [24, 8, 8],
+            "digit_scale": [0.6, 0.9],
+            "digits_per_image": [1, 2],
+        },
+        "model": {"name": model},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 8,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "log_every": 4,
+            **train_cfg,
+        },
+    }
+
+
+def write_digits_csv(path: Path, n: int = 40, seed: int = 0, digits: int = 10) -> Path:
+    """An MNIST-like CSV (784 pixels then the label) of made-up 28x28 "digits" 0..digits-1: digit d is a
+    block of brightness 130 + (120 / (digits - 1)) d, above the canvas' mask threshold, so the class can be
+    told at any scale."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        d = i % digits
+        image = np.zeros((28, 28), np.int64)
+        top, left = rng.integers(2, 8, size=2)
+        image[top : top + 18, left : left + 14] = 130 + (120 // max(digits - 1, 1)) * d
+        rows.append(",".join(map(str, [*image.reshape(-1), d])))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def write_recipe(path: Path, raw: dict) -> Path:
     """A raw recipe as a YAML file, for the command line."""
     path.write_text(yaml.safe_dump(raw))

@@ -43,6 +43,8 @@ def test_forward_shape_and_finite(name):
     elif hasattr(model, "next_item_scores"):  # a recommender: every item's score at each position
         assert out.shape == (*x.shape, model.config.num_items + 1)
         assert model.next_item_scores(x).shape == (2, model.config.num_items + 1)
+    elif out.dim() == 4:  # a segmenter: class scores per pixel
+        assert out.shape == (2, model.config.num_classes, *x.shape[-2:])
     else:
         assert out.shape == (2, model.config.num_classes)
     assert torch.isfinite(out).all()

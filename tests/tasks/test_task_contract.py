@@ -32,7 +32,9 @@ from tests.helpers import (
     lm_recipe,
     mlm_recipe,
     recommend_recipe,
+    segment_recipe,
     translate_recipe,
+    write_digits_csv,
     write_interactions,
     write_parallel,
     write_sentiment_tsv,
@@ -144,6 +146,17 @@ def _recommend(folder: Path) -> Case:
     return Case(recommend_recipe(log, folder / "run"), ["m1,m2,m3"], inputs)
 
 
+def _segment(folder: Path) -> Case:
+    from PIL import Image
+
+    csv = write_digits_csv(folder / "digits.csv", 40)
+    picture = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(picture)
+    listing = folder / "inputs.txt"
+    listing.write_text(f"{picture}\n")
+    return Case(segment_recipe(csv, folder / "run"), [str(picture)], listing)
+
+
 #: task name -> a factory of its tiny data, recipe and inputs (a new task adds one entry)
 CASES: dict[str, Callable[[Path], Case]] = {
     "classify": _classify,
@@ -152,6 +165,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "lm": _lm,
     "mlm": _mlm,
     "recommend": _recommend,
+    "segment": _segment,
     "translate": _translate,
 }
 

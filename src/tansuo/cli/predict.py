@@ -49,6 +49,14 @@ def predict(
             "-o k=20 -o candidates=50,172 -o exclude_seen=false. A wrong name lists the task's options",
         ),
     ] = None,
+    draw: Annotated[
+        Path | None,
+        typer.Option(
+            "--draw",
+            help="write a picture of the prediction here (image tasks that draw: the mask or boxes over the "
+            "image; with several inputs, one file per input named after it); the same as -o draw=PATH",
+        ),
+    ] = None,
 ) -> None:
     """Predict with a bundle: the label and class probabilities for each input (per task: a translation; for
     recommend bundles each input is a history of item ids or titles, e.g. "50,172,133", answered with the
@@ -59,12 +67,21 @@ def predict(
     from tansuo.bundle import load_bundle
     from tansuo.device import resolve_device
     from tansuo.export.onnx import model_for_backend
+    from tansuo.tasks.base import NoOptions
 
     dev = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
     b = load_bundle(bundle, device=dev)
     with tempfile.TemporaryDirectory(prefix="tansuo-predict-") as tmp:
         model = model_for_backend(b, backend, dev, Path(tmp))
-        _predict(b, model, dev, inputs, input_file, output, batch_size, as_json, top, options or [])
+        options = list(options or [])
+        if draw is not None:
+            if "draw" not in getattr(b.task, "PredictOptions", NoOptions).model_fields:
+                raise TansuoError(
+                    f"--draw: {b.task.name!r} bundles have no picture to draw; it is for image tasks whose "
+                    "predictions are masks or boxes"
+                )
+            options.append(f"draw={draw}")
+        _predict(b, model, dev, inputs, input_file, output, batch_size, as_json, top, options)
 
 
 def _predict(

@@ -11,7 +11,9 @@ from tansuo.models import (  # noqa: F401
     gpt,
     rec_baselines,
     sasrec,
+    segmenter,
     seq2seq,
+    unet,
     vit,
     vit_det,
 )

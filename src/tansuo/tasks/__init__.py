@@ -15,6 +15,7 @@ from tansuo.tasks import (  # noqa: F401  (registers the tasks)
     lm,
     mlm,
     recommend,
+    segment,
     translate,
 )
 from tansuo.tasks.base import (

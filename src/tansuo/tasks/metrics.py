@@ -1,5 +1,5 @@
-"""Metrics shared by tasks: classification (image and text classification), translation and ranking
-(recommendation)."""
+"""Metrics shared by tasks: classification (image and text classification), translation, ranking
+(recommendation) and semantic segmentation (per-pixel confusion, IoU, Dice)."""
 
 from __future__ import annotations
 
@@ -135,3 +135,43 @@ def ranking_metrics(
         out[f"{prefix}ndcg@{k}"] = float(torch.where(hit, 1.0 / torch.log2(ranks + 1), 0.0).mean())
         out[f"{prefix}mrr@{k}"] = float(torch.where(hit, 1.0 / ranks, 0.0).mean())
     return out
+
+
+def pixel_confusion(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """Confusion matrix ``(K, K)`` of per-pixel class ids (rows: true class, columns: predicted), int64;
+    pixels whose target is ``ignore_index`` are left out."""
+    keep = target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
+def segmentation_metrics(confusion: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """mIoU, pixel accuracy and mean Dice from a pixel confusion matrix (rows: true, columns: predicted).
+
+    Per class: IoU = TP / (TP + FP + FN) (Jaccard) and Dice = 2 TP / (2 TP + FP + FN) (F1). Means are over
+    the classes that occur in the targets or the predictions (a class absent from both has no IoU), as
+    mmsegmentation's nan-mean and torchmetrics' ``JaccardIndex(average="macro")`` with absent classes
+    dropped. Background (class 0) counts, as in Pascal VOC's mIoU; ``miou_objects`` leaves it out.
+    ``per_class_iou`` gives each class's IoU (None where absent).
+    """
+    matrix = confusion.double()
+    tp = matrix.diag()
+    fp, fn = matrix.sum(0) - tp, matrix.sum(1) - tp
+    union = tp + fp + fn
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.nan)
+    dice = torch.where(present, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.nan)
+    total = float(matrix.sum())
+
+    def nanmean(x: torch.Tensor) -> float:
+        return float(x[~x.isnan()].mean()) if (~x.isnan()).any() else 0.0
+
+    return {
+        "miou": nanmean(iou),
+        "miou_objects": nanmean(iou[1:]),
+        "pixel_accuracy": float(tp.sum()) / total if total else 0.0,
+        "dice": nanmean(dice),
+        "per_class_iou": {n: (None if v.isnan() else float(v)) for n, v in zip(names, iou, strict=True)},
+    }

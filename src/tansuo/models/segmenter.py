@@ -1,0 +1,216 @@
+"""A Vision Transformer for semantic segmentation: per-pixel class scores from a ViT encoder.
+
+Encoder as in Strudel et al. 2021, "Segmenter: Transformer for Semantic Segmentation" (a plain ViT over
+patches with learned positions, no class token), with the optional 3x3 convolution stem of Xiao et al. 2021
+that :mod:`tansuo.models.vit` also offers. Two decoders:
+
+- ``linear``: Segmenter's linear decoder: each patch token gives K class scores, upsampled bilinearly to the
+  image (a 16x16 patch is scored as one; coarse on small images).
+- ``shuffle``: each patch token gives the K scores of every pixel of its patch (a linear layer to
+  ``K * patch_size**2`` then a pixel shuffle, as SETR's naive head with the upsampling learned). Thin objects
+  smaller than a patch (handwritten strokes) need this.
+
+Shapes: B batch, N patch tokens, C embedding width, K classes, H x W image, P patch side.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tansuo.blocks import (
+    FeedForward,
+    LearnedPositions,
+    MultiHeadAttention,
+    TransformerLayer,
+    TransformerStack,
+)
+from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
+
+
+@dataclass(kw_only=True)
+class SegmenterConfig:
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    image_size: int = 64  # height = width; inputs of another size are rejected (positions are per patch)
+    in_channels: int = 3
+    num_classes: int = 11  # K, background included
+    patch_size: int = 4  # tokens = (image_size / patch_size)^2
+    mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * embed_dim
+    dropout: float = 0.0
+    stem_channels: int = 0  # 0: plain patch embedding; > 0: 3x3 conv-GELU stem of this width first
+    decoder: str = "shuffle"  # "linear": Segmenter's (bilinear upsampling); "shuffle": scores per pixel
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check_positive(
+            self,
+            ["embed_dim", "num_layers", "num_heads", "image_size", "in_channels", "patch_size", "mlp_ratio"],
+        )
+        check_positive(self, ["num_classes"], minimum=2)
+        check_positive(self, ["stem_channels"], minimum=0)
+        check_dropout(self)
+        check_choice(self, "decoder", ("linear", "shuffle"))
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
+                "choose a patch_size that divides it"
+            )
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class Segmenter(nn.Module):
+    """ViT encoder + linear or pixel-shuffle decoder; build it with :func:`segmenter` or a preset.
+
+    Args:
+        config: The architecture.
+    """
+
+    family = "segmenter"
+    config_class = SegmenterConfig
+    prunable: frozenset[str] = frozenset({"heads", "ffn"})  # its encoder is MultiHeadAttention + FeedForward
+    onnx_inputs: tuple[str, ...] = ("pixels",)
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.embed_dim
+        stem = []
+        if config.stem_channels:
+            stem = [nn.Conv2d(config.in_channels, config.stem_channels, 3, padding=1), nn.GELU()]
+        patch_in = config.stem_channels or config.in_channels
+        self.patch_embed = nn.Sequential(*stem, nn.Conv2d(patch_in, C, config.patch_size, config.patch_size))
+        self.grid = config.image_size // config.patch_size
+        self.pos_emb = LearnedPositions(self.grid**2, C)
+        self.dropout = nn.Dropout(config.dropout)
+        layers = [
+            TransformerLayer(
+                MultiHeadAttention(C, config.num_heads, dropout=config.dropout),
+                FeedForward(C, config.mlp_ratio * C),
+                nn.LayerNorm(C),
+                nn.LayerNorm(C),
+                dropout=config.dropout,
+            )
+            for _ in range(config.num_layers)
+        ]
+        self.encoder = TransformerStack(layers, nn.LayerNorm(C))
+        self.head = self._new_head(config.num_classes)
+        self.apply(_init)
+
+    def _new_head(self, num_classes: int) -> nn.Linear:
+        per_token = num_classes * (self.config.patch_size**2 if self.config.decoder == "shuffle" else 1)
+        return nn.Linear(self.config.embed_dim, per_token)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters; ``exclude_embeddings`` leaves out the position embeddings."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - (self.pos_emb.weight.numel() if exclude_embeddings else 0)
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        """Random images ``(batch_size, in_channels, image_size, image_size)`` on the model's device."""
+        size = self.config.image_size
+        device = self.pos_emb.weight.device
+        return torch.randn(batch_size, self.config.in_channels, size, size, device=device)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replaces the decoder's classifier by a fresh one for ``num_classes``; updates ``config``."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        weight = self.pos_emb.weight
+        self.head = self._new_head(num_classes).to(device=weight.device, dtype=weight.dtype)
+        self.head.apply(_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_channels, image_size, image_size)`` to normalised patch tokens ``(B, N, C)``."""
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(
+                f"this segmenter takes {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}; resize them"
+            )
+        x = self.patch_embed(x)  # (B, C, H / P, W / P)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.pos_emb(x.shape[1])
+        return self.encoder(self.dropout(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(B, N, C)`` to class scores ``(B, K, H, W)``."""
+        B, g, K = features.shape[0], self.grid, self.config.num_classes
+        scores = self.head(features)  # (B, N, K) or (B, N, K * P * P)
+        scores = scores.transpose(1, 2).reshape(B, -1, g, g)  # (B, K or K * P * P, H / P, W / P)
+        if self.config.decoder == "shuffle":
+            return F.pixel_shuffle(scores, self.config.patch_size)  # (B, K, H, W)
+        size = self.config.image_size
+        return F.interpolate(scores.reshape(B, K, g, g), size=(size, size), mode="bilinear")  # (B, K, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_channels, H, W)`` to per-pixel class scores ``(B, K, H, W)``."""
+        return self.forward_head(self.forward_features(x))
+
+
+def segmenter(
+    *,
+    embed_dim: int,
+    num_layers: int,
+    num_heads: int,
+    image_size: int = 64,
+    in_channels: int = 3,
+    num_classes: int = 11,
+    patch_size: int = 4,
+    mlp_ratio: int = 4,
+    dropout: float = 0.0,
+    stem_channels: int = 0,
+    decoder: str = "shuffle",
+) -> Segmenter:
+    """Builds a Segmenter from every hyperparameter (see :class:`SegmenterConfig` for what each means)."""
+    config = SegmenterConfig(
+        embed_dim=embed_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        image_size=image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        patch_size=patch_size,
+        mlp_ratio=mlp_ratio,
+        dropout=dropout,
+        stem_channels=stem_channels,
+        decoder=decoder,
+    )
+    return Segmenter(config)
+
+
+_TEST = dict(
+    image_size=16, patch_size=4, embed_dim=16, num_layers=2, num_heads=2, stem_channels=4, mlp_ratio=2
+)
+_CANVAS = dict(image_size=64, patch_size=4, embed_dim=128, num_layers=4, num_heads=4, stem_channels=32)
+# ViT-Tiny's width and heads (192, 3) at 8 layers, 16x16 patches of a 256x256 letterboxed photograph
+_SMALL = dict(image_size=256, patch_size=16, embed_dim=192, num_layers=8, num_heads=3, stem_channels=0)
+
+
+@register_model
+def segmenter_test(**overrides) -> Segmenter:
+    """Tiny Segmenter for tests: 16x16 RGB images, 4x4 patches, conv stem, 2 layers of width 16."""
+    return segmenter(**{**_TEST, **overrides})
+
+
+@register_model
+def segmenter_canvas(**overrides) -> Segmenter:
+    """Segmenter for 64x64 digit canvases: 4x4 patches (256 tokens), conv stem, 4 layers of width 128."""
+    return segmenter(**{**_CANVAS, **overrides})
+
+
+@register_model
+def segmenter_small(**overrides) -> Segmenter:
+    """Segmenter for 256x256 photographs: 16x16 patches (256 tokens), 8 layers of width 192, 3 heads."""
+    return segmenter(**{**_SMALL, **overrides})
