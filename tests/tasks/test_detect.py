@@ -73,6 +73,14 @@ def test_classes_subset_and_predictions_in_original_pixels(tmp_path: Path):
         x1, y1, x2, y2 = d["box"]
         assert 0 <= x1 <= x2 <= 48 and 0 <= y1 <= y2 <= 40 and d["label"] == "green"
     assert "green" in task.format_prediction(row, 3)
+    drawn = tmp_path / "boxes.png"
+    options = predict_options(task, ["score_threshold=0", "max_detections=2", f"draw={drawn}"])
+    row = task.predict(model, [picture], torch.device("cpu"), **options)[0]
+    assert row["drawn"] == str(drawn)
+    from tansuo.data.dense import read_image
+
+    before, after = read_image(Path(picture)), read_image(drawn)
+    assert after.shape == before.shape and (after != before).any()  # the same picture, boxes drawn on it
 
 
 @pytest.mark.slow

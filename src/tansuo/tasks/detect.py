@@ -94,6 +94,9 @@ class PredictOptions(BaseModel):
     score_threshold: float = Field(0.3, ge=0, le=1, description="lowest score kept")
     max_detections: int = Field(100, gt=0, description="most boxes per image")
     iou_threshold: float = Field(0.6, gt=0, le=1, description="NMS: overlap above which a box is dropped")
+    draw: str | None = Field(
+        None, description="write the picture with its boxes here (NAME_<stem>.png for several inputs)"
+    )
 
 
 def _yolo(config_path: str) -> dict[str, DenseDataset]:
@@ -323,12 +326,26 @@ class DetectTask(TaskBase):
         score_threshold: float = 0.3,
         max_detections: int = 100,
         iou_threshold: float = 0.6,
+        draw: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Detect objects in image files: per image its size and boxes (label, score, ``xyxy`` pixels)."""
-        images = [read_image(p) for p in inputs]
-        return self.predict_images(
+        """Detect objects in image files: per image its size and boxes (label, score, ``xyxy`` pixels); with
+        ``draw``, also the picture with its boxes (``draw`` for one input, ``<stem>_<input stem>.png`` for
+        several)."""
+        from tansuo.atomic import atomic_write
+
+        images = [read_image(Path(p).expanduser()) for p in inputs]
+        rows = self.predict_images(
             model, images, inputs, device, score_threshold, max_detections, iou_threshold
         )
+        if draw is not None:
+            for path, image, row in zip(inputs, images, rows, strict=True):
+                target = Path(draw).expanduser()
+                if len(inputs) > 1:
+                    target = target.with_name(f"{target.stem}_{Path(path).stem}.png")
+                picture = draw_boxes(image, row["detections"], self.class_names)
+                atomic_write(target, lambda tmp, picture=picture: tmp.write_bytes(picture))
+                row["drawn"] = str(target)
+        return rows
 
     @torch.no_grad()
     def predict_images(
@@ -379,4 +396,28 @@ class DetectTask(TaskBase):
         lines = [
             f"  {d['label']}  {d['score']:.3f}  [{', '.join(f'{v:.1f}' for v in d['box'])}]" for d in found
         ]
-        return "\n".join([head, *lines])
+        drawn = [f"  [drawn: {row['drawn']}]"] if "drawn" in row else []
+        return "\n".join([head, *lines, *drawn])
+
+
+def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]], class_names: list[str]) -> bytes:
+    """A PNG of ``image`` (uint8 (H, W, 3)) with each detection's box and ``label score`` drawn on it, one
+    colour per class (Pascal VOC's palette, as segmentation's overlays)."""
+    from PIL import Image, ImageDraw
+
+    from tansuo.data.dense_draw import palette, png_bytes
+
+    colours = palette(len(class_names) + 1)[1:]
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    pen = ImageDraw.Draw(picture)
+    width = max(1, round(max(image.shape[:2]) / 200))
+    for d in detections:
+        colour = tuple(int(c) for c in colours[class_names.index(d["label"])])
+        x1, y1, x2, y2 = d["box"]
+        pen.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
+        text = f"{d['label']} {d['score']:.2f}"
+        left, top, right, bottom = pen.textbbox((x1, y1), text)
+        lift = bottom - top + 2
+        pen.rectangle([x1, y1 - lift, x1 + right - left + 2, y1], fill=colour)
+        pen.text((x1 + 1, y1 - lift), text, fill=(0, 0, 0))
+    return png_bytes(np.asarray(picture))
