@@ -217,6 +217,52 @@ def write_interactions(path: Path, users: int = 40, items: int = 24, length: int
     return path
 
 
+def write_yolo_boxes(folder: Path, train: int = 12, val: int = 4, seed: int = 0) -> Path:
+    """A tiny Ultralytics YOLO data set: ``folder/data.yaml`` (names ``red``, ``green``) and
+    ``images/{train,val}/*.png`` of 40x48 pixels (not square: the letterbox pads them) with one or two
+    coloured rectangles each, ``labels/{train,val}/*.txt`` their boxes. Returns the YAML's path."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image = np.full((40, 48, 3), 20, np.uint8)
+            lines = []
+            for k in range(1 + i % 2):
+                cls = int(rng.integers(2))
+                w, h = int(rng.integers(10, 18)), int(rng.integers(10, 16))
+                x = int(rng.integers(0, 24 - w)) + 24 * k
+                y = int(rng.integers(0, 40 - h))
+                image[y : y + h, x : x + w] = (230, 30, 30) if cls == 0 else (30, 230, 30)
+                lines.append(f"{cls} {(x + w / 2) / 48:.6f} {(y + h / 2) / 40:.6f} {w / 48:.6f} {h / 40:.6f}")
+            Image.fromarray(image).save(folder / "images" / split / f"{i:03d}.png")
+            (folder / "labels" / split / f"{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    config = folder / "data.yaml"
+    config.write_text("path: .\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: green\n")
+    return config
+
+
+def detect_recipe(config: Path, out: Path, model: str = "vit_det_test", **train_cfg: object) -> dict:
+    """A tiny detector on the YOLO data of :func:`write_yolo_boxes` (32x32 inputs)."""
+    return {
+        "task": "detect",
+        "seed": 3,
+        "data": {"source": "yolo", "path": str(config), "image_size": 32, "augment": True, "hflip": 0.5},
+        "model": {"name": model},
+        "train": {
+            "out_dir": str(out),
+            "max_steps": 20,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "threads": 1,
+            **train_cfg,
+        },
+    }
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 

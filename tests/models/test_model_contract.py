@@ -38,6 +38,8 @@ def test_forward_shape_and_finite(name):
         assert out.shape == (*x.shape, model.config.vocab_size)
     elif model.family == "seq2seq":  # next-token logits of the target
         assert out.shape == (*args[1].shape, model.config.vocab_size)
+    elif hasattr(getattr(model, "head", None), "points"):  # a detector: per point a box, centre-ness, classes
+        assert out.shape == (2, len(model.head.points), 4 + 1 + model.config.num_classes)
     elif hasattr(model, "next_item_scores"):  # a recommender: every item's score at each position
         assert out.shape == (*x.shape, model.config.num_items + 1)
         assert model.next_item_scores(x).shape == (2, model.config.num_items + 1)

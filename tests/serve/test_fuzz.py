@@ -22,14 +22,18 @@ from tansuo.serve.app import ServeConfig, Server, create_app
 from tansuo.serve.endpoints import Limits
 from tests.helpers import (
     classify_recipe,
+    detect_recipe,
     image_recipe,
     lm_recipe,
     mlm_recipe,
     recommend_recipe,
+    segment_recipe,
     translate_recipe,
+    write_digits_csv,
     write_interactions,
     write_parallel,
     write_sentiment_tsv,
+    write_yolo_boxes,
 )
 from tests.serve.test_app import CPU, untrained_bundle
 
@@ -56,6 +60,10 @@ def _recipe(task: str, tmp: Path, image_npz: Path, text_file: Path) -> dict:
         return lm_recipe(text_file, out)
     if task == "recommend":
         return recommend_recipe(write_interactions(tmp / "log.tsv"), out)
+    if task == "segment":
+        return segment_recipe(write_digits_csv(tmp / "digits.csv", 40), out)
+    if task == "detect":
+        return detect_recipe(write_yolo_boxes(tmp / "boxes"), out)
     return translate_recipe(write_parallel(tmp / "par", 60), out)
 
 
@@ -89,7 +97,7 @@ def _fuzz(task: str, tmp_path: Path, image_npz: Path, text_file: Path, examples:
         server.stop()
 
 
-TASKS = ["image", "classify", "mlm", "lm", "recommend", "translate"]
+TASKS = ["image", "classify", "mlm", "lm", "recommend", "translate", "segment", "detect"]
 
 
 @pytest.mark.parametrize("task", TASKS)

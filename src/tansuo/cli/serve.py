@@ -45,6 +45,9 @@ def serve(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="most pixels an uploaded picture may have (checked before decoding)")
     ] = 16_777_216,
+    max_detections: Annotated[
+        int, typer.Option(min=1, help="most boxes a detection request may ask for per image")
+    ] = 100,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may wait")] = 30.0,
     threads: Annotated[int | None, typer.Option(min=1, help="PyTorch threads (default: all cores)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every request")] = False,
@@ -97,6 +100,7 @@ def serve(
         timeout,
         max_beam,
         max_pixels=max_pixels,
+        max_detections=max_detections,
         redact_output=redact,
     )
     config = ServeConfig(

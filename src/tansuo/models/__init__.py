@@ -7,6 +7,7 @@ from tansuo.models import (  # noqa: F401
     bert,
     bert4rec,
     cnn,
+    cnn_det,
     gpt,
     rec_baselines,
     sasrec,
@@ -14,6 +15,7 @@ from tansuo.models import (  # noqa: F401
     seq2seq,
     unet,
     vit,
+    vit_det,
 )
 from tansuo.models._registry import (
     ModelEntry,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tansuo.tasks import (  # noqa: F401  (registers the tasks)
     classify,
+    detect,
     image,
     lm,
     mlm,

@@ -12,6 +12,7 @@ request can name a file path.
 """
 
 from tansuo.serve.endpoints import (  # noqa: F401
+    detect,
     generate,
     image,
     openai,

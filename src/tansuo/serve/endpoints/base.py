@@ -27,6 +27,7 @@ class Limits:
     max_beam: int = 8  # beam search: the widest beam a request may ask for
     max_pixels: int = 16_777_216  # pictures: the most pixels (4096 x 4096), checked before decoding
     redact_output: tuple[str, ...] = ()  # PII types scrubbed from generated text (--redact-output)
+    max_detections: int = 100  # detection: the most boxes a request may ask for per image
 
 
 class ApiError(Exception):
