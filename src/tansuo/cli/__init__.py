@@ -13,6 +13,7 @@ import sys
 from rich.markup import escape
 
 from tansuo.cli import (
+    audit,
     chat,
     compress,
     evaluate,
@@ -39,6 +40,7 @@ app.command()(chat.chat)
 app.command()(predict.predict)
 app.command()(merge.merge)
 app.command()(compress.compress)
+app.command()(audit.audit)
 app.command()(export.export)
 app.command()(serve.serve)
 app.command()(sign.sign)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tansuo.tasks import classify, image, lm, mlm, recommend, translate  # noqa: F401  (registers the tasks)
 from tansuo.tasks.base import (
+    EXAMPLES,
     GENERATE,
     ONNX,
     TASKS,
@@ -25,6 +26,7 @@ from tansuo.tasks.lm import LMTask
 from tansuo.tasks.mlm import MLMTask
 
 __all__ = [
+    "EXAMPLES",
     "GENERATE",
     "ONNX",
     "TASKS",
