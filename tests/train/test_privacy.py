@@ -91,9 +91,15 @@ def test_accountant_matches_opacus_for_the_same_noise_rate_and_steps(image_npz, 
     from opacus.accountants import RDPAccountant
 
     trainer = make_trainer(_private(image_npz, tmp_path / "run", max_steps=6, eval_every=6))
-    trainer.fit()
     dp = trainer.private
     assert dp is not None
+    # Poisson batches: a pure function of the step, of size batch_size on average
+    assert torch.equal(dp.sample(3), dp.sample(3)) and not torch.equal(dp.sample(3), dp.sample(4))
+    sizes = [len(dp.sample(s)) for s in range(200)]
+    assert abs(sum(sizes) / 200 - 16) < 1.5 and len(set(sizes)) > 3
+    sample = dp.sample
+    dp.sample = lambda step: torch.zeros(0, dtype=torch.long) if step == 2 else sample(step)  # an empty batch
+    trainer.fit()
     reference = RDPAccountant()
     for _ in range(6):
         reference.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
@@ -125,6 +131,16 @@ def test_private_run_logs_epsilon_within_target_and_bundles_it(image_npz, tmp_pa
     privacy = json.loads((tmp_path / "run" / "bundle" / "metrics.json").read_text())["privacy"]
     assert privacy["steps"] == result["step"] and privacy["epsilon"] <= 1.0
     assert privacy["delta"] == 1e-3 and privacy["noise_multiplier"] > 0
+    # the served card (/v1/model) carries the bundle's metrics, so its guarantee
+    from fastapi.testclient import TestClient
+
+    from tansuo.bundle import load_bundle
+    from tansuo.serve.app import ServeConfig, Server, create_app
+
+    server = Server(load_bundle(tmp_path / "run" / "bundle"), ServeConfig(), torch.device("cpu"))
+    with TestClient(create_app(server)) as client:
+        card = client.get("/v1/model").json()
+    assert card["metrics"]["privacy"]["epsilon"] == privacy["epsilon"]
 
 
 def test_private_run_resumes_bit_for_bit_with_the_accountant(image_npz, tmp_path):
