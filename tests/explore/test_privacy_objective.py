@@ -42,6 +42,16 @@ def test_privacy_is_an_objective_and_a_constraint(image_npz: Path, tmp_path: Pat
         load_explore(raw, "r.yaml")
 
 
+def test_privacy_needs_a_task_with_single_examples(text_file: Path, tmp_path: Path) -> None:
+    from tests.helpers import lm_recipe
+
+    raw = lm_recipe(text_file, tmp_path / "run")
+    raw["explore"] = {"candidates": [{"model": "gpt_test"}], "objectives": ["quality", "privacy"],
+                      "budget": {"trials": 1}, "study": str(tmp_path / "study")}  # fmt: skip
+    with pytest.raises(RecipeError, match="'lm' task does not address"):
+        load_explore(raw, "r.yaml")
+
+
 @pytest.mark.integration  # a whole study: two trainings, two measurements in fresh processes, two audits
 def test_a_study_audits_each_model_and_reports_epsilon(image_npz, tmp_path, monkeypatch, capsys) -> None:
     study = tmp_path / "study"

@@ -384,6 +384,7 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
     )
     spec.families = families
     spec.quality = quality_direction(str(base["task"]))
+    _check_privacy(spec)
     if spec.sampler == "grid":
         for i, c in enumerate(explore.candidates):
             for field, p in c.space.items():
@@ -404,6 +405,20 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
             "every combination)"
         )
     return spec
+
+
+def _check_privacy(spec: ExploreSpec) -> None:
+    """``privacy`` needs a task whose members can be audited one by one (the EXAMPLES ability)."""
+    from tansuo.tasks import EXAMPLES, get_task
+
+    named = "privacy" in spec.explore.objectives or any(c.metric == "privacy" for c in spec.constraints)
+    task = get_task(spec.base["task"])
+    if named and EXAMPLES not in task.abilities:
+        raise RecipeError(
+            f"invalid recipe:\n  explore.objectives: privacy (the membership-inference audit) needs single "
+            f"training examples, which the {task.name!r} task does not address; it works for image and "
+            "classify studies"
+        )
 
 
 def quality_direction(task: str) -> str:
