@@ -195,7 +195,8 @@ def audit_bundle(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         eps = "no privacy" if result["epsilon"] is None else f"epsilon {result['epsilon']:.2f}"
-        write_roc_png(out / "roc.png", attacks, f"membership inference: {Path(path).name} ({eps})")
+        name = "/".join(Path(path).resolve().parts[-2:])  # runs/NAME/bundle: the run's name shows
+        write_roc_png(out / "roc.png", attacks, f"membership inference: {name} ({eps})")
         atomic_write_json(out / "audit.json", result)
         result["files"] = {"audit": str(out / "audit.json"), "roc": str(out / "roc.png")}
     return result
