@@ -11,12 +11,13 @@ HEAVY = (
     "transformers",
     "sklearn",
     "optuna",
+    "opacus",
 )
 
 
 def test_import_stays_light() -> None:
     code = (
-        "import sys, tansuo, tansuo.models, tansuo.tasks, tansuo.train.trainer, tansuo.cli\n"
+        "import sys, tansuo, tansuo.models, tansuo.tasks, tansuo.train.trainer, tansuo.cli, tansuo.audit\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

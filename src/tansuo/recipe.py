@@ -70,6 +70,22 @@ class LoRASettings(Strict):
     )
 
 
+class PrivacySettings(Strict):
+    """``train.privacy``: train with DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"):
+    each step samples every training example independently (Poisson), clips each example's gradient to
+    ``max_grad_norm`` and adds Gaussian noise whose scale is calibrated, before training, so that the whole
+    run spends ``target_epsilon`` at ``delta`` (Opacus' accountants and optimizer; ``train/privacy.py``)."""
+
+    target_epsilon: float = Field(gt=0, description="the privacy budget the whole run may spend")
+    delta: float = Field(1e-5, gt=0, lt=1, description="probability the guarantee fails; below 1/examples")
+    max_grad_norm: float = Field(1.0, gt=0, description="each example's gradient is clipped to this L2 norm")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv",
+        description="prv: privacy random variables (Gopi et al. 2021, tight); rdp: Renyi DP (Mironov 2017, "
+        "a looser upper bound, faster)",
+    )
+
+
 class TrainConfig(Strict):
     """How to train: optimisation, schedule, evaluation and where the run is written."""
 
@@ -135,11 +151,43 @@ class TrainConfig(Strict):
         1800, gt=0, description="seconds a process waits for the others (rank 0 evaluating) before failing"
     )
     lora: LoRASettings | None = Field(None, description="train LoRA adapters on a frozen model; None: off")
+    privacy: PrivacySettings | None = Field(
+        None, description="differentially private training (DP-SGD) to a target epsilon; None: off"
+    )
 
     @model_validator(mode="after")
     def _lr_bounds(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+    @model_validator(mode="after")
+    def _private_combinations(self) -> TrainConfig:
+        if self.privacy is None:
+            return self
+        # each refused switch would change what an example contributes to a step, or hide the per-example
+        # gradients DP-SGD clips
+        refused = {
+            "grad_accum": (
+                self.grad_accum != 1,
+                "a step is one Poisson-sampled batch; set train.grad_accum=1",
+            ),
+            "precision": (
+                self.precision == "fp16",
+                "fp16's loss scaling skips steps the accountant has counted; use bf16 or fp32",
+            ),
+            "compile": (
+                self.compile,
+                "per-example gradients run under torch.func.vmap; set train.compile=false",
+            ),
+            "activation_checkpointing": (
+                self.activation_checkpointing,
+                "per-example gradients run under torch.func.vmap; set train.activation_checkpointing=false",
+            ),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"train.privacy does not combine with train.{name}: {why}")
         return self
 
 

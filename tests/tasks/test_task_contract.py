@@ -24,7 +24,7 @@ from tansuo.bundle import load_bundle, save_bundle
 from tansuo.errors import TansuoError
 from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
-from tansuo.tasks import GENERATE, ONNX, TASKS, Task
+from tansuo.tasks import EXAMPLES, GENERATE, ONNX, TASKS, Task
 from tests.helpers import (
     classify_recipe,
     detect_recipe,
@@ -44,7 +44,7 @@ from tests.helpers import (
 CPU = torch.device("cpu")
 BS = 4
 EVAL_BS = 8
-KNOWN_ABILITIES = {GENERATE, ONNX}
+KNOWN_ABILITIES = {EXAMPLES, GENERATE, ONNX}
 
 
 @dataclass
@@ -362,6 +362,29 @@ def test_abilities_are_declared_not_probed(built: Built) -> None:
     assert isinstance(task.abilities, frozenset)
     assert task.abilities <= KNOWN_ABILITIES, task.abilities - KNOWN_ABILITIES
     assert (GENERATE in task.abilities) == callable(getattr(task, "generate", None))
+
+
+def test_examples_are_single_examples_whose_losses_average_to_the_loss(built: Built) -> None:
+    """The EXAMPLES ability (DP-SGD, the membership audit): a batch of chosen examples, one loss each, whose
+    mean is the task's loss, and no example's loss depends on the others in its batch."""
+    task = built.task
+    if EXAMPLES not in task.abilities:
+        pytest.skip(f"{built.name} does not address single examples")
+    n = task.split_size("train")
+    assert n > 4 and task.split_size(task.heldout_split) > 0
+    model = built.make_model().eval()
+    idx = torch.tensor([0, 3, 1, n - 1])
+    with torch.no_grad():
+        training = task.examples("train", idx, 5)  # augmented as micro-batch 5 (draws per row)
+        assert task.count(training) == 4 and torch.isfinite(task.loss(model, training))
+        batch = task.examples("train", idx)
+        losses = task.example_losses(model, batch)
+        assert losses.shape == (4,) and torch.isfinite(losses).all()
+        if not getattr(task.data, "label_smoothing", 0):  # the training loss is smoothed; these are plain
+            torch.testing.assert_close(losses.mean(), task.loss(model, batch).float())
+        alone = task.example_losses(model, task.examples("train", idx[1:2]))
+    torch.testing.assert_close(alone[0], losses[1], atol=1e-5, rtol=1e-4)
+    assert task.examples(task.heldout_split, torch.tensor([0]))
 
 
 def test_read_inputs_gives_texts_or_a_tansuo_error(built: Built) -> None:

@@ -13,6 +13,7 @@ import sys
 from rich.markup import escape
 
 from tansuo.cli import (
+    audit,
     chat,
     compress,
     evaluate,
@@ -41,6 +42,7 @@ app.command()(predict.predict)
 app.command()(merge.merge)
 app.command()(scrub.scrub)
 app.command()(compress.compress)
+app.command()(audit.audit)
 app.command()(export.export)
 app.command()(serve.serve)
 app.command()(serve.apikey)

@@ -58,7 +58,7 @@ def describe(row: dict[str, Any]) -> str:
     return " ".join(parts) + (" · " + " ".join(train) if train else "")
 
 
-TABLE = ("quality", "latency", "latency_p95", "size", "params", "memory", "train_time")
+TABLE = ("quality", "latency", "latency_p95", "size", "params", "memory", "train_time", "privacy", "epsilon")
 TITLES = {
     "quality": "quality",
     "latency": "p50 ms",
@@ -67,7 +67,14 @@ TITLES = {
     "params": "params",
     "memory": "peak MB",
     "train_time": "train s",
+    "privacy": "MIA AUC",  # the membership-inference audit (objective or constraint `privacy`)
+    "epsilon": "epsilon",  # DP-SGD's budget spent (train.privacy); - without privacy
 }
+
+
+def _shown(row: dict[str, Any]) -> list[str]:
+    """The table's figures a row has (privacy and epsilon only in studies that measure them)."""
+    return [n for n in TABLE if n not in ("privacy", "epsilon") or row["values"].get(n) is not None]
 
 
 def pareto_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -120,7 +127,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"**{rec['id']}**: {describe(rec)}, variant `{rec['variant']}` "
             f"({' + '.join(rec['steps']) or 'as trained'}). "
-            + ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in TABLE),
+            + ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in _shown(rec)),
             "",
             f"Why: {results['why']}.",
         ]
@@ -267,7 +274,7 @@ def render_html(results: dict[str, Any]) -> str:
     if rec is None:
         parts.append(f"<p>None: {esc(results['why'])}.</p>")
     else:
-        figures = ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in TABLE)
+        figures = ", ".join(f"{TITLES[n]} {fmt(n, rec['values'].get(n), _q(results))}" for n in _shown(rec))
         parts.append(
             f"<p><b>{esc(rec['id'])}</b>: {esc(describe(rec))}, variant <b>{esc(rec['variant'])}</b> "
             f"({esc(' + '.join(rec['steps']) or 'as trained')}). {esc(figures)}.</p>"

@@ -75,7 +75,10 @@ def collect(study: optuna.Study, spec: ExploreSpec, storage: str) -> dict[str, A
                 threads.add(int(f.get("threads", 0)))
                 row.update(
                     figures=f,
-                    values={name: value(f, name) for name in METRICS if METRICS[name].key in f},
+                    values={
+                        **{name: value(f, name) for name in METRICS if METRICS[name].key in f},
+                        **({"epsilon": f["epsilon"]} if "epsilon" in f else {}),  # shown, not judged
+                    },
                     feasible=v["feasible"],
                     violations=v["violations"],
                 )

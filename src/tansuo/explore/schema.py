@@ -14,7 +14,8 @@ from) plus an ``explore:`` section::
         - {name: int8, steps: [{step: quantize, backend: torch}]}
         - {name: pruned, families: [vit], steps: [{step: prune, heads: 0.5, ffn: 0.5, finetune_steps: 100}]}
         - {name: distilled, families: [vit], steps: [{step: distill, overrides: {num_layers: 1}}]}
-      objectives: [quality, latency]     # quality is maximised; latency, size, train_time, params, memory
+      objectives: [quality, latency]     # quality is maximised; latency, size, train_time, params, memory,
+                                         # privacy (membership-inference AUC, tansuo audit)
       constraints: ["latency <= 5", "size <= 10", "quality >= 0.97"]
       sampler: auto                      # tpe (one objective), nsga2 (several), or grid
       budget: {trials: 20, minutes: 30}
@@ -63,6 +64,9 @@ METRICS: dict[str, Metric] = {
     "params": Metric("params", "M", "minimize", 1e-6, "parameters"),
     "memory": Metric("peak_rss_mb", "MB", "minimize", 1.0, "peak memory"),
     "train_time": Metric("train_seconds", "s", "minimize", 1.0, "training + compression time"),
+    # the membership-inference audit's highest AUC (0.5: nothing leaks); measured only when an objective or
+    # a constraint names it (tansuo.audit)
+    "privacy": Metric("privacy_auc", "AUC", "minimize", 1.0, "membership-inference AUC"),
 }
 
 
@@ -140,6 +144,15 @@ class Measure(Strict):
     )
 
 
+class Audit(Strict):
+    """How ``privacy`` is measured (``tansuo audit``), when an objective or constraint names it."""
+
+    examples: int = Field(1000, gt=0, description="training members audited, and as many held-out examples")
+    reference_models: int = Field(
+        0, ge=0, description="reference models for the calibrated attack (2+, one training run each); 0: loss"
+    )
+
+
 class Explore(Strict):
     study: str | None = Field(None, description="study folder; default runs/explore-<recipe name>")
     candidates: list[Candidate] = Field(min_length=1)
@@ -151,6 +164,7 @@ class Explore(Strict):
     budget: Budget = Field(default_factory=Budget)
     recommend: Recommend = Field(default_factory=Recommend)
     measure: Measure = Field(default_factory=Measure)
+    audit: Audit = Field(default_factory=Audit)
     seed: int | None = Field(None, description="sampler seed; default: the recipe's seed")
     nproc_per_node: int = Field(
         1,
@@ -370,6 +384,7 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
     )
     spec.families = families
     spec.quality = quality_direction(str(base["task"]))
+    _check_privacy(spec)
     if spec.sampler == "grid":
         for i, c in enumerate(explore.candidates):
             for field, p in c.space.items():
@@ -390,6 +405,20 @@ def load_explore(raw: dict[str, Any], recipe_path: str | Path) -> ExploreSpec:
             "every combination)"
         )
     return spec
+
+
+def _check_privacy(spec: ExploreSpec) -> None:
+    """``privacy`` needs a task whose members can be audited one by one (the EXAMPLES ability)."""
+    from tansuo.tasks import EXAMPLES, get_task
+
+    named = "privacy" in spec.explore.objectives or any(c.metric == "privacy" for c in spec.constraints)
+    task = get_task(spec.base["task"])
+    if named and EXAMPLES not in task.abilities:
+        raise RecipeError(
+            f"invalid recipe:\n  explore.objectives: privacy (the membership-inference audit) needs single "
+            f"training examples, which the {task.name!r} task does not address; it works for image and "
+            "classify studies"
+        )
 
 
 def quality_direction(task: str) -> str:

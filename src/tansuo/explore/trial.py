@@ -203,9 +203,15 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
     if m.rounds > 1:  # speed again in rounds of fresh processes: ratios within the trial
         paths = [Path(e["path"]) for e in ok]
         speed_in_rounds(paths, [e["figures"] for e in ok], rounds=m.rounds, threads=m.threads, **measure)
+    if _audited(spec):
+        _audit_variants(spec, ok)
+    ok = [e for e in ok if e["status"] == "ok"]
     for e in ok:
         f = e["figures"]
         f["train_seconds"] = train_seconds + e["compress_seconds"]
+        spent = _epsilon(Path(e["path"]))
+        if spent is not None:  # DP-SGD's budget spent by this bundle's training (reports show it)
+            f["epsilon"] = spent
         f.pop("bundle", None)
         e["violations"] = violations(f, spec.constraints)
         e["feasible"] = feasible(f, spec.constraints)
@@ -222,6 +228,38 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
         reasons = "; ".join(f"{e['name']}: {e.get('reason')}" for e in variants) or "no variant applies"
         raise TrialFailed(f"no variant could be measured ({reasons})")
     return record
+
+
+def _audited(spec: ExploreSpec) -> bool:
+    """Whether the study judges ``privacy``: only then is every variant audited (it takes a while)."""
+    return "privacy" in spec.explore.objectives or any(c.metric == "privacy" for c in spec.constraints)
+
+
+def _audit_variants(spec: ExploreSpec, variants: list[dict[str, Any]]) -> None:
+    """``privacy`` of each measured variant: the membership-inference audit's highest AUC."""
+    from tansuo.audit import audit_bundle
+
+    a = spec.explore.audit
+    for e in variants:
+        try:
+            result = audit_bundle(
+                Path(e["path"]),
+                examples=a.examples,
+                reference_models=a.reference_models,
+                seed=int(spec.base.get("seed", 0)),
+            )
+        except TansuoError as err:
+            e.update(status="failed", reason=f"audit: {err}")
+            continue
+        e["figures"]["privacy_auc"] = result["privacy"]
+
+
+def _epsilon(bundle: Path) -> float | None:
+    path = bundle / "metrics.json"
+    if not path.is_file():
+        return None
+    spent = (json.loads(path.read_text(encoding="utf-8")).get("privacy") or {}).get("epsilon")
+    return float(spent) if spent is not None else None
 
 
 def representative(spec: ExploreSpec, record: dict[str, Any]) -> dict[str, Any]:

@@ -123,6 +123,14 @@ def _init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _no_padding(mask: torch.Tensor) -> bool:
+    """Whether every token is real; False where the answer cannot steer Python: while compiling, and under
+    ``vmap`` (DP-SGD's per-example gradients, ``train/privacy.py``), whose batched masks hold no one value."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(mask):
+        return False
+    return bool(mask.all())
+
+
 class Bert(nn.Module):
     """Bidirectional Transformer encoder with pooler, classification and MLM heads; build it with
     :func:`bert` or a preset.
@@ -202,7 +210,7 @@ class Bert(nn.Module):
         x = x + segments  # no ids: every token is in segment 0
         x = self.dropout(self.emb_norm(x))
         mask = None if attention_mask is None else attention_mask.bool()
-        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+        if mask is not None and _no_padding(mask):
             mask = None  # no padding: attention without a mask takes the fused (flash) kernels
         return self.stack(x, key_padding_mask=mask)
 

@@ -19,6 +19,7 @@ from tansuo.tasks import (  # noqa: F401  (registers the tasks)
     translate,
 )
 from tansuo.tasks.base import (
+    EXAMPLES,
     GENERATE,
     ONNX,
     TASKS,
@@ -34,6 +35,7 @@ from tansuo.tasks.lm import LMTask
 from tansuo.tasks.mlm import MLMTask
 
 __all__ = [
+    "EXAMPLES",
     "GENERATE",
     "ONNX",
     "TASKS",

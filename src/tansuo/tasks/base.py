@@ -6,8 +6,9 @@ predictions. The trainer, checkpoints, bundles and the CLI only talk to this pro
 :func:`register_task`; a module outside the package joins through :mod:`tansuo.plugins`.
 
 Optional abilities are declared in ``abilities`` (:data:`GENERATE`: the task has ``generate``; :data:`ONNX`:
-its predictions run on the model's plain forward, so an ONNX export can stand in for the model), never
-probed. :class:`TaskBase` gives the protocol's defaults.
+its predictions run on the model's plain forward, so an ONNX export can stand in for the model;
+:data:`EXAMPLES`: it addresses single examples, for DP-SGD and the membership audit), never probed.
+:class:`TaskBase` gives the protocol's defaults.
 
 Batches are plain ``dict[str, torch.Tensor]`` on the CPU; the trainer moves them to the device. Training
 batches are a pure function of ``(seed, micro_step)``: resuming at a step needs no sampler state and gives
@@ -34,6 +35,13 @@ Batch = dict[str, torch.Tensor]
 #: abilities a task may declare
 GENERATE = "generate"  #: ``generate(model, prompt, ...)`` continues a prompt (``tansuo generate``)
 ONNX = "onnx"  #: predictions use only the model's forward, so an ONNX Runtime model can stand in
+#: the task's data are examples it can address one by one, and its ``loss`` is the mean of per-example
+#: losses that involve no other example (no MixUp, no batch statistics): ``split_size(split)``,
+#: ``examples(split, indices, step=None)`` (a batch of those examples; with ``step``, augmented as training
+#: micro-batch ``step`` would be) and ``example_losses(model, batch)`` (one loss per example, ``(B,)``).
+#: What DP-SGD (``train.privacy``: Poisson sampling, per-example clipping) and the membership audit
+#: (``tansuo audit``: members are the training split, non-members the held-out one) need.
+EXAMPLES = "examples"
 
 
 def batch_seed(seed: int, n: int, salt: int = 0) -> int:

@@ -45,7 +45,7 @@ from tansuo.data import (
 )
 from tansuo.data.pii import SCRUB_HELP, Scrubber, ScrubTypes
 from tansuo.errors import DataError
-from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
+from tansuo.tasks.base import EXAMPLES, ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
 from tansuo.tasks.metrics import classifier_metrics
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class ClassifyTask(TaskBase):
     unit: ClassVar[str] = "samples"
     #: the class default; each instance says "val" when it has no test split (train and val files only)
     heldout_split: ClassVar[str] = "test"
-    abilities: ClassVar[frozenset[str]] = frozenset({ONNX})
+    abilities: ClassVar[frozenset[str]] = frozenset({ONNX, EXAMPLES})
 
     def __init__(self, data: ClassifyDataConfig, seed: int, tokenizer: Tokenizer, labels: list[str]) -> None:
         self.data, self.seed, self.tokenizer, self.labels = data, seed, tokenizer, labels
@@ -289,6 +289,18 @@ class ClassifyTask(TaskBase):
             if e != epoch:
                 epoch, batches = e, self.epoch_order(batch_size, e)
             yield self._collate(part, batches[k])
+
+    # ------------------------------------------------------------ examples (DP-SGD, membership audit)
+    def split_size(self, split: str) -> int:
+        return len(self._split(split))
+
+    def examples(self, split: str, indices: torch.Tensor, step: int | None = None) -> Batch:
+        """Texts ``indices`` of ``split``, padded to the longest of them (no augmentation: ``step`` is
+        accepted for the protocol and changes nothing)."""
+        return self._collate(self._split(split), indices.tolist())
+
+    def example_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self._logits(model, batch).float(), batch["y"], reduction="none")
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self._logits(model, batch), batch["y"]

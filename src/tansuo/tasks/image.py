@@ -34,7 +34,7 @@ from tansuo.data import (
     split_indices,
 )
 from tansuo.errors import DataError
-from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
+from tansuo.tasks.base import EXAMPLES, ONNX, Batch, TaskBase, batch_seed, format_probabilities, register_task
 from tansuo.tasks.metrics import classifier_metrics
 
 SPLITS = ("train", "val", "test")
@@ -109,7 +109,7 @@ class ImageTask(TaskBase):
     default_metric: ClassVar[str] = "accuracy"
     unit: ClassVar[str] = "samples"
     heldout_split: ClassVar[str] = "test"
-    abilities: ClassVar[frozenset[str]] = frozenset({ONNX})
+    abilities: ClassVar[frozenset[str]] = frozenset({ONNX, EXAMPLES})
 
     def __init__(
         self, data: ImageDataConfig, seed: int, info: dict[str, Any], arrays: ImageArrays | None
@@ -198,18 +198,47 @@ class ImageTask(TaskBase):
                     len(labels), generator=torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
                 )
             idx = perm[k * batch_size : (k + 1) * batch_size]
-            x = images[idx]
-            if self.data.max_shift:
-                g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=2))
-                x = random_shift(x, self.data.max_shift, g)
-            if self.data.augment != "none":
-                x = auto_augment(x, self.data.augment, self.pixel_max, batch_seed(self.seed, n, salt=3))
-            x, y = self.normalize(x), labels[idx]
+            x, y = self.normalize(self._augment(images[idx], n)), labels[idx]
             if self.data.mixup or self.data.cutmix:
                 # every batch gets soft targets (one-hot when it is not mixed): one batch layout
                 seed = batch_seed(self.seed, n, salt=4)
                 x, y = mix_batch(x, y, len(self.class_names), self.data.mixup, self.data.cutmix, seed)
             yield {"x": x, "y": y}
+
+    def _augment(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Micro-batch ``n``'s shifts and automatic augmentation (source units in and out)."""
+        if self.data.max_shift:
+            g = torch.Generator().manual_seed(batch_seed(self.seed, n, salt=2))
+            x = random_shift(x, self.data.max_shift, g)
+        if self.data.augment != "none":
+            x = auto_augment(x, self.data.augment, self.pixel_max, batch_seed(self.seed, n, salt=3))
+        return x
+
+    # ------------------------------------------------------------ examples (DP-SGD, membership audit)
+    def split_size(self, split: str) -> int:
+        return len(self._split(split)[1])
+
+    def examples(self, split: str, indices: torch.Tensor, step: int | None = None) -> Batch:
+        """Images ``indices`` of ``split``; with ``step``, shifted and augmented as training micro-batch
+        ``step`` is (never mixed: MixUp and CutMix blend examples, which DP-SGD's per-example clipping
+        cannot allow).
+
+        Raises:
+            DataError: ``step`` is given and data.mixup or data.cutmix is set.
+        """
+        images, labels = self._split(split)
+        x = images[indices]
+        if step is not None:
+            if self.data.mixup or self.data.cutmix:
+                raise DataError(
+                    "data.mixup / data.cutmix blend the examples of a batch, so no gradient belongs to one "
+                    "example and DP-SGD cannot clip it; set data.mixup=0 and data.cutmix=0 with train.privacy"
+                )
+            x = self._augment(x, step)
+        return {"x": self.normalize(x), "y": labels[indices]}
+
+    def example_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]).float(), batch["y"], reduction="none")
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model(batch["x"]), batch["y"]

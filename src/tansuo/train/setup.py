@@ -36,9 +36,10 @@ class RunSetup:
     init: InitReport | None  # what ``model.init_from`` loaded; None without it
 
 
-def build_run(rec: Recipe, data_cfg: Any, data_root: Path) -> RunSetup:
+def build_run(rec: Recipe, data_cfg: Any, data_root: Path, task: Task | None = None) -> RunSetup:
     """Seeds every generator with ``rec.seed``, builds the task from ``data_cfg`` (its prepared files under
-    ``data_root``), the model from the registry (the task's sizes, e.g. vocabulary and classes, then the
+    ``data_root``) unless ``task`` is given (the membership audit's reference models train a bundle's task on
+    part of its data), the model from the registry (the task's sizes, e.g. vocabulary and classes, then the
     recipe's overrides), loads ``model.init_from`` when the recipe names one, and with ``train.lora`` adds
     the adapters and freezes the rest.
 
@@ -46,7 +47,8 @@ def build_run(rec: Recipe, data_cfg: Any, data_root: Path) -> RunSetup:
         RecipeError: The overrides do not build the model (an unknown field, an invalid combination).
     """
     seed_everything(rec.seed)
-    task = get_task(rec.task).from_recipe(data_cfg, rec.seed, data_root)
+    if task is None:
+        task = get_task(rec.task).from_recipe(data_cfg, rec.seed, data_root)
     try:
         model = create_model(rec.model.name, **{**task.model_overrides(), **rec.model.overrides})
     except (ValueError, TypeError) as e:

@@ -10,7 +10,9 @@ The efficiency switches of ``train:`` change how a step runs, not what it comput
 (torch.compile; the first step's time is logged as a ``compile`` event, apart from throughput),
 ``activation_checkpointing`` (blocks/layers.py), ``precision`` (autocast; fp16 with a gradient scaler whose
 state is checkpointed), ``optimizer_impl`` (optim.py) and ``ema`` (ema.py: the average is what is evaluated
-and bundled, and is checkpointed).
+and bundled, and is checkpointed). ``privacy`` changes what a step computes: DP-SGD (privacy.py: Poisson
+batches, per-example clipping, calibrated noise, the accountant checkpointed with the rest; epsilon spent is
+logged with the loss and recorded in each bundle's metrics).
 
 Run folder (``train.out_dir``)::
 
@@ -43,6 +45,7 @@ from tansuo.train.checkpoint import load_checkpoint, save_checkpoint
 from tansuo.train.distributed import Parallel, rank_device
 from tansuo.train.ema import ema_model
 from tansuo.train.optim import build_optimizer, lr_at
+from tansuo.train.privacy import DPSGD
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,18 @@ class Trainer:
             impl=cfg.optimizer_impl,
         )
         self.plan = make_plan(cfg, task, self.parallel.world)
+        self.private: DPSGD | None = None
+        if cfg.privacy is not None:
+            self.private = DPSGD(
+                task,
+                model,
+                cfg.privacy,
+                batch_size=cfg.batch_size,
+                total_steps=self.plan.total_steps,
+                seed=seed,
+                world_size=self.parallel.world,
+            )
+            self.optimizer = self.private.wrap(self.optimizer)
         self.global_batch = cfg.batch_size * self.parallel.world * cfg.grad_accum
         if self.parallel.world > 1:
             log.info(
@@ -204,6 +219,8 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.private is not None:
+            state["privacy"] = self.private.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -234,6 +251,13 @@ class Trainer:
                     "train.ema; resume with the recipe it was started with"
                 )
             part.load_state_dict(state[name])
+        if self.private is not None:
+            if "privacy" not in state:
+                raise TansuoError(
+                    "the checkpoint was trained without train.privacy: its steps spent no privacy budget the "
+                    "accountant could count; resume with the recipe it was started with"
+                )
+            self.private.load_state_dict(state["privacy"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -295,7 +319,10 @@ class Trainer:
 
     def _loop(self, bar: _Progress) -> None:
         cfg, plan, task = self.cfg, self.plan, self.task
-        batches = self.parallel.batches(task, cfg.batch_size, self.step, cfg.grad_accum)
+        # DP-SGD draws its own Poisson batches (privacy.py)
+        batches = (
+            None if self.private else self.parallel.batches(task, cfg.batch_size, self.step, cfg.grad_accum)
+        )
         self.model.train()
         # throughput counts training steps only: evaluation and checkpoint time is left out
         window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
@@ -313,7 +340,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             step_loss, step_units = 0.0, 0
-            for micro in range(cfg.grad_accum):
+            if self.private is not None:  # one Poisson batch, per-example gradients for the DPOptimizer
+                step_loss, step_units = self.private.accumulate(
+                    self.step, self.device, lambda: autocast_to(self.device, self.amp_dtype)
+                )
+            for micro in range(cfg.grad_accum if batches is not None else 0):
                 batch = _to_device(next(batches), self.device)
                 # several processes: gradients are averaged across ranks on the last micro-batch only
                 with self.parallel.sync_gradients(last=micro == cfg.grad_accum - 1):
@@ -328,7 +359,7 @@ class Trainer:
             step_units = int(units)
             if not math.isfinite(step_loss):  # before the bad step reaches the weights or a checkpoint
                 self._diverged(step_loss)
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and self.private is None:  # DP-SGD clips each example's gradient instead
                 self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip)
             self.scaler.step(self.optimizer)
@@ -353,6 +384,8 @@ class Trainer:
                     "lr": lr,
                     f"{task.unit}_per_s": window_units / max(window_time, 1e-9),
                 }
+                if self.private is not None:
+                    stats["epsilon"] = self.private.epsilon()
                 self._write({"event": "train", "step": self.step, **stats})
                 bar.update(self.step, stats)
                 window_loss, window_units, window_time, window_steps = 0.0, 0, 0.0, 0
@@ -398,7 +431,10 @@ class Trainer:
         if better:
             self.best, self.best_step, self.bad_evals = value, self.step, 0
             self._bar.best(f"best val {self.metric} {value:.4f} @ {self.step}")
-            save_bundle(self.bundle_path, model, self.task, {"step": self.step, "val": metrics}, self.recipe)
+            record: dict[str, Any] = {"step": self.step, "val": metrics}
+            if self.private is not None:  # the guarantee of these weights: the budget spent up to this step
+                record["privacy"] = self.private.report()
+            save_bundle(self.bundle_path, model, self.task, record, self.recipe)
         else:
             self.bad_evals += 1
         patience = self.cfg.early_stop_patience

@@ -1,0 +1,312 @@
+"""Differentially private training (``train.privacy``): DP-SGD on Opacus' optimizer and accountants.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") makes each step private: the batch is
+a Poisson sample of the training split, every example's gradient is clipped to ``max_grad_norm``, Gaussian
+noise of standard deviation ``noise_multiplier * max_grad_norm`` is added to their sum, which is divided by
+the expected batch size. The noise multiplier is calibrated before training (Opacus' ``get_noise_multiplier``)
+so that the run's planned steps at sampling rate ``q = batch_size / examples`` spend ``target_epsilon`` at
+``delta``; the accountant (PRV, Gopi et al. 2021, or RDP, Mironov 2017) counts each step as it is taken, and
+``epsilon()`` is what has been spent so far (logged with the loss, written into each bundle's metrics.json).
+
+How it fits the project's loop:
+
+- **Poisson sampling as a pure function of the step.** Batches are a pure function of ``(seed, step)`` in
+  this project (resume needs no sampler state). Step ``n`` draws one Bernoulli(q) mask over the training
+  split from a generator seeded by ``(seed, n)``: every example is in or out of every step independently,
+  which is the sampling the accountant's amplification assumes, and the batch's size varies (expected
+  ``batch_size``) as in Opacus' ``DPDataLoader``. What the analysis also assumes is that the adversary does
+  not know the sampling randomness: keep the recipe's seed private for a release (its default is public).
+- **Per-example gradients with torch.func, not Opacus' hooks.** ``vmap`` of ``grad`` of the task's own loss
+  on a batch of one differentiates the whole forward per example, whatever its layers. Opacus'
+  ``GradSampleModule`` computes them layer by layer from hooks, which cannot give the project's blocks
+  theirs: ``LearnedPositions`` returns its table without a batch dimension (added to every example by
+  broadcasting) and ViT's class token is a bare parameter of the model. RMSNorm, LayerNorm, embeddings,
+  attention and LoRA adapters all work under ``vmap`` (only trainable parameters get gradients); attention
+  runs on SDPA's math kernel there (the CPU flash kernel has no batching rule). Examples are taken in chunks
+  of at most ``2**27`` per-example gradient values (512 MB), each chunk clipped into Opacus' running sum.
+- **Clipping, noise, accounting: Opacus.** ``DPOptimizer`` clips and noises the per-example gradients put in
+  ``p.grad_sample``; its step hook steps the accountant. The noise comes from torch's global generator,
+  which the checkpoint keeps, so a resumed run is the run it would have been; the accountant's history
+  (noise multiplier, sampling rate, steps) is checkpointed as JSON.
+
+Refused, each with a :class:`~tansuo.errors.RecipeError` saying why: tasks that cannot address single
+examples (no :data:`~tansuo.tasks.base.EXAMPLES` ability: lm, mlm, translate and recommend cut or pack their
+data into windows, so an example is not a record); models with layers that mix the examples of a batch
+(BatchNorm: the ResNet; Opacus' ``ModuleValidator`` judges); several processes; and in the recipe
+(``recipe.py``) grad_accum, fp16, compile and activation checkpointing. EMA is allowed (an average of private
+weights is post-processing, as private as they are).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from tansuo.errors import RecipeError, TansuoError
+from tansuo.recipe import PrivacySettings
+from tansuo.tasks.base import EXAMPLES, Batch, Task, batch_seed
+
+log = logging.getLogger(__name__)
+
+#: per-example gradient values held at once (chunks of examples keep under it)
+GRADIENT_BUDGET = 2**27
+
+
+class _Bound:
+    """``model`` called with the parameters and buffers in ``state`` (``torch.func.functional_call``); other
+    attributes (``model.config``) are the model's."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self._model, self._state = model, state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self._model, self._state, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def per_example_gradients(
+    model: nn.Module, loss_fn: Any, batch: Batch
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The gradient of ``loss_fn(model, example)`` for every example of ``batch`` on its own, for the
+    trainable parameters: ``({name: (B, *shape)}, losses (B,))``.
+
+    ``loss_fn(model, batch)`` is a task's mean loss; it is called on each example as a batch of one.
+    Dropout draws differently for each example (``randomness="different"``).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(model.named_buffers())
+
+    def one(trainable: dict[str, torch.Tensor], example: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        single = {k: v.unsqueeze(0) for k, v in example.items()}  # a batch of one
+        loss = loss_fn(_Bound(model, {**fixed, **trainable}), single)
+        return loss, loss.detach()
+
+    run = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0), randomness="different")
+    with sdpa_kernel(SDPBackend.MATH):
+        return run(params, batch)
+
+
+def check_private(task: Task, model: nn.Module, world_size: int) -> None:
+    """Refuse what DP-SGD cannot train, naming the task or model and why.
+
+    Raises:
+        RecipeError: The task has no single examples, the model mixes examples, or several processes.
+    """
+    if EXAMPLES not in getattr(task, "abilities", frozenset()):
+        raise RecipeError(
+            f"train.privacy: the {task.name!r} task cannot address single examples (its data are cut or "
+            "packed into windows), so DP-SGD has nothing to sample and clip per example; it works with the "
+            "image and classify tasks"
+        )
+    if world_size > 1:
+        raise RecipeError(
+            "train.privacy trains on one process: the Poisson batch and its noise are drawn once per step; "
+            "run it without --nproc-per-node / torchrun"
+        )
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        name = getattr(model, "model_name", type(model).__name__)
+        mixing = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        more = " ..." if len(mixing) > 4 else ""
+        where = f" (BatchNorm in {', '.join(mixing[:4])}{more})" if mixing else ""
+        reasons = sorted({str(e).split(". ")[0] for e in errors})
+        raise RecipeError(
+            f"train.privacy: model {name} ({type(model).__name__}) cannot be trained with differential "
+            f"privacy{where}: {'; '.join(reasons)}. Opacus' ModuleValidator refuses it; use a model with "
+            "LayerNorm or GroupNorm (the ViT) instead"
+        )
+
+
+class DPSGD:
+    """DP-SGD for one run: the calibrated noise, the Poisson batches, per-example gradients, the accountant.
+
+    Args:
+        task: a task with the :data:`~tansuo.tasks.base.EXAMPLES` ability.
+        model: the model being trained (checked by :func:`check_private`).
+        settings: the recipe's ``train.privacy``.
+        batch_size: the expected batch size (``train.batch_size``).
+        total_steps: the steps the run plans; the noise is calibrated to spend the budget over them.
+        seed: the run's seed (the Poisson masks are drawn from it and the step).
+        world_size: processes in the run (more than one is refused).
+
+    Raises:
+        RecipeError: See :func:`check_private`; or the batch is not smaller than the training split.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        settings: PrivacySettings,
+        *,
+        batch_size: int,
+        total_steps: int,
+        seed: int,
+        world_size: int = 1,
+    ) -> None:
+        from opacus.accountants import create_accountant
+        from opacus.accountants.utils import get_noise_multiplier
+
+        check_private(task, model, world_size)
+        self.task, self.model, self.settings, self.seed = task, model, settings, seed
+        self.examples = task.split_size("train")  # type: ignore[attr-defined]
+        if batch_size >= self.examples:
+            raise RecipeError(
+                f"train.privacy: train.batch_size ({batch_size}) must be smaller than the training split "
+                f"({self.examples} examples): each step samples every example with probability "
+                "batch_size / examples"
+            )
+        self.batch_size, self.total_steps = batch_size, total_steps
+        self.sample_rate = batch_size / self.examples
+        if settings.delta >= 1 / self.examples:
+            log.warning(
+                "train.privacy.delta %.3g is not below 1 / %d training examples: a mechanism that publishes "
+                "one example at random meets it; use a smaller delta",
+                settings.delta,
+                self.examples,
+            )
+        self.noise_multiplier = get_noise_multiplier(
+            target_epsilon=settings.target_epsilon,
+            target_delta=settings.delta,
+            sample_rate=self.sample_rate,
+            steps=total_steps,
+            accountant=settings.accountant,
+        )
+        self.accountant = create_accountant(settings.accountant)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.chunk = max(1, GRADIENT_BUDGET // max(1, trainable))
+        self._spent: tuple[int, float] | None = None  # (steps, epsilon) last computed
+        log.info(
+            "DP-SGD: noise multiplier %.4f for epsilon %g at delta %g over %d steps at sampling rate %.5f "
+            "(%s accountant), per-example clipping to %g",
+            self.noise_multiplier,
+            settings.target_epsilon,
+            settings.delta,
+            total_steps,
+            self.sample_rate,
+            settings.accountant,
+            settings.max_grad_norm,
+        )
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Opacus' ``DPOptimizer`` around ``optimizer``: it clips and noises ``p.grad_sample`` before each
+        step, and steps the accountant."""
+        from opacus.optimizers import DPOptimizer
+
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.settings.max_grad_norm,
+            expected_batch_size=self.batch_size,
+            loss_reduction="mean",
+        )
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(self.sample_rate))
+        return self.optimizer
+
+    def sample(self, step: int) -> torch.Tensor:
+        """Indices of the training examples in step ``step``'s batch: each one with probability ``q``."""
+        g = torch.Generator().manual_seed(batch_seed(self.seed, step, salt=41))
+        return (torch.rand(self.examples, generator=g) < self.sample_rate).nonzero().squeeze(1)
+
+    def accumulate(
+        self,
+        step: int,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> tuple[float, int]:
+        """Sample step ``step``'s batch and put every example's gradient into ``p.grad_sample`` (chunks
+        before the last are clipped into the optimizer's sum already; the forward runs under
+        ``autocast()``); returns the batch's mean loss and its ``task.count``. An empty batch (probability
+        ``(1 - q) ** examples``) gives zero gradients, a loss of 0 and 0 units: the step still adds noise,
+        as the accountant counts it."""
+        indices = self.sample(step)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if len(indices) == 0:
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            return 0.0, 0
+        batch = self.task.examples("train", indices, step)  # type: ignore[attr-defined]
+        units = self.task.count(batch)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        total = 0.0
+        chunks = indices.split(self.chunk)
+        start = 0
+        for i, part in enumerate(chunks):
+            rows = slice(start, start + len(part))
+            start += len(part)
+            piece = {k: v[rows].to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast():
+                grads, losses = per_example_gradients(self.model, self.task.loss, piece)
+            total += float(losses.float().sum())
+            for p in params:
+                p.grad_sample = grads[names[id(p)]]
+            if i < len(chunks) - 1:
+                self.optimizer.clip_and_accumulate()  # the next chunk's grad_sample replaces this one's
+        return total / len(indices), units
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the recipe's delta (0 before the first step)."""
+        steps = sum(n for _, _, n in self.accountant.history)
+        if steps == 0:
+            return 0.0
+        if self._spent is None or self._spent[0] != steps:
+            self._spent = (steps, float(self.accountant.get_epsilon(delta=self.settings.delta)))
+        return self._spent[1]
+
+    def report(self) -> dict[str, Any]:
+        """What a bundle's metrics.json records: the guarantee of the weights at this step."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.settings.delta,
+            "target_epsilon": self.settings.target_epsilon,
+            "accountant": self.settings.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.settings.max_grad_norm,
+            "steps": sum(n for _, _, n in self.accountant.history),
+            "examples": self.examples,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accountant's history and the calibration, for the checkpoint (JSON values only)."""
+        return {
+            "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "accountant": self.settings.accountant,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the accountant of a checkpoint made with the same privacy settings.
+
+        Raises:
+            TansuoError: The checkpoint was calibrated differently (another target, batch, data or plan).
+        """
+        same = (
+            state.get("accountant") == self.settings.accountant
+            and math.isclose(state.get("noise_multiplier", -1.0), self.noise_multiplier, rel_tol=1e-9)
+            and math.isclose(state.get("sample_rate", -1.0), self.sample_rate, rel_tol=1e-12)
+        )
+        if not same:
+            raise TansuoError(
+                "the checkpoint's DP-SGD was calibrated differently (noise multiplier "
+                f"{state.get('noise_multiplier')}, sampling rate {state.get('sample_rate')}, accountant "
+                f"{state.get('accountant')}; this run: {self.noise_multiplier}, {self.sample_rate}, "
+                f"{self.settings.accountant}); resume with the recipe it was started with"
+            )
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self._spent = None
