@@ -199,12 +199,15 @@ def test_nbest_lists_the_best_translations_with_their_scores(untrained):
     ]
     rows = b.task.predict(b.model, TEXTS, CPU, nbest=3)
     for row, alone in zip(rows, plain, strict=True):
-        texts, scores = [h["translation"] for h in row["nbest"]], [h["score"] for h in row["nbest"]]
+        texts, scores = (
+            [h["translation"] for h in row["alternatives"]],
+            [h["score"] for h in row["alternatives"]],
+        )
         assert len(texts) == 3 and len(set(texts)) == 3  # distinct
         assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)  # log-probabilities
         assert row["translation"] == texts[0] == alone["translation"]
     assert b.task.format_prediction(rows[0], 3).splitlines() == [
-        f"{h['score']:.4f}\t{h['translation']}" for h in rows[0]["nbest"]
+        f"{h['score']:.4f}\t{h['translation']}" for h in rows[0]["alternatives"]
     ]
     greedy = b.task.predict(b.model, TEXTS, CPU, beam_size=1, nbest=1)  # beam 1: greedy, with its score
     assert [r["translation"] for r in greedy] == b.task.translate(b.model, TEXTS, CPU, beam_size=1)

@@ -351,7 +351,7 @@ class TranslateTask(TaskBase):
             return [{"input": text, "translation": hyp} for text, hyp in zip(inputs, hyps, strict=True)]
         lists = self.translate_nbest(model, inputs, device, nbest, beam_size, max_length)
         return [
-            {"input": text, "translation": hyps[0][0] if hyps else "", "nbest": nbest_rows(hyps)}
+            {"input": text, "translation": hyps[0][0] if hyps else "", "alternatives": nbest_rows(hyps)}
             for text, hyps in zip(inputs, lists, strict=True)
         ]
 

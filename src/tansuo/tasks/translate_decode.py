@@ -101,13 +101,15 @@ def decode_batches(
 
 
 def nbest_rows(hypotheses: list[tuple[str, float]]) -> list[dict[str, Any]]:
-    """An n-best list as answers give it: ``[{"translation": ..., "score": ...}, ...]``, best first."""
+    """An n-best list as answers give it (the ``alternatives`` of a predict row and of a ``/v1/translate``
+    answer): ``[{"translation": ..., "score": ...}, ...]``, best first."""
     return [{"translation": text, "score": score} for text, score in hypotheses]
 
 
 def format_nbest(row: dict[str, Any]) -> str:
     """A prediction row as ``tansuo predict`` prints it and writes it to a text file: the translation, or
-    with ``nbest`` one line per hypothesis, best first: ``score<TAB>translation`` (fairseq's ``H-`` lines)."""
-    if "nbest" not in row:
+    with its ``alternatives`` (``-o nbest=N``) one line per hypothesis, best first:
+    ``score<TAB>translation`` (as fairseq's ``H-`` lines)."""
+    if "alternatives" not in row:
         return row["translation"]
-    return "\n".join(f"{h['score']:.4f}\t{h['translation']}" for h in row["nbest"])
+    return "\n".join(f"{h['score']:.4f}\t{h['translation']}" for h in row["alternatives"])
