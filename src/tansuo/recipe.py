@@ -95,9 +95,15 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine decay")
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = Field(
+        0.0, ge=0, description="learning rate at the end of the cosine decay; the floor of inverse_sqrt"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up to lr over these steps")
+    schedule: Literal["cosine", "constant", "inverse_sqrt"] = Field(
+        "cosine",
+        description="after the warm-up: cosine to min_lr at the last step, constant lr, or inverse_sqrt "
+        "(fairseq's: lr * sqrt(warmup_steps / step), floored at min_lr)",
+    )
     weight_decay: float = Field(0.1, ge=0, description="applied to matrices only, not biases or norms")
     layer_decay: float = Field(
         1.0, gt=0, le=1, description="layer-wise lr decay: layer i of L learns at lr * layer_decay^(L+1-i)"

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from tansuo.blocks import KVCache
 from tansuo.models import create_model
 from tansuo.models.seq2seq import DecoderState, Seq2Seq, Seq2SeqConfig
-from tansuo.models.seq2seq_search import DecodeSettings, beam_search, greedy_search, translate_ids
+from tansuo.models.seq2seq_search import (
+    DecodeSettings,
+    beam_search,
+    beam_search_nbest,
+    greedy_search,
+    translate_ids,
+)
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -217,6 +223,38 @@ def test_beam_search_finds_the_best_sequence_where_greedy_does_not(length_penalt
     assert beam_search(model, src, settings) == [[_Markov.B], [_Markov.B]]
     greedy = greedy_search(model, src, DecodeSettings(beam_size=1, max_len_extra=5))
     assert greedy[0][0] == _Markov.A and greedy[0] != [_Markov.B]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_the_n_best_list_holds_each_finished_hypothesis_once_best_first_with_its_score(length_penalty):
+    model = _Markov().eval()
+    settings = DecodeSettings(beam_size=4, length_penalty=length_penalty, max_len_extra=5)
+    (hyps,) = beam_search_nbest(model, torch.tensor([[4, 5, EOS]]), settings)
+    A, B = _Markov.A, _Markov.B
+    assert sorted(h.ids for h in hyps) == [[], [A], [A, B], [B]]  # beam 4: four finished, each once
+    logp = model.table.log()
+    for h in hyps:  # the sum of the token log-probabilities, </s> included, over length ** penalty
+        path = [BOS, *h.ids, EOS]
+        total = sum(float(logp[a, b]) for a, b in zip(path, path[1:], strict=False))
+        assert h.score == pytest.approx(total / (len(h.ids) + 1) ** length_penalty, rel=1e-5)
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert hyps[0].ids == [B] == beam_search(model, torch.tensor([[4, 5, EOS]]), settings)[0]
+    # without a penalty "A </s>" leads "A B </s>" by the </s> after B; per token the longer one leads
+    assert [h.ids for h in hyps][1] == ([A, B] if length_penalty else [A])
+
+
+def test_n_best_lists_of_a_batch_equal_one_sentence_at_a_time_and_lead_with_the_best():
+    model = _model()
+    src = _source(batch=4, length=6)
+    settings = DecodeSettings(beam_size=4, max_len_extra=6)
+    together = beam_search_nbest(model, src, settings)
+    assert [hyps[0].ids for hyps in together] == beam_search(model, src, settings)
+    for hyps, row in zip(together, src, strict=True):
+        assert len(hyps) == 4 and len({tuple(h.ids) for h in hyps}) == 4  # distinct
+        assert all(a.score >= b.score for a, b in zip(hyps, hyps[1:], strict=False))
+        (alone,) = beam_search_nbest(model, row[row != PAD][None], settings)
+        assert [h.ids for h in alone] == [h.ids for h in hyps]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in hyps], abs=1e-5)
 
 
 def test_decode_settings_refuse_nonsense():

@@ -1,5 +1,5 @@
-"""The translate task: parallel data and its errors, length-bucketed batches, sacreBLEU figures, a copy task
-learnt to BLEU 100, and the command line (train, predict)."""
+"""The translate task: parallel data and its errors, PII scrubbed from both sides, length-bucketed batches,
+sacreBLEU figures, a copy task learnt to BLEU 100, n-best lists, and the command line (train, predict)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sacrebleu
 import torch
 
 from tansuo.data.parallel import read_parallel
-from tansuo.errors import DataError
+from tansuo.errors import DataError, TansuoError
 from tansuo.tasks.metrics import translation_metrics
 from tests.helpers import make_trainer, run, task_from, translate_recipe, write_parallel, write_recipe
 
@@ -85,6 +85,28 @@ def test_a_direction_without_files_says_which_are_missing(tmp_path):
     assert "train.de, train.en" in message and "data.src_lang" in message
 
 
+def test_scrub_pii_replaces_addresses_on_both_sides_before_the_vocabulary_is_trained(tmp_path):
+    prefix = write_parallel(tmp_path / "pairs", 40, seed=6)
+    for suffix, word in ((".src", "schreib"), (".tgt", "mail")):  # an address on every line of both sides
+        path = prefix.with_name(prefix.name + suffix)
+        lines = path.read_text().splitlines()
+        path.write_text("".join(f"{line} {word} who{i}@example.com\n" for i, line in enumerate(lines)))
+    raw = translate_recipe(prefix, tmp_path / "run")
+    raw["data"]["scrub_pii"] = ["email"]
+    task = task_from(raw)
+    assert task.data_report == {"pii_scrubbed": {"email": 80}}  # 40 pairs, both sides, every split
+    train = task._split("train")
+    assert all(t.endswith(" mail <EMAIL>") for t in train.references)
+    assert all(t.endswith(" schreib <EMAIL>") for t in train.sources)
+    decoded = [task.tokenizer.decode(ids) for ids in train.src[:5] + train.tgt[:5]]  # what the model sees
+    assert all(t.endswith("<EMAIL>") and "@" not in t for t in decoded)
+    vocab = task.tokenizer.get_vocab()
+    assert not any("example" in piece or "@" in piece for piece in vocab)
+    raw["data"]["scrub_pii"] = []
+    assert task_from(raw).data_report == {}
+    assert any("@" in piece for piece in task_from(raw).tokenizer.get_vocab())  # what scrubbing took out
+
+
 def test_token_budget_batches_hold_every_pair_once_an_epoch_within_the_budget(tmp_path):
     raw = translate_recipe(write_parallel(tmp_path / "pairs", 200, seed=1), tmp_path / "run")
     raw["data"]["batch_tokens"] = 64
@@ -152,6 +174,73 @@ def test_train_then_predict_a_sentence_and_a_file(tmp_path, monkeypatch, capsys)
     assert 0 < len(out.strip()) < len("ka lo mi nu") and "ka lo mi nu".startswith(out.strip())  # 2 tokens
     code, out, err = run(["predict", str(bundle), "ka lo", "-o", "beam_size=0"], monkeypatch, capsys)
     assert code == 2 and "beam_size" in err
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A translation bundle of an untrained model (beam 5): decoding does not care what it learned."""
+    from tests.serve.test_app import untrained_bundle
+
+    folder = tmp_path_factory.mktemp("translate-untrained")
+    return untrained_bundle(translate_recipe(write_parallel(folder / "pairs", 60), folder / "run"), folder)
+
+
+CPU = torch.device("cpu")
+TEXTS = ["ka lo mi", "nu pe ri so tu", "mi"]
+
+
+def test_nbest_lists_the_best_translations_with_their_scores(untrained):
+    from tansuo.bundle import load_bundle
+
+    b = load_bundle(untrained)
+    plain = b.task.predict(b.model, TEXTS, CPU)
+    assert [row["translation"] for row in b.task.predict(b.model, TEXTS, CPU, nbest=1)] == [
+        row["translation"] for row in plain
+    ]
+    rows = b.task.predict(b.model, TEXTS, CPU, nbest=3)
+    for row, alone in zip(rows, plain, strict=True):
+        texts, scores = (
+            [h["translation"] for h in row["alternatives"]],
+            [h["score"] for h in row["alternatives"]],
+        )
+        assert len(texts) == 3 and len(set(texts)) == 3  # distinct
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)  # log-probabilities
+        assert row["translation"] == texts[0] == alone["translation"]
+    assert b.task.format_prediction(rows[0], 3).splitlines() == [
+        f"{h['score']:.4f}\t{h['translation']}" for h in rows[0]["alternatives"]
+    ]
+    greedy = b.task.predict(b.model, TEXTS, CPU, beam_size=1, nbest=1)  # beam 1: greedy, with its score
+    assert [r["translation"] for r in greedy] == b.task.translate(b.model, TEXTS, CPU, beam_size=1)
+    with pytest.raises(TansuoError, match=r"nbest 6 is above the beam size 5.*-o beam_size=6"):
+        b.task.predict(b.model, TEXTS, CPU, nbest=6)
+    with pytest.raises(TansuoError, match="nbest 3 is above the beam size 2"):
+        b.task.predict(b.model, TEXTS, CPU, beam_size=2, nbest=3)
+
+
+def test_predict_prints_an_nbest_list_and_writes_a_file_one_translation_a_line(
+    untrained, tmp_path, monkeypatch, capsys
+):
+    from tansuo.bundle import load_bundle
+
+    b = load_bundle(untrained)
+    code, out, err = run(["predict", str(untrained), TEXTS[1], "-o", "nbest=3"], monkeypatch, capsys)
+    assert code == 0, err
+    (expected,) = b.task.translate_nbest(b.model, [TEXTS[1]], CPU, 3)
+    assert [line.split(maxsplit=1) for line in out.splitlines()] == [[f"{s:.4f}", t] for t, s in expected]
+    nbest_file = tmp_path / "nbest.txt"  # in a file: score TAB translation, as fairseq's H- lines
+    args = ["predict", str(untrained), TEXTS[1], "-o", "nbest=3", "--output", str(nbest_file)]
+    assert run(args, monkeypatch, capsys)[0] == 0
+    assert nbest_file.read_text() == "".join(f"{s:.4f}\t{t}\n" for t, s in expected)
+    code, out, err = run(["predict", str(untrained), TEXTS[1], "-o", "nbest=9"], monkeypatch, capsys)
+    assert code == 2 and "nbest 9 is above the beam size 5" in err
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("".join(t + "\n" for t in [*TEXTS, *reversed(TEXTS)]))
+    output = tmp_path / "out.txt"
+    args = ["predict", str(untrained), "--input", str(inputs), "--output", str(output), "--batch-size", "2"]
+    code, out, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    # in input order, whatever order decoding batches them in (shortest first, two at a time here)
+    assert output.read_text().splitlines() == b.task.translate(b.model, [*TEXTS, *reversed(TEXTS)], CPU)
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])

@@ -1,7 +1,11 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from tansuo.train.optim import lr_at, param_groups
+from tests.helpers import Interrupted, image_recipe, interrupt_after, make_trainer
 
 
 def test_weight_decay_on_matrices_only() -> None:
@@ -21,6 +25,56 @@ def test_schedule_warmup_then_cosine_to_min() -> None:
     assert lr_at(2000, **kw) == pytest.approx(1e-4)
     assert lr_at(1050, **kw) == pytest.approx(5.5e-4)
     assert lr_at(500, **{**kw, "schedule": "constant"}) == 1e-3
+
+
+def test_inverse_sqrt_warms_up_peaks_decays_as_one_over_root_step_and_stops_at_the_floor() -> None:
+    kw = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "total_steps": 10**6, "schedule": "inverse_sqrt"}
+    warm = [lr_at(s, **kw) for s in range(100)]
+    assert warm == pytest.approx([1e-3 * (s + 1) / 101 for s in range(100)])  # linear, as cosine's
+    assert lr_at(100, **kw) == pytest.approx(1e-3)  # the peak, at the end of the warm-up
+    assert lr_at(400, **kw) == pytest.approx(5e-4)  # lr * sqrt(100 / 400)
+    assert lr_at(2500, **kw) == pytest.approx(2e-4)
+    assert lr_at(10_000, **kw) == pytest.approx(1e-4)  # sqrt(100 / 10000) = 0.1: exactly the floor
+    assert lr_at(40_000, **kw) == 1e-4 and lr_at(10**6, **kw) == 1e-4  # floored, never below
+    decay = [lr_at(s, **kw) for s in range(100, 20_000, 37)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    # a pure function of the step: how long the run is does not change its past
+    assert [lr_at(s, **{**kw, "total_steps": 500}) for s in range(0, 600, 7)] == [
+        lr_at(s, **kw) for s in range(0, 600, 7)
+    ]
+    no_warmup = {**kw, "warmup_steps": 0, "min_lr": 0.0}
+    assert lr_at(0, **no_warmup) == lr_at(1, **no_warmup) == 1e-3 and lr_at(4, **no_warmup) == 5e-4
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_at(500, **{**kw, "schedule": "linear"})
+
+
+def test_inverse_sqrt_run_resumes_with_the_same_learning_rates_and_weights(
+    image_npz: Path, tmp_path: Path
+) -> None:
+    def raw(out: Path) -> dict:
+        train = {"max_steps": 12, "eval_every": 6, "checkpoint_every": 3, "log_every": 1, "warmup_steps": 4}
+        return image_recipe(image_npz, out, schedule="inverse_sqrt", min_lr=5e-4, **train)
+
+    def lrs(run: Path) -> dict[int, float]:  # the last logged lr of each step (a resumed run logs 7, 8 again)
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {e["step"]: e["lr"] for e in events if e["event"] == "train"}
+
+    full = make_trainer(raw(tmp_path / "a"))
+    full.fit()
+    interrupted = make_trainer(raw(tmp_path / "b"))
+    interrupt_after(interrupted, 8)  # inside step 9: the checkpoint of step 6 is the last
+    with pytest.raises(Interrupted):
+        interrupted.fit()
+    torch.manual_seed(999)
+    resumed = make_trainer(raw(tmp_path / "b"))
+    resumed.fit(resume=True)
+    expected = lrs(tmp_path / "a")
+    assert sorted(expected) == list(range(1, 13)) and lrs(tmp_path / "b") == expected
+    assert expected[5] == pytest.approx(3e-3) and expected[12] == pytest.approx(3e-3 * (4 / 11) ** 0.5)
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 def test_layer_decay_scales_lr_by_depth() -> None:

@@ -10,13 +10,15 @@ hypotheses of a sentence and keeps the ``2K`` best; those ending in ``</s>`` amo
 finished (their score, the sum of token log-probabilities, divided by ``length ** length_penalty``), the best
 ``K`` others live on. A sentence is done when it has ``K`` finished hypotheses or reaches its limit (its live
 hypotheses are then finished as they are); done sentences leave the batch. With ``K = 1`` it is greedy
-decoding.
+decoding. :func:`beam_search_nbest` gives each sentence's finished hypotheses, best first, with their scores
+(fairseq's ``--nbest``, transformers' ``num_return_sequences``); :func:`beam_search` the best of them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +44,14 @@ class DecodeSettings:
             raise ValueError("max_len_ratio and max_len_extra must be >= 0 and not both 0")
         if self.max_len is not None and self.max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {self.max_len}")
+
+
+class Hypothesis(NamedTuple):
+    """A finished translation: token ids without ``<s>`` / ``</s>``, and its score (the sum of its tokens'
+    log-probabilities, ``</s>`` included, divided by ``length ** length_penalty``)."""
+
+    ids: list[int]
+    score: float
 
 
 def length_limits(model: Seq2Seq, src_mask: torch.Tensor, settings: DecodeSettings) -> torch.Tensor:
@@ -87,9 +97,15 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -
     return [out[b, : int(lengths[b])].tolist() for b in range(B)]
 
 
-@torch.no_grad()
 def beam_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> list[list[int]]:
     """The best finished hypothesis of each row by length-normalised log-probability (see the module)."""
+    return [hyps[0].ids if hyps else [] for hyps in beam_search_nbest(model, src, settings)]
+
+
+@torch.no_grad()
+def beam_search_nbest(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> list[list[Hypothesis]]:
+    """Each row's finished hypotheses (up to ``beam_size``, distinct token sequences), best score first; of
+    equal scores the one finished first leads."""
     B, K = src.shape[0], settings.beam_size
     device = src.device
     src_mask = model.source_mask(src)
@@ -102,7 +118,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> 
     tokens = torch.full((B * K, 1), settings.bos_id, dtype=torch.long, device=device)
     scores = torch.full((B, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # the first step expands one hypothesis, not K copies of it
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     for t in range(int(limits.max())):
         n = len(sentence)
         logp = model.step(tokens[:, -1:], memory, src_mask, state).float().log_softmax(dim=-1)  # (n*K, V)
@@ -119,7 +135,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> 
             done_list = finished[int(sentence[i])]
             if len(done_list) < K:
                 ids = tokens[i * K + int(top_beam[i, j]), 1:].tolist()
-                done_list.append((float(top_scores[i, j]) / norm, ids))
+                done_list.append(Hypothesis(ids, float(top_scores[i, j]) / norm))
         # the K best continuations that do not end live on (at most K of the 2K end: one per hypothesis)
         order = (is_eos.long() * 2 * K + torch.arange(2 * K, device=device)).argsort(dim=1)[:, :K]
         scores = top_scores.gather(1, order)  # (n, K)
@@ -136,7 +152,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> 
             done_list = finished[int(sentence[i])]
             for k in range(K):
                 if len(done_list) < K and math.isfinite(float(scores[i, k])):
-                    done_list.append((float(scores[i, k]) / norm, tokens[i * K + k, 1:].tolist()))
+                    done_list.append(Hypothesis(tokens[i * K + k, 1:].tolist(), float(scores[i, k]) / norm))
         done = torch.tensor([len(finished[int(s)]) >= K for s in sentence]) | at_limit
         if bool(done.all()):
             break
@@ -146,13 +162,15 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, settings: DecodeSettings) -> 
             tokens, memory, src_mask = tokens[keep_rows], memory[keep_rows], src_mask[keep_rows]
             state.reorder_(keep_rows)
             scores, sentence = scores[keep.to(device)], sentence[keep]
-    return [max(done_list, key=lambda h: h[0])[1] if done_list else [] for done_list in finished]
+    return [sorted(done_list, key=lambda h: -h.score) for done_list in finished]  # stable: ties keep order
 
 
 __all__ = [
     "DecodeSettings",
     "DecoderState",
+    "Hypothesis",
     "beam_search",
+    "beam_search_nbest",
     "greedy_search",
     "length_limits",
     "translate_ids",

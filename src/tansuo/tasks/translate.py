@@ -1,10 +1,10 @@
 """Machine translation (``translate``): an encoder-decoder Transformer maps a source sentence to a target one.
 
-Data (:mod:`tansuo.data.parallel`): each of ``train`` / ``val`` / ``test`` is a prefix of aligned line files
-(``train`` for ``train.de`` and ``train.en``, the languages from ``src_lang`` / ``tgt_lang``, so
-``--set data.src_lang=en --set data.tgt_lang=de`` turns the direction around) or a CSV / TSV / JSONL table
-with a source and a target column. Without ``val`` (or ``test``), they are cut from ``train`` by ``splits``,
-seeded, as the ``classify`` task does.
+Data (:mod:`tansuo.data.parallel`, read by :mod:`.translate_data`): each of ``train`` / ``val`` / ``test``
+is a prefix of aligned line files (``train`` for ``train.de`` and ``train.en``, the languages from
+``src_lang`` / ``tgt_lang``, so ``--set data.src_lang=en --set data.tgt_lang=de`` turns the direction
+around) or a CSV / TSV / JSONL table with a source and a target column. Without ``val`` (or ``test``),
+they are cut from ``train`` by ``splits``, seeded, as the ``classify`` task does.
 
 One joint subword vocabulary (BPE or unigram, Hugging Face ``tokenizers``) is trained once on both sides of
 the training split (:func:`~tansuo.data.trained_once`: every rank and a resumed run read the same one). A
@@ -21,6 +21,10 @@ cross-entropy (``label_smoothing``) over the target tokens.
 Evaluation: the teacher-forced loss, then the split translated (greedy on ``val``, ``eval_beam_size``; beam
 search on ``test``, ``beam_size``) and scored with sacreBLEU (:func:`~tansuo.tasks.metrics.
 translation_metrics`: ``bleu``, ``chrf`` and the tokenized lower-cased ``bleu_tok_lc``).
+
+With ``scrub_pii`` (as ``classify``), both sides of every split have their e-mail addresses, phone numbers
+and so on replaced by typed placeholders (``<EMAIL>``) before the vocabulary is trained; the counts are in
+the task's ``data_report``. Decoding, n-best lists and the predict options: :mod:`.translate_decode`.
 """
 
 from __future__ import annotations
@@ -30,105 +34,33 @@ import logging
 from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 from tokenizers import Tokenizer
 from torch import nn
 
-from tansuo.data import load_tokenizer, save_tokenizer, split_indices, texts_digest, trained_once
-from tansuo.data.parallel import ParallelText, is_table, read_parallel
+from tansuo.data import load_tokenizer, save_tokenizer, texts_digest, trained_once
+from tansuo.data.parallel import ParallelText, is_table
 from tansuo.data.textsets import iter_labelled_rows
 from tansuo.data.tokenizers import SUBWORD_KINDS, SUBWORD_SPECIAL_TOKENS, train_subword_tokenizer
 from tansuo.errors import DataError
 from tansuo.tasks.base import Batch, TaskBase, batch_seed, register_task
 from tansuo.tasks.metrics import translation_metrics
+from tansuo.tasks.translate_data import SPLITS, TranslateDataConfig, case_text, read_splits
+from tansuo.tasks.translate_decode import (
+    TranslatePredictOptions,
+    check_nbest,
+    decode_batches,
+    decode_settings,
+    format_nbest,
+    nbest_rows,
+)
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-#: decoding runs at most this many hypotheses (sentences x beam) at once
-DECODE_ROWS = 320
-DATA_HINT = "set data.train to a prefix of aligned line files (train for train.de + train.en) or a pair table"
-
-
-class TranslateDataConfig(BaseModel):
-    """The ``data:`` section of a ``translate`` recipe."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    path_fields: ClassVar[tuple[str, ...]] = ("path", "train", "val", "test")
-
-    train: str | None = Field(
-        None,
-        validation_alias=AliasChoices("train", "path"),
-        description="training pairs: a prefix of line files (train: train.de + train.en) or a table",
-    )
-    val: str | None = Field(None, description="validation pairs, as train; None: cut from train by splits")
-    test: str | None = Field(
-        None, description="test pairs, as train; None: cut from train when val is not given"
-    )
-    src_lang: str = Field("de", min_length=1, description="source language: file suffix and table column")
-    tgt_lang: str = Field("en", min_length=1, description="target language: file suffix and table column")
-    source_column: str | None = Field(None, description="a table's source column; None: src_lang")
-    target_column: str | None = Field(None, description="a table's target column; None: tgt_lang")
-    format: Literal["lines", "csv", "tsv", "jsonl"] | None = Field(
-        None, description="None: a table when the file ends in .csv/.tsv/.jsonl, else line files"
-    )
-    splits: tuple[float, float, float] = Field(
-        (0.9, 0.05, 0.05), description="train/val/test fractions, used when val is not given"
-    )
-    tokenizer: str = Field(
-        "bpe", description="bpe or unigram (a joint vocabulary trained here), or a tokenizer.json"
-    )
-    vocab_size: int = Field(8000, ge=100, description="size of a trained vocabulary, special tokens included")
-    lowercase: bool = Field(False, description="lower-case all text (vocabulary, training and references)")
-    max_len: int = Field(128, ge=4, description="tokens per side: longer training pairs are left out")
-    batch_tokens: int | None = Field(
-        None, gt=0, description="tokens per training batch (padding included); None: train.batch_size pairs"
-    )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="of the training loss (Szegedy et al. 2016)")
-    beam_size: int = Field(5, ge=1, description="beam of test evaluation and predictions (1: greedy)")
-    eval_beam_size: int = Field(1, ge=1, description="beam of validation during training (1: greedy, fast)")
-    length_penalty: float = Field(1.0, ge=0, description="beam scores are divided by length ** this")
-    max_len_ratio: float = Field(
-        1.5, ge=0, description="a translation has at most ratio * source + extra tokens"
-    )
-    max_len_extra: int = Field(10, ge=0, description="see max_len_ratio")
-
-    @field_validator("splits")
-    @classmethod
-    def _sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
-            raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
-        return v
-
-    def settings(self, beam_size: int, ids: dict[str, int], max_len: int | None = None) -> Any:
-        """The decoding settings at ``beam_size`` (the model's bos/eos ids in ``ids``; at most ``max_len``
-        tokens when given)."""
-        from tansuo.models.seq2seq_search import DecodeSettings
-
-        return DecodeSettings(
-            beam_size=beam_size,
-            length_penalty=self.length_penalty,
-            max_len_ratio=self.max_len_ratio,
-            max_len_extra=self.max_len_extra,
-            max_len=max_len,
-            bos_id=ids["bos"],
-            eos_id=ids["eos"],
-        )
-
-
-class TranslatePredictOptions(BaseModel):
-    """``tansuo predict -o NAME=VALUE`` for translation bundles."""
-
-    model_config = ConfigDict(extra="forbid")
-    beam_size: int | None = Field(None, ge=1, description="beam width, 1 for greedy; default the bundle's")
-    max_length: int | None = Field(
-        None, ge=1, description="most tokens of a translation; default the bundle's ratio of the source"
-    )
 
 
 class _Encoded:
@@ -177,11 +109,11 @@ class TranslateTask(TaskBase):
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> TranslateTask:
         assert isinstance(data, TranslateDataConfig)
-        texts = _read_splits(data, seed)
+        texts, report = read_splits(data, seed)
         train = texts["train"]
         work_dir.mkdir(parents=True, exist_ok=True)
         if data.tokenizer in SUBWORD_KINDS:
-            both = [_case(t, data) for t in train.sources + train.targets]
+            both = [case_text(t, data) for t in train.sources + train.targets]
             tokenizer = trained_once(  # the same ids on every rank and after a resume
                 work_dir / "tokenizer.json",
                 [data.tokenizer, data.vocab_size, data.lowercase, texts_digest(both)],
@@ -190,6 +122,7 @@ class TranslateTask(TaskBase):
         else:
             tokenizer = load_tokenizer(Path(data.tokenizer).expanduser())
         task = cls(data, seed, tokenizer)
+        task.data_report = report
         task._encoded = {split: task._encode(split, texts[split]) for split in task.splits}
         return task
 
@@ -209,7 +142,7 @@ class TranslateTask(TaskBase):
         return cls(data, info["seed"], load_tokenizer(bundle_dir / "tokenizer.json"))
 
     def _pieces(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch([_case(t, self.data) for t in texts])]
+        return [e.ids for e in self.tokenizer.encode_batch([case_text(t, self.data) for t in texts])]
 
     def _encode(self, split: str, text: ParallelText) -> _Encoded:
         if not len(text):
@@ -242,7 +175,7 @@ class TranslateTask(TaskBase):
         if split not in self.splits:
             raise DataError(f"this translate task has splits {self.splits}, not {split!r}")
         if self._encoded is None:
-            texts = _read_splits(self.data, self.seed)
+            texts = read_splits(self.data, self.seed)[0]
             self._encoded = {s: self._encode(s, texts[s]) for s in self.splits}
         return self._encoded[split]
 
@@ -338,7 +271,7 @@ class TranslateTask(TaskBase):
             total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
             tokens += len(targets)
         hypotheses = self._translate_encoded(model, part.src, device, beam_size)
-        references = [_case(t, self.data) for t in part.references]
+        references = [case_text(t, self.data) for t in part.references]
         return {
             "loss": total / tokens,
             **translation_metrics(hypotheses, references),
@@ -355,20 +288,16 @@ class TranslateTask(TaskBase):
     ) -> list[str]:
         from tansuo.models.seq2seq_search import translate_ids
 
-        settings = self.data.settings(beam_size, self.ids, max_len)
-        rows = max(1, DECODE_ROWS // beam_size)
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        out: list[str] = [""] * len(sources)
-        model.eval()
-        for start in range(0, len(order), rows):
-            idx = order[start : start + rows]
-            width = max(len(sources[i]) for i in idx)
-            src = torch.full((len(idx), width), self.ids["pad"], dtype=torch.long)
-            for row, i in enumerate(idx):
-                src[row, : len(sources[i])] = torch.tensor(sources[i], dtype=torch.long)
-            for i, ids in zip(idx, translate_ids(model, src.to(device), settings), strict=True):
-                out[i] = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return out
+        settings = decode_settings(self.data, beam_size, self.ids, max_len)
+        found = decode_batches(model, sources, device, settings, self.ids["pad"], translate_ids)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in found]
+
+    def _sources(self, texts: list[str]) -> list[list[int]]:
+        empty = [i for i, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise DataError(f"input {empty[0] + 1} of {len(texts)} is empty; give a sentence to translate")
+        limit, eos = self.data.max_len, self.ids["eos"]
+        return [ids[: limit - 1] + [eos] for ids in self._pieces([t.strip() for t in texts])]
 
     def translate(
         self,
@@ -380,12 +309,30 @@ class TranslateTask(TaskBase):
     ) -> list[str]:
         """The translation of each text (``beam_size`` None: ``data.beam_size``; at most ``max_len``
         tokens when given, else ``max_len_ratio`` x source + ``max_len_extra``)."""
-        empty = [i for i, text in enumerate(texts) if not text.strip()]
-        if empty:
-            raise DataError(f"input {empty[0] + 1} of {len(texts)} is empty; give a sentence to translate")
-        limit, eos = self.data.max_len, self.ids["eos"]
-        sources = [ids[: limit - 1] + [eos] for ids in self._pieces([t.strip() for t in texts])]
+        sources = self._sources(texts)
         return self._translate_encoded(model, sources, device, beam_size or self.data.beam_size, max_len)
+
+    def translate_nbest(
+        self,
+        model: nn.Module,
+        texts: list[str],
+        device: torch.device,
+        nbest: int,
+        beam_size: int | None = None,
+        max_len: int | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """The ``nbest`` best translations of each text with their scores, best first, by beam search at
+        ``beam_size`` (None: ``data.beam_size``; at least ``nbest``); the first is :meth:`translate`'s."""
+        from tansuo.models.seq2seq_search import beam_search_nbest
+
+        beam = beam_size or self.data.beam_size
+        check_nbest(nbest, beam)
+        settings = decode_settings(self.data, beam, self.ids, max_len)
+        found = decode_batches(
+            model, self._sources(texts), device, settings, self.ids["pad"], beam_search_nbest
+        )
+        decode = self.tokenizer.decode
+        return [[(decode(h.ids, skip_special_tokens=True), h.score) for h in hyps[:nbest]] for hyps in found]
 
     def predict(
         self,
@@ -394,14 +341,22 @@ class TranslateTask(TaskBase):
         device: torch.device,
         beam_size: int | None = None,
         max_length: int | None = None,
+        nbest: int | None = None,
     ) -> list[dict[str, Any]]:
         """Translate each text with beam search (``beam_size`` None: ``data.beam_size``; 1: greedy), at most
-        ``max_length`` tokens when given (``tansuo predict -o beam_size=1 -o max_length=40``)."""
-        hyps = self.translate(model, inputs, device, beam_size, max_length)
-        return [{"input": text, "translation": hyp} for text, hyp in zip(inputs, hyps, strict=True)]
+        ``max_length`` tokens when given (``tansuo predict -o beam_size=1 -o max_length=40``); with ``nbest``
+        also the n best translations and their scores (``-o nbest=3``, at most the beam)."""
+        if nbest is None:
+            hyps = self.translate(model, inputs, device, beam_size, max_length)
+            return [{"input": text, "translation": hyp} for text, hyp in zip(inputs, hyps, strict=True)]
+        lists = self.translate_nbest(model, inputs, device, nbest, beam_size, max_length)
+        return [
+            {"input": text, "translation": hyps[0][0] if hyps else "", "alternatives": nbest_rows(hyps)}
+            for text, hyps in zip(inputs, lists, strict=True)
+        ]
 
     def format_prediction(self, row: dict[str, Any], top: int) -> str:
-        return row["translation"]
+        return format_nbest(row)
 
     def read_inputs(self, path: Path) -> list[str]:
         """Sentences to translate: a text file with one a line, or a table's source column."""
@@ -447,42 +402,3 @@ class TranslateTask(TaskBase):
 
     def save_assets(self, bundle_dir: Path) -> None:
         save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
-
-
-def _case(text: str, data: TranslateDataConfig) -> str:
-    return text.lower() if data.lowercase else text
-
-
-def _read(data: TranslateDataConfig, path: str | None) -> ParallelText:
-    if path is None:
-        raise DataError(f"data.train is not set; {DATA_HINT}")
-    return read_parallel(
-        path,
-        data.src_lang,
-        data.tgt_lang,
-        source_column=data.source_column,
-        target_column=data.target_column,
-        format=data.format,
-    )
-
-
-def _subset(text: ParallelText, idx: np.ndarray) -> ParallelText:
-    return ParallelText([text.sources[i] for i in idx], [text.targets[i] for i in idx], text.origin)
-
-
-def _read_splits(data: TranslateDataConfig, seed: int) -> dict[str, ParallelText]:
-    """Each split's pairs; val and test are cut from train by ``data.splits`` where not given."""
-    train = _read(data, data.train)
-    if data.val is not None:
-        out = {"train": train, "val": _read(data, data.val)}
-        if data.test is not None:
-            out["test"] = _read(data, data.test)
-        return out
-    if data.test is None:
-        parts = split_indices(len(train), data.splits, seed)
-        return {name: _subset(train, idx) for name, idx in zip(SPLITS, parts, strict=True)}
-    a, b, _ = data.splits
-    parts = split_indices(len(train), (a / (a + b), b / (a + b)), seed)
-    out = {name: _subset(train, idx) for name, idx in zip(("train", "val"), parts, strict=True)}
-    out["test"] = _read(data, data.test)
-    return out

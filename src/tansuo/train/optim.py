@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and the warm-up + cosine learning-rate schedule.
+"""AdamW with weight decay on matrices only, and the learning-rate schedules (warm-up, then cosine, constant
+or inverse square root).
 
 Following nanoGPT (and GPT-2/3 practice): parameters with two or more dimensions (linear and embedding
 matrices) decay; biases and norm gains do not. The schedule is a pure function of the step, so resuming
@@ -91,11 +92,24 @@ def build_optimizer(
 def lr_at(
     step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int, schedule: str
 ) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
+    """Learning rate for optimizer step ``step`` (0-based): a linear warm-up to ``lr`` over ``warmup_steps``
+    (reaching it at step ``warmup_steps``), then by ``schedule``:
+
+    - ``cosine``: half a cosine from ``lr`` down to ``min_lr`` at ``total_steps``;
+    - ``constant``: ``lr``;
+    - ``inverse_sqrt``: fairseq's ``inverse_sqrt`` (Vaswani et al. 2017, section 5.3), ``lr * sqrt(w / step)``
+      with ``w = max(warmup_steps, 1)``: ``lr`` at the end of the warm-up, half of it at ``4 w``; floored at
+      ``min_lr`` and independent of ``total_steps``, so a run can be lengthened without changing its past.
+    """
     if warmup_steps and step < warmup_steps:
         return lr * (step + 1) / (warmup_steps + 1)
     if schedule == "constant":
         return lr
+    if schedule == "inverse_sqrt":
+        w = max(warmup_steps, 1)
+        return max(min_lr, lr * math.sqrt(w / max(step, w)))
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; use cosine, constant or inverse_sqrt")
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
