@@ -7,13 +7,15 @@ Approach 3 of "Training Compute-Optimal Large Language Models" (appendix D.2): w
 
 and the fit minimises the Huber loss (delta 1e-3) of its residuals against the measured log-losses with
 L-BFGS (scipy.optimize), started from a grid of initialisations (theirs: alpha, beta in {0, 0.5, .., 2}, e in
-{-1, -.5, .., 1}, a, b in {0, 5, .., 25}); every grid point is scored and the best few are refined. Besiroglu
+{-1, -.5, .., 1}, a, b in {0, 5, .., 25}; here e also in {-4, -3, -2}); every grid point is scored and the
+best few are refined. Besiroglu
 et al. 2024 ("Chinchilla Scaling: A replication attempt") found the published fit stopped early: the
 optimiser here runs to tight tolerances.
 
 Confidence intervals come from the bootstrap over trials (each replicate refits a resample, drawn with
 replacement, of the study's trials); prediction intervals add a residual of the full fit drawn at random to
-each replicate's prediction, for what one more training run would measure.
+each replicate's prediction (scaled by ``sqrt(n / (n - 5))``, as the residuals of a five-parameter fit
+understate the noise), for what one more training run would measure.
 
 With ``C = 6 N D`` the law has a closed-form compute-optimal allocation (their equation 4):
 ``N_opt = G (C / 6)^(beta / (alpha + beta))``, ``D_opt = G^-1 (C / 6)^(alpha / (alpha + beta))``,
@@ -32,9 +34,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
-#: Hoffmann et al.'s grid of initialisations (e, a, b, alpha, beta)
+#: Hoffmann et al.'s grid of initialisations (e, a, b, alpha, beta), with e reaching down to E = 0.02 for
+#: error rates (1 - accuracy), which sit far below the losses their grid was made for
 GRID = {
-    "e": np.arange(-1.0, 1.01, 0.5),
+    "e": np.array([-4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0]),
     "a": np.arange(0.0, 25.1, 5.0),
     "b": np.arange(0.0, 25.1, 5.0),
     "alpha": np.arange(0.0, 2.01, 0.5),
@@ -241,7 +244,9 @@ class Fit:
             return out
         reps = np.array([float(self.metric_of(r(n, d))) for r in self.replicates])
         rng = np.random.default_rng(self.seed + 1)
-        log_res = np.log(self.y) - np.log(self.fitted)
+        # residuals of a fit of five parameters understate the noise: inflated by sqrt(n / (n - 5))
+        n = len(self.y)
+        log_res = (np.log(self.y) - np.log(self.fitted)) * math.sqrt(n / max(1, n - 5))
         noisy = reps * np.exp(rng.choice(log_res, size=len(reps)))
         out["low"], out["high"] = self.interval(reps, level)
         out["pi_low"], out["pi_high"] = self.interval(noisy, level)

@@ -8,10 +8,12 @@ shards weights, gradients and moments over the world and gathers one layer's wei
 prefetching) plus that layer's unsharded gradients before the reduce-scatter. Under bf16 autocast the
 forward's bf16 copies of the weights are cached as well (of one layer under FSDP).
 
-Activations are what autograd saves for backward, counted on the meta device by running the model's own
-forward and a cross-entropy over its outputs at the micro-batch and context asked for: not a formula, the
-bytes tansuo's blocks save (flash-style attention keeps q, k, v, the output and the log-sum-exp; no T x T
-matrix). Depth enters linearly, so one- and two-layer versions of the shape give the cost of a layer and of
+Activations are what autograd saves for backward, counted by running the model's own forward and a
+cross-entropy over its outputs at the micro-batch and context asked for, on fake CPU tensors (PyTorch's
+``FakeTensorMode``: shapes and dtypes without memory, dispatched as on the CPU, so attention takes the fused
+kernel as it does on a GPU): not a formula, the bytes tansuo's blocks save (flash-style attention keeps q,
+k, v, the output and the log-sum-exp; no T x T matrix; the meta device would take the math kernel and keep
+it). Depth enters linearly, so one- and two-layer versions of the shape give the cost of a layer and of
 everything outside the layers. With activation checkpointing each layer keeps only its input, and backward
 recomputes one layer at a time. bf16 activations are those of the model cast to bf16 (autocast keeps a few
 tensors in fp32, so the real figure is a little higher).
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tansuo.plan.shape import DEPTH_FIELDS, Shape, build_meta
+from tansuo.plan.shape import DEPTH_FIELDS, Shape
 
 GB = 1e9
 #: the share of a device's memory a plan may fill: the rest is for the CUDA context, the allocator's
@@ -61,13 +63,22 @@ def saved_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
 
 def activation_parts(shape: Shape, batch: int, precision: str) -> dict[str, int]:
     """Saved bytes of one layer and of everything outside the layers, at ``batch`` x ``shape.context``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tansuo.models import create_model
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     depths = [f for f in DEPTH_FIELDS if int(shape.config.get(f, 0)) > 0]
     counts = []
     for n in (1, 2):
         cfg = {**shape.config, **{f: n for f in depths}}  # dropout, if any, keeps its masks
-        model = build_meta(shape.model, cfg).to(dtype)
-        counts.append(saved_bytes(model, batch, shape.context))
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in it: a fake model cannot be converted afterwards
+        try:
+            with FakeTensorMode():
+                counts.append(saved_bytes(create_model(shape.model, **cfg), batch, shape.context))
+        finally:
+            torch.set_default_dtype(default)
     per_layer = (counts[1] - counts[0]) // len(depths)  # an encoder-decoder pair: per layer of either
     return {"per_layer": per_layer, "outside": counts[0] - per_layer * len(depths)}
 
