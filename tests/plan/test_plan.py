@@ -147,3 +147,16 @@ def test_cli_exit_codes(study: Path, tmp_path: Path, monkeypatch, capsys) -> Non
         assert code == 2 and message in " ".join(err.split()), (args, err)
     code, _, err = run(["plan", str(tmp_path / "none")], monkeypatch, capsys)
     assert code == 2 and "results.json not found" in " ".join(err.split())
+
+
+def test_a_law_without_an_optimum_refuses_what_needs_one() -> None:
+    from types import SimpleNamespace
+
+    from tansuo.plan.fit import Law
+    from tansuo.plan.project import _scenarios
+
+    flat = SimpleNamespace(law=Law(E=1.0, A=10.0, B=5.0, alpha=0.3, beta=0.0), form="loss", ceiling=0.0)
+    with pytest.raises(PlanError, match="flat exponent.*give both --size and --tokens"):
+        _scenarios(flat, [], PlanOptions(budget=1e18))
+    (asked,) = _scenarios(flat, [], PlanOptions(size=1e7, tokens=1e9))  # both given: no optimum needed
+    assert (asked["params"], asked["tokens"]) == (1e7, 1e9)

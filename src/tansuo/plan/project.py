@@ -143,15 +143,27 @@ def _study_mfu(points: list[Point]) -> tuple[float | None, str]:
     if not values:
         return None, "not recorded"
     rec = next(p.record for p in points if p.params == largest)
-    return statistics.median(values), (
+    source = (
         f"measured: median over the {len(values)} trials of the largest size ({largest:,} parameters), "
         f"against {rec.get('peak_source') or 'a matmul peak'}"
     )
+    if "cpu" in str(rec.get("peak_source", "")).lower():
+        source += (
+            "; small models on a CPU: larger models on GPUs usually reach 30-50% in bf16, so for them give "
+            "--mfu"
+        )
+    return statistics.median(values), source
 
 
 def _scenarios(fit: Fit, points: list[Point], options: PlanOptions) -> list[dict[str, Any]]:
     """(name, N, D) pairs to plan: as asked, or the study's largest trial."""
     law, out = fit.law, []
+    one_axis = bool(options.size) != bool(options.tokens)
+    if (one_axis or options.budget or options.target is not None) and min(law.alpha, law.beta) <= 0:
+        raise PlanError(
+            f"the fitted law has a flat exponent (alpha {law.alpha:.3g}, beta {law.beta:.3g}): it has no "
+            "compute-optimal allocation; give both --size and --tokens, or a study that varies both"
+        )
     if options.size or options.tokens:
         n, d = options.size, options.tokens
         if n and not d:  # the token count for which n is compute-optimal
@@ -301,13 +313,12 @@ def make_plan(study: str | Path, options: PlanOptions) -> dict[str, Any]:
         "accelerators": [a.model_dump() for a in accs],
         "request_tokens": options.request_tokens,
     }
+    scenarios = _scenarios(fit, points, options)  # first: it refuses a law without an optimum
     if options.budget:
         plan["optimal"] = _optimal(fit, options.budget)
     if options.target is not None:
         plan["target"] = _target(fit, options.target)
-    plan["scenarios"] = [
-        _plan_scenario(s, fit, ref, accs, options, mfu, batch) for s in _scenarios(fit, points, options)
-    ]
+    plan["scenarios"] = [_plan_scenario(s, fit, ref, accs, options, mfu, batch) for s in scenarios]
     return plan
 
 
