@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -387,3 +389,17 @@ def chromium_path() -> str:
     if found is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
     return found
+
+
+def browse(page: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Open ``page`` in headless chromium with ``extra`` flags (--dump-dom, --screenshot=PATH); skips the test
+    when there is no chromium."""
+    with tempfile.TemporaryDirectory() as profile:
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+        flags += [
+            "--disable-background-networking",
+            "--disable-component-update",
+            f"--user-data-dir={profile}",
+        ]
+        cmd = [chromium_path(), *flags, "--window-size=1280,2000", *extra, page.resolve().as_uri()]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

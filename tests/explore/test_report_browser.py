@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from tansuo.explore.report import write_report
 from tansuo.explore.results import collect
 from tests.explore.helpers import fake_study, spec_for
-from tests.helpers import chromium_path
+from tests.helpers import browse
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +38,6 @@ document.body.appendChild(pre);
 </script>"""
 
 
-def _browse(page: Path, *extra: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
-        flags += [
-            "--disable-background-networking",
-            "--disable-component-update",
-            f"--user-data-dir={profile}",
-        ]
-        cmd = [chromium_path(), *flags, "--window-size=1280,2000", *extra, page.resolve().as_uri()]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
 def test_report_in_headless_chromium(tmp_path: Path) -> None:
     spec = spec_for(tmp_path)
     bundle = tmp_path / "bundle"
@@ -59,7 +45,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     paths = write_report(collect(fake_study(spec, bundle), spec, "memory"), tmp_path / "study")
     probed = tmp_path / "probed.html"
     probed.write_text(paths["html"].read_text().replace("</body>", PROBE + "</body>"))
-    dom = _browse(probed, "--dump-dom")
+    dom = browse(probed, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
     assert match, "the page's scripts did not run"
@@ -74,7 +60,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     assert [float(v) for v in probe["descending"] if v] == sorted(numbers, reverse=True)
 
     shot = tmp_path / "report.png"
-    done = _browse(paths["html"], f"--screenshot={shot}")
+    done = browse(paths["html"], f"--screenshot={shot}")
     assert done.returncode == 0, done.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000

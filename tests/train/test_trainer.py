@@ -56,6 +56,9 @@ def test_resume_equals_uninterrupted_bit_for_bit(
         full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+    # the units trained on (a scaling law's D) carry over the checkpoint: every step counted once
+    assert resumed.units_trained == full.units_trained > 0
+    assert resumed.step_seconds > 0 and full.step_seconds > 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_file: Path, tmp_path: Path) -> None:

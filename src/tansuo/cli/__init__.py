@@ -23,6 +23,7 @@ from tansuo.cli import (
     lr_find,
     merge,
     models,
+    plan,
     predict,
     scrub,
     serve,
@@ -51,6 +52,7 @@ app.command()(sign.keygen)
 app.command()(sign.manifest)
 app.command()(explore.explore)
 app.command()(explore.report)
+app.command()(plan.plan)
 app.command()(models.models)
 app.add_typer(importing.import_app, name="import")
 

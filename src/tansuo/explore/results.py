@@ -48,6 +48,7 @@ def collect(study: optuna.Study, spec: ExploreSpec, storage: str) -> dict[str, A
                 "candidate": (record.get("settings") or {}).get("candidate") or t.params.get("candidate"),
                 "settings": record.get("settings"),
                 "train_seconds": record.get("train_seconds"),
+                "scaling": record.get("scaling"),  # N, D, FLOPs, MFU: what tansuo plan fits
                 "curves": record.get("curves", {}),
                 "representative": t.user_attrs.get("representative"),
             }

@@ -6,6 +6,10 @@ The trial's folder (``STUDY/trials/NNNN``)::
     variants/NAME/NN-step   each compression variant's bundles, written by tansuo.variants.run_steps
     trial.json              what the trial recorded (also in the study's storage)
 
+Besides each variant's figures a trial records ``scaling``, what a scaling law is fitted to (``tansuo plan``):
+parameters N, tokens D, training FLOPs, MFU against a matmul peak measured once per process, seconds, and
+the bundle's validation figures (:func:`tansuo.measure.flops.training_record` says how each is counted).
+
 Compression goes through ``tansuo compress``'s own step runners and every variant is measured in a fresh
 process by :func:`tansuo.measure.run.measure_in_subprocess`, as ``tansuo compress`` measures.
 """
@@ -219,6 +223,7 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
         "settings": settings,
         "family": family,
         "train_seconds": train_seconds,
+        "scaling": _scaling(spec, raw, bundle, train_seconds),
         "bundle": str(bundle),
         "variants": variants,
         "curves": curves(folder / "train"),
@@ -228,6 +233,21 @@ def run_trial(spec: ExploreSpec, settings: dict[str, Any], folder: Path) -> dict
         reasons = "; ".join(f"{e['name']}: {e.get('reason')}" for e in variants) or "no variant applies"
         raise TrialFailed(f"no variant could be measured ({reasons})")
     return record
+
+
+def _scaling(spec: ExploreSpec, raw: dict[str, Any], bundle: Path, seconds: float) -> dict[str, Any] | None:
+    """N, D, FLOPs, MFU and seconds of the trial's training run (None if it left no ``end`` event)."""
+    from tansuo.device import resolve_device
+    from tansuo.measure.flops import peak_flops, training_record
+
+    device = resolve_device(str((raw.get("train") or {}).get("device", "auto")))
+    return training_record(
+        bundle,
+        Path(raw["train"]["out_dir"]),
+        wall_seconds=seconds,
+        peak=peak_flops(device),
+        world=spec.explore.nproc_per_node,
+    )
 
 
 def _audited(spec: ExploreSpec) -> bool:

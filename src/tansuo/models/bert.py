@@ -177,6 +177,16 @@ class Bert(nn.Module):
             total -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel() + self.seg_emb.weight.numel()
         return total
 
+    def flops_per_token(self, context: int) -> int:
+        """Training FLOPs (forward and backward) per token at ``context`` tokens of context:
+        ``6 N + 12 L T C + 6 V C`` (Kaplan et al. 2020's count, Table 1, times 3 for backward, with
+        bidirectional attention: every position scores and mixes all T, ``4 C T`` forward per layer; the MLM
+        decoder tied to the token embedding counted at every position, though the mlm task scores only the
+        chosen ~15%, so this overstates by up to ``6 V C`` per unchosen token)."""
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        return 6 * n + 12 * c.num_layers * context * c.embed_dim + 6 * c.vocab_size * c.embed_dim
+
     def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to
         ``min(16, max_seq_len)`` and is capped at ``max_seq_len``."""

@@ -196,6 +196,27 @@ class GPT(nn.Module):
             total -= 0 if self.pos_emb is None else self.pos_emb.weight.numel()
         return total
 
+    def flops_per_token(self, context: int) -> int:
+        """Training FLOPs (forward and backward) per token at ``context`` tokens of context.
+
+        Kaplan et al. 2020 (Table 1) count a forward pass as ``2 N + 2 L T d_attn`` per token: a multiply and
+        an add per non-embedding weight, and causal attention, where the token at position t scores t + 1
+        keys and mixes t + 1 values (``4 d_attn (t + 1)``, on average over a window of T positions about
+        ``2 d_attn T``). Backward costs twice the forward, hence::
+
+            6 N + 6 L T d_attn (+ 6 V C when the head is tied to the token embedding)
+
+        N is :meth:`num_params` without embeddings; a tied head's weights are the embedding's, so its matmul
+        (``2 V C`` forward, which Kaplan drops as small at their scale) is added here, while an untied head is
+        in N already. d_attn is the queries' width, ``num_heads * head width`` (= ``embed_dim``), with or
+        without grouped-query attention. PaLM's ``6 N + 12 L T C`` (Chowdhery et al. 2022, which
+        bench/train_throughput.py uses) counts the whole T x T score matrix, masked half included.
+        """
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        head = 6 * c.vocab_size * c.embed_dim if c.tie_embeddings else 0
+        return 6 * n + 6 * c.num_layers * context * c.embed_dim + head
+
     def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> torch.Tensor:
         """Random token ids ``(batch_size, seq_len)`` on the model's device; ``seq_len`` defaults to
         ``max_seq_len`` up to 256 (an 8k-context Llama's whole context is no example) and is capped at it."""

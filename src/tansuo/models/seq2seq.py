@@ -137,9 +137,29 @@ class Seq2Seq(nn.Module):
                 nn.init.normal_(emb.weight, std=C**-0.5)
                 nn.init.zeros_(emb.weight[config.pad_id])
 
-    def num_params(self) -> int:
-        """Number of parameters (a tied matrix counted once)."""
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (a tied matrix counted once).
+
+        Args:
+            exclude_embeddings: Leave out the token embeddings (source, and target when separate); an
+                untied output projection stays in.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= sum(e.weight.numel() for e in (self.tok_emb, self.tgt_emb) if e is not None)
+        return total
+
+    def flops_per_token(self, context: int) -> int:
+        """Training FLOPs (forward and backward) per target token, assuming a source as long as the target
+        (``context`` tokens each): ``6 N`` (each source token passes the encoder, each target token the
+        decoder) plus attention, Kaplan et al. 2020's count times 3: encoder self-attention over all
+        ``T`` (``12 L_enc T C``), causal decoder self-attention (``6 L_dec T C``), cross-attention over the
+        ``T`` source positions (``12 L_dec T C``); plus a tied output projection's ``6 V C``."""
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        attention = 12 * c.num_encoder_layers + 18 * c.num_decoder_layers
+        head = 6 * c.vocab_size * c.embed_dim if c.tie_embeddings else 0
+        return 6 * n + attention * context * c.embed_dim + head
 
     def example_input(self, batch_size: int = 2, seq_len: int | None = None) -> tuple[torch.Tensor, ...]:
         """Random source and target token ids, ``(batch_size, seq_len)`` each (default 12 tokens), without

@@ -241,6 +241,12 @@ class TaskBase:
         """What ``task.json`` records besides the task name, seed and data section (labels, sizes)."""
         return {}
 
+    def context_length(self) -> int | None:
+        """Tokens of context each trained token has (a window's length), for counting attention FLOPs;
+        None where the task does not train on windows of a fixed length (the model's ``max_seq_len`` then
+        stands in, an upper bound)."""
+        return None
+
     def save_assets(self, bundle_dir: Path) -> None:
         """Files the task needs in a bundle besides ``task.json`` (a tokenizer)."""
 

@@ -80,6 +80,9 @@ class TokenCorpusTask(TaskBase):
     def steps_per_epoch(self, batch_size: int) -> int | None:
         return None  # windows are sampled at random: no epochs
 
+    def context_length(self) -> int | None:
+        return self.window()[2]  # block_size (lm), max_seq_len (mlm)
+
     def save_assets(self, bundle_dir: Path) -> None:
         save_tokenizer(self.tokenizer, bundle_dir / "tokenizer.json")
 

@@ -185,6 +185,10 @@ class Trainer:
         self.checkpoint_path = self.out / "checkpoint.safetensors"
         self.bundle_path = self.out / "bundle"
         self.step = 0
+        #: units (``task.unit``) trained on, all processes together, and seconds spent in training steps
+        #: (evaluation and checkpoints left out): the D and the time of scaling laws and MFU
+        self.units_trained = 0
+        self.step_seconds = 0.0
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
@@ -211,6 +215,8 @@ class Trainer:
                 "total_steps": self.plan.total_steps,
                 "world_size": self.parallel.world,
                 "global_batch": self.global_batch,
+                "units_trained": self.units_trained,
+                "step_seconds": self.step_seconds,
             },
         }
         if self.extra is not None:
@@ -275,6 +281,8 @@ class Trainer:
             t["best_step"],
             t["bad_evals"],
         )
+        # checkpoints written before these counters existed count from the resumed step on
+        self.units_trained, self.step_seconds = t.get("units_trained", 0), t.get("step_seconds", 0.0)
 
     def save_checkpoint(self) -> None:
         """Write the checkpoint (rank 0; every rank must call this, see ``state_dict``)."""
@@ -314,7 +322,16 @@ class Trainer:
             if not main:  # the best bundle and its held-back metrics are rank 0's to write
                 return {"step": self.best_step, "bundle": str(self.bundle_path)}
             result = self._finish()
-            self._write({"event": "end", "step": self.step, **result})
+            self._write(
+                {
+                    "event": "end",
+                    "step": self.step,
+                    "steps_trained": self.step,
+                    "units_trained": self.units_trained,
+                    "step_seconds": self.step_seconds,
+                    **result,
+                }
+            )
         return result
 
     def _loop(self, bar: _Progress) -> None:
@@ -368,6 +385,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.step += 1
+            self.units_trained += step_units
+            self.step_seconds += time.perf_counter() - started
             window_loss += step_loss
             window_steps += 1
             if compiling:
