@@ -27,6 +27,7 @@ from torch import nn
 from tansuo.data.dense import DenseDataset, check_sample, keep_classes, read_image
 from tansuo.data.dense_ops import Placement, augment_batch, image_to_input, resize_sample
 from tansuo.errors import DataError
+from tansuo.models.det_head import head_points
 from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, register_task
 from tansuo.tasks.detection_metrics import ImageBoxes, detection_metrics
 from tansuo.tasks.fcos import class_logits, decode, fcos_loss
@@ -205,6 +206,7 @@ class DetectTask(TaskBase):
         self.class_names = class_names
         self.image_size = data.image_size
         self._splits: dict[str, _Split] = {}
+        self._point_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> DetectTask:
@@ -282,23 +284,27 @@ class DetectTask(TaskBase):
             padded, padded_labels = pad_boxes(boxes, labels)
             yield {"x": self.normalize(x), "boxes": padded, "labels": padded_labels}
 
-    def _head(self, model: nn.Module) -> nn.Module:
-        return getattr(model, "_orig_mod", model).head
+    def _points(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's head points and their strides, from its config (``image_size``, ``strides``): a
+        compiled model, a pruned or int8 one and an ONNX Runtime session all have it."""
+        config = getattr(model, "_orig_mod", model).config
+        key = (config.image_size, tuple(config.strides), str(device))
+        if key not in self._point_cache:
+            points, strides = head_points(config.image_size, list(config.strides))
+            self._point_cache[key] = (points.to(device), strides.to(device))
+        return self._point_cache[key]
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every point's class logits and its FCOS-assigned class (-100 for background points); the loss is
         not their cross-entropy but FCOS's focal, GIoU and centre-ness terms."""
-        head = self._head(model)
-        return class_logits(
-            model(batch["x"]), head.points, head.point_strides, batch["boxes"], batch["labels"]
-        )
+        out = model(batch["x"])
+        points, strides = self._points(model, out.device)
+        return class_logits(out, points, strides, batch["boxes"], batch["labels"])
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        head = self._head(model)
         out = model(batch["x"])
-        loss, _ = fcos_loss(
-            out, head.points, head.point_strides, batch["boxes"], batch["labels"], self.data.center_radius
-        )
+        points, strides = self._points(model, out.device)
+        loss, _ = fcos_loss(out, points, strides, batch["boxes"], batch["labels"], self.data.center_radius)
         return loss
 
     def count(self, batch: Batch) -> int:
