@@ -375,6 +375,7 @@ class DetectTask(TaskBase):
         ``draw``, also the picture with its boxes (``draw`` for one input, ``<stem>_<input stem>.png`` for
         several)."""
         from tansuo.atomic import atomic_write
+        from tansuo.data.dense_draw import draw_boxes
 
         images = [read_image(Path(p).expanduser()) for p in inputs]
         rows = self.predict_images(
@@ -441,26 +442,3 @@ class DetectTask(TaskBase):
         ]
         drawn = [f"  [drawn: {row['drawn']}]"] if "drawn" in row else []
         return "\n".join([head, *lines, *drawn])
-
-
-def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]], class_names: list[str]) -> bytes:
-    """A PNG of ``image`` (uint8 (H, W, 3)) with each detection's box and ``label score`` drawn on it, one
-    colour per class (Pascal VOC's palette, as segmentation's overlays)."""
-    from PIL import Image, ImageDraw
-
-    from tansuo.data.dense_draw import palette, png_bytes
-
-    colours = palette(len(class_names) + 1)[1:]
-    picture = Image.fromarray(np.ascontiguousarray(image))
-    pen = ImageDraw.Draw(picture)
-    width = max(1, round(max(image.shape[:2]) / 200))
-    for d in detections:
-        colour = tuple(int(c) for c in colours[class_names.index(d["label"])])
-        x1, y1, x2, y2 = d["box"]
-        pen.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
-        text = f"{d['label']} {d['score']:.2f}"
-        left, top, right, bottom = pen.textbbox((x1, y1), text)
-        lift = bottom - top + 2
-        pen.rectangle([x1, y1 - lift, x1 + right - left + 2, y1], fill=colour)
-        pen.text((x1 + 1, y1 - lift), text, fill=(0, 0, 0))
-    return png_bytes(np.asarray(picture))
