@@ -24,3 +24,23 @@ def test_reset_classifier():
 def test_config_errors():
     with pytest.raises(ValueError, match="width must be at least 1"):
         ResNetConfig(image_size=8, width=0)
+
+
+def test_group_norm_normalises_each_example_on_its_own():
+    torch.manual_seed(0)
+    model = create_model("resnet_test", norm="group", norm_groups=4).train()
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "GroupNorm" in kinds and "BatchNorm2d" not in kinds
+    x = torch.randn(3, 1, 8, 8)
+    alone = model(x[:1])
+    other = torch.cat([x[:1], 10 * torch.randn(2, 1, 8, 8)])  # the rest of the batch changes
+    torch.testing.assert_close(model(other)[:1], alone)
+    batch_norm = create_model("resnet_test").train()  # the default mixes a batch's examples
+    assert not torch.allclose(batch_norm(other)[:1], batch_norm(x[:1]))
+
+
+def test_group_norm_config_errors():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ResNetConfig(image_size=8, norm="layer")
+    with pytest.raises(ValueError, match=r"norm_groups \(3\) must divide width \(8\)"):
+        ResNetConfig(image_size=8, width=8, norm="group", norm_groups=3)

@@ -120,7 +120,7 @@ def test_config_errors_say_what_to_change(overrides, message):
 
 
 def test_top_p_keeps_the_smallest_set_worth_p() -> None:
-    from tansuo.models.gpt import sample_logits
+    from tansuo.models.sampling import sample_logits
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     g = torch.Generator().manual_seed(0)

@@ -178,7 +178,7 @@ def test_a_request_whose_prefill_fails_fails_at_once_and_alone() -> None:
 def test_a_tiny_temperature_decodes_greedily() -> None:
     import torch
 
-    from tansuo.models.gpt import sample_logits
+    from tansuo.models.sampling import sample_logits
 
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, -1.0, 0.5]])
     assert sample_logits(logits, 6.4e-69).flatten().tolist() == [1, 0]

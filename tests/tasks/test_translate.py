@@ -109,7 +109,7 @@ def test_token_budget_batches_hold_every_pair_once_an_epoch_within_the_budget(tm
 def test_a_copy_task_learns_to_bleu_100_in_seconds(tmp_path):
     torch.manual_seed(0)
     prefix = write_parallel(tmp_path / "copy", 600, seed=2)
-    raw = translate_recipe(prefix, tmp_path / "run", max_steps=600, eval_every=200, warmup_steps=30, lr=5e-3)
+    raw = translate_recipe(prefix, tmp_path / "run", max_steps=900, eval_every=300, warmup_steps=30, lr=5e-3)
     raw["data"].update(beam_size=2)
     trainer = make_trainer(raw)
     result = trainer.fit()

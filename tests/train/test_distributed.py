@@ -13,7 +13,8 @@ from torch.multiprocessing import ProcessRaisedException
 from tansuo.errors import RecipeError, TansuoError
 from tansuo.recipe import validate_recipe
 from tansuo.train.checkpoint import load_checkpoint
-from tansuo.train.distributed import LaunchConfig, Parallel, sharded_grad_scaler
+from tansuo.train.distributed import Parallel, sharded_grad_scaler
+from tansuo.train.launch import LaunchConfig
 from tansuo.train.setup import train_recipe
 from tests.helpers import (
     Interrupted,

@@ -51,6 +51,8 @@ def _cases():
     return [
         ("vit_test", {"num_classes": 4, "image_size": 8, "in_channels": 1}, _image_loss,
          {"x": torch.randn(4, 1, 8, 8, generator=g), "y": torch.tensor([0, 1, 2, 3])}),
+        ("resnet_test", {"num_classes": 4, "norm": "group", "norm_groups": 4}, _image_loss,
+         {"x": torch.randn(4, 1, 8, 8, generator=g), "y": torch.tensor([0, 1, 2, 3])}),
         ("bert_test", {"vocab_size": 50, "num_classes": 3}, _text_loss, text),
         ("gpt_test", {"vocab_size": 50}, _lm_loss, {"t": torch.randint(0, 50, (4, 9), generator=g)}),
         ("gpt_test", {"vocab_size": 50, "norm": "rmsnorm", "positions": "rotary", "mlp": "swiglu"}, _lm_loss,
@@ -176,8 +178,15 @@ def test_private_classify_trains(sentiment_tsv, tmp_path):
 def test_refuses_batchnorm_models(image_npz, tmp_path):
     raw = _private(image_npz, tmp_path / "run")
     raw["model"] = {"name": "resnet_test"}
-    with pytest.raises(RecipeError, match=r"resnet_test \(ResNet\).*BatchNorm"):
+    with pytest.raises(RecipeError, match=r"resnet_test \(ResNet\).*BatchNorm.*model.overrides.norm=group"):
         make_trainer(raw)
+
+
+def test_a_group_norm_resnet_trains_privately(image_npz, tmp_path):
+    raw = _private(image_npz, tmp_path / "run", max_steps=3, eval_every=3)
+    raw["model"] = {"name": "resnet_test", "overrides": {"norm": "group", "norm_groups": 4}}
+    result = make_trainer(raw).fit()
+    assert 0 < result["privacy"]["epsilon"] <= 1.0
 
 
 def test_refuses_tasks_without_examples(text_file, tmp_path):

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 if TYPE_CHECKING:
-    from tansuo.train.distributed import LaunchConfig
+    from tansuo.train.launch import LaunchConfig
 
 from tansuo.cli._app import (
     console,
@@ -83,7 +83,8 @@ def train(
     `torchrun --nproc-per-node N -m tansuo train RECIPE ...`); the global batch is train.batch_size x
     processes x train.grad_accum, and rank 0 alone writes the run folder.
     """
-    from tansuo.train.distributed import LaunchConfig, env_rank
+    from tansuo.train.distributed import env_rank
+    from tansuo.train.launch import LaunchConfig
 
     main = env_rank() == 0  # under torchrun only rank 0 prints
     setup_logging(verbose if main else False)
@@ -185,7 +186,7 @@ def train(
 
 def _launch(config: LaunchConfig, worker: list[str], parallel: str) -> None:
     """Run ``tansuo WORKER`` in the launched processes; a failed rank ends this command with its exit code."""
-    from tansuo.train.distributed import WorkerFailed, launch
+    from tansuo.train.launch import WorkerFailed, launch
 
     console.print(
         f"launching {config.world_size} processes ({config.nproc_per_node} here, {config.nnodes} "

@@ -124,7 +124,7 @@ def _train_launched(raw: dict[str, Any], nproc: int) -> tuple[Path, float]:
     import yaml
 
     from tansuo.recipe import validate_recipe
-    from tansuo.train.distributed import LaunchConfig, WorkerFailed, launch
+    from tansuo.train.launch import LaunchConfig, WorkerFailed, launch
 
     try:
         validate_recipe(raw)

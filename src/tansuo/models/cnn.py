@@ -1,7 +1,9 @@
 """A small ResNet: the non-Transformer baseline for image classification.
 
 He et al. 2016, "Deep Residual Learning for Image Recognition", with basic blocks (two 3x3 convolutions with
-BatchNorm and an identity or 1x1 projection shortcut) and the CIFAR-style stem of its section 4.2 (one 3x3
+BatchNorm and an identity or 1x1 projection shortcut; ``norm: group`` puts GroupNorm (Wu & He 2018) in
+BatchNorm's place, which normalises each example on its own, as DP-SGD needs: De et al. 2022 train their
+private ResNets so) and the CIFAR-style stem of its section 4.2 (one 3x3
 convolution, no max-pool) since the images here are small. Each stage after the first halves the resolution
 and doubles the width; global average pooling and a linear layer make the head.
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tansuo.models._registry import check_dropout, check_positive, check_types, register_model
+from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
 
 
 @dataclass(kw_only=True)
@@ -26,17 +28,30 @@ class ResNetConfig:
     num_stages: int = 2  # each stage after the first halves the resolution
     blocks_per_stage: int = 2  # basic blocks per stage (ResNet-18 has 4 stages of 2)
     dropout: float = 0.0  # before the linear head
+    norm: str = "batch"  # "batch": BatchNorm; "group": GroupNorm, per example (what DP-SGD can train)
+    norm_groups: int = 8  # GroupNorm's groups; must divide width
 
     def __post_init__(self) -> None:
         check_types(self)
         check_positive(self, ["image_size", "in_channels", "width", "num_stages", "blocks_per_stage"])
         check_positive(self, ["num_classes"], minimum=0)
+        check_positive(self, ["norm_groups"])
         check_dropout(self)
+        check_choice(self, "norm", ("batch", "group"))
+        if self.norm == "group" and self.width % self.norm_groups:
+            raise ValueError(
+                f"norm_groups ({self.norm_groups}) must divide width ({self.width}) for norm 'group'; "
+                "choose a divisor of width"
+            )
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> list[nn.Module]:
+def _conv_bn(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 0
+) -> list[nn.Module]:
+    """A convolution and its norm: BatchNorm, or GroupNorm of ``groups`` groups when above 0."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
-    return [conv, nn.BatchNorm2d(out_channels)]
+    norm = nn.GroupNorm(groups, out_channels) if groups else nn.BatchNorm2d(out_channels)
+    return [conv, norm]
 
 
 class BasicBlock(nn.Module):
@@ -46,18 +61,19 @@ class BasicBlock(nn.Module):
         in_channels: Input channels.
         out_channels: Output channels.
         stride: 2 to halve the resolution.
+        groups: 0 for BatchNorm; else GroupNorm with this many groups.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 0) -> None:
         super().__init__()
         self.residual = nn.Sequential(
-            *_conv_bn(in_channels, out_channels, 3, stride),
+            *_conv_bn(in_channels, out_channels, 3, stride, groups),
             nn.ReLU(),
-            *_conv_bn(out_channels, out_channels, 3, 1),
+            *_conv_bn(out_channels, out_channels, 3, 1, groups),
         )
         self.shortcut = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride, groups))
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +96,14 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.stem = nn.Sequential(*_conv_bn(config.in_channels, config.width, 3, 1), nn.ReLU())
+        groups = config.norm_groups if config.norm == "group" else 0
+        self.stem = nn.Sequential(*_conv_bn(config.in_channels, config.width, 3, 1, groups), nn.ReLU())
         blocks, channels = [], config.width
         for stage in range(config.num_stages):
             out_channels = config.width * 2**stage
             for i in range(config.blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(channels, out_channels, stride))
+                blocks.append(BasicBlock(channels, out_channels, stride, groups))
                 channels = out_channels
         self.stages = nn.Sequential(*blocks)
         self.num_features = channels
@@ -135,6 +152,8 @@ def resnet(
     num_stages: int = 2,
     blocks_per_stage: int = 2,
     dropout: float = 0.0,
+    norm: str = "batch",
+    norm_groups: int = 8,
 ) -> ResNet:
     """Builds a ResNet from every hyperparameter (see :class:`ResNetConfig` for what each means)."""
     config = ResNetConfig(
@@ -145,6 +164,8 @@ def resnet(
         num_stages=num_stages,
         blocks_per_stage=blocks_per_stage,
         dropout=dropout,
+        norm=norm,
+        norm_groups=norm_groups,
     )
     return ResNet(config)
 

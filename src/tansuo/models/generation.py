@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tansuo.models.gpt import sample_logits
+from tansuo.models.sampling import sample_logits
 
 
 @dataclass

@@ -20,14 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tansuo.blocks import (
-    FeedForward,
-    LearnedPositions,
-    MultiHeadAttention,
-    TransformerLayer,
-    TransformerStack,
-)
+from tansuo.blocks import LearnedPositions
 from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
+from tansuo.models.vit import init_linear, patch_embedding, patch_tokens, vit_encoder
 
 
 @dataclass(kw_only=True)
@@ -65,13 +60,6 @@ class SegmenterConfig:
             )
 
 
-def _init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class Segmenter(nn.Module):
     """ViT encoder + linear or pixel-shuffle decoder; build it with :func:`segmenter` or a preset.
 
@@ -88,27 +76,13 @@ class Segmenter(nn.Module):
         super().__init__()
         self.config = config
         C = config.embed_dim
-        stem = []
-        if config.stem_channels:
-            stem = [nn.Conv2d(config.in_channels, config.stem_channels, 3, padding=1), nn.GELU()]
-        patch_in = config.stem_channels or config.in_channels
-        self.patch_embed = nn.Sequential(*stem, nn.Conv2d(patch_in, C, config.patch_size, config.patch_size))
+        self.patch_embed = patch_embedding(config.in_channels, C, config.patch_size, config.stem_channels)
         self.grid = config.image_size // config.patch_size
         self.pos_emb = LearnedPositions(self.grid**2, C)
         self.dropout = nn.Dropout(config.dropout)
-        layers = [
-            TransformerLayer(
-                MultiHeadAttention(C, config.num_heads, dropout=config.dropout),
-                FeedForward(C, config.mlp_ratio * C),
-                nn.LayerNorm(C),
-                nn.LayerNorm(C),
-                dropout=config.dropout,
-            )
-            for _ in range(config.num_layers)
-        ]
-        self.encoder = TransformerStack(layers, nn.LayerNorm(C))
+        self.encoder = vit_encoder(C, config.num_layers, config.num_heads, config.mlp_ratio, config.dropout)
         self.head = self._new_head(config.num_classes)
-        self.apply(_init)
+        self.apply(init_linear)
 
     def _new_head(self, num_classes: int) -> nn.Linear:
         per_token = num_classes * (self.config.patch_size**2 if self.config.decoder == "shuffle" else 1)
@@ -130,17 +104,11 @@ class Segmenter(nn.Module):
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
         weight = self.pos_emb.weight
         self.head = self._new_head(num_classes).to(device=weight.device, dtype=weight.dtype)
-        self.head.apply(_init)
+        self.head.apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_channels, image_size, image_size)`` to normalised patch tokens ``(B, N, C)``."""
-        size = self.config.image_size
-        if x.shape[-2:] != (size, size):
-            raise ValueError(
-                f"this segmenter takes {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}; resize them"
-            )
-        x = self.patch_embed(x)  # (B, C, H / P, W / P)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = patch_tokens(self.patch_embed, x, self.config.image_size, "segmenter")  # (B, N, C)
         x = x + self.pos_emb(x.shape[1])
         return self.encoder(self.dropout(x))
 

@@ -60,11 +60,56 @@ class ViTConfig:
             )
 
 
-def _init(module: nn.Module) -> None:
+def init_linear(module: nn.Module) -> None:
+    """ViT's initialisation of a linear layer (``module.apply(init_linear)``): truncated normal weights of
+    standard deviation 0.02, zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def patch_embedding(
+    in_channels: int, embed_dim: int, patch_size: int, stem_channels: int = 0
+) -> nn.Sequential:
+    """Pictures ``(B, in_channels, H, W)`` to patch features ``(B, embed_dim, H / P, W / P)``: a strided
+    convolution, after a 3x3 conv-GELU stem of ``stem_channels`` when that is above 0 (Xiao et al. 2021)."""
+    stem: list[nn.Module] = []
+    if stem_channels:
+        stem = [nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU()]
+    return nn.Sequential(
+        *stem, nn.Conv2d(stem_channels or in_channels, embed_dim, patch_size, stride=patch_size)
+    )
+
+
+def vit_encoder(
+    embed_dim: int, num_layers: int, num_heads: int, mlp_ratio: int, dropout: float
+) -> TransformerStack:
+    """ViT's encoder: ``num_layers`` pre-norm layers (LayerNorm, attention, GELU feed-forward of
+    ``mlp_ratio * embed_dim``) and a final LayerNorm."""
+    C = embed_dim
+    layers = [
+        TransformerLayer(
+            MultiHeadAttention(C, num_heads, dropout=dropout),
+            FeedForward(C, mlp_ratio * C),
+            nn.LayerNorm(C),
+            nn.LayerNorm(C),
+            dropout=dropout,
+        )
+        for _ in range(num_layers)
+    ]
+    return TransformerStack(layers, nn.LayerNorm(C))
+
+
+def patch_tokens(patch_embed: nn.Module, x: torch.Tensor, image_size: int, what: str) -> torch.Tensor:
+    """Pictures ``(B, in_channels, image_size, image_size)`` to patch tokens ``(B, N, C)``; ``ValueError``
+    naming ``what`` takes them for any other size (positions are per patch)."""
+    if x.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"this {what} takes {image_size}x{image_size} images, got {x.shape[-2]}x{x.shape[-1]}; "
+            "resize them"
+        )
+    return patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, H / P, W / P) -> (B, N, C)
 
 
 class ViT(nn.Module):
@@ -83,13 +128,7 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         C = config.embed_dim
-        stem = []
-        if config.stem_channels:
-            stem = [nn.Conv2d(config.in_channels, config.stem_channels, 3, padding=1), nn.GELU()]
-        patch_in = config.stem_channels or config.in_channels
-        self.patch_embed = nn.Sequential(
-            *stem, nn.Conv2d(patch_in, C, config.patch_size, stride=config.patch_size)
-        )
+        self.patch_embed = patch_embedding(config.in_channels, C, config.patch_size, config.stem_channels)
         num_tokens = (config.image_size // config.patch_size) ** 2
         self.cls_token = None
         if config.pooling == "cls":
@@ -98,19 +137,9 @@ class ViT(nn.Module):
             num_tokens += 1
         self.pos_emb = LearnedPositions(num_tokens, C)
         self.dropout = nn.Dropout(config.dropout)
-        layers = [
-            TransformerLayer(
-                MultiHeadAttention(C, config.num_heads, dropout=config.dropout),
-                FeedForward(C, config.mlp_ratio * C),
-                nn.LayerNorm(C),
-                nn.LayerNorm(C),
-                dropout=config.dropout,
-            )
-            for _ in range(config.num_layers)
-        ]
-        self.encoder = TransformerStack(layers, nn.LayerNorm(C))
+        self.encoder = vit_encoder(C, config.num_layers, config.num_heads, config.mlp_ratio, config.dropout)
         self.head = nn.Linear(C, config.num_classes) if config.num_classes else nn.Identity()
-        self.apply(_init)
+        self.apply(init_linear)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters; ``exclude_embeddings`` leaves out the position embeddings and class token."""
@@ -131,17 +160,11 @@ class ViT(nn.Module):
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
         weight = self.pos_emb.weight
         self.head = nn.Linear(self.config.embed_dim, num_classes) if num_classes else nn.Identity()
-        self.head.to(device=weight.device, dtype=weight.dtype).apply(_init)
+        self.head.to(device=weight.device, dtype=weight.dtype).apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_channels, image_size, image_size)`` to normalised tokens ``(B, N, C)``."""
-        size = self.config.image_size
-        if x.shape[-2:] != (size, size):
-            raise ValueError(
-                f"this ViT takes {size}x{size} images, got {x.shape[-2]}x{x.shape[-1]}; resize them"
-            )
-        x = self.patch_embed(x)  # (B, C, image_size / patch_size, image_size / patch_size)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = patch_tokens(self.patch_embed, x, self.config.image_size, "ViT")  # (B, N, C)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N + 1, C)
         x = x + self.pos_emb(x.shape[1])

@@ -32,9 +32,9 @@ How it fits the project's loop:
 Refused, each with a :class:`~tansuo.errors.RecipeError` saying why: tasks that cannot address single
 examples (no :data:`~tansuo.tasks.base.EXAMPLES` ability: lm, mlm, translate and recommend cut or pack their
 data into windows, so an example is not a record); models with layers that mix the examples of a batch
-(BatchNorm: the ResNet; Opacus' ``ModuleValidator`` judges); several processes; and in the recipe
-(``recipe.py``) grad_accum, fp16, compile and activation checkpointing. EMA is allowed (an average of private
-weights is post-processing, as private as they are).
+(BatchNorm: the ResNet unless built with ``norm: group``; Opacus' ``ModuleValidator`` judges); several
+processes; and in the recipe (``recipe.py``) grad_accum, fp16, compile and activation checkpointing. EMA is
+allowed (an average of private weights is post-processing, as private as they are).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def check_private(task: Task, model: nn.Module, world_size: int) -> None:
         raise RecipeError(
             f"train.privacy: model {name} ({type(model).__name__}) cannot be trained with differential "
             f"privacy{where}: {'; '.join(reasons)}. Opacus' ModuleValidator refuses it; use a model with "
-            "LayerNorm or GroupNorm (the ViT) instead"
+            "LayerNorm or GroupNorm instead (the ViT, or the ResNet with --set model.overrides.norm=group)"
         )
 
 
