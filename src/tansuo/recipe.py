@@ -49,7 +49,9 @@ class ModelConfig(Strict):
     name: str = Field(description="a name from `tansuo models`")
     overrides: dict[str, Any] = Field(default_factory=dict, description="config fields to change")
     init_from: str | None = Field(
-        None, description="bundle folder or Hugging Face BERT folder whose weights start the run"
+        None,
+        description="bundle folder, Hugging Face BERT folder, or .pth checkpoint (efficientnet-lite0: the "
+        "packaged ImageNet weights, effnet_det) whose weights start the run",
     )
 
 

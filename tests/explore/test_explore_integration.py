@@ -328,3 +328,40 @@ def test_a_segmentation_study_compares_a_vit_and_a_unet_by_miou(tmp_path: Path, 
         assert r["figures"]["quality"] == pytest.approx(r["figures"]["metrics"]["miou"])
         assert 0 < r["figures"]["quality"] <= 1
     assert results["recommended"] is not None
+
+
+def test_a_detection_study_compares_a_vit_and_a_cnn_detector_by_map(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A detect recipe explores like any other: the ViT detector (plain and int8) against the CNN detector,
+    quality is COCO mAP@[.5:.95] of each variant's own bundle (a fraction, maximised)."""
+    from tests.helpers import detect_recipe, write_yolo_boxes
+
+    study_dir = tmp_path / "study"
+    raw = detect_recipe(write_yolo_boxes(tmp_path / "d", train=8, val=4, seed=1), tmp_path / "run")
+    raw["data"]["augment"] = False
+    raw["train"]["max_steps"] = 40
+    raw["explore"] = {
+        "study": str(study_dir),
+        "candidates": [{"model": "vit_det_test"}, {"model": "resnet_det_test"}],
+        "variants": [
+            {"name": "plain"},
+            {"name": "int8", "steps": [{"step": "quantize", "backend": "torch"}], "families": ["vit_det"]},
+        ],
+        "objectives": ["quality", "latency"],
+        "sampler": "grid",
+        "measure": {"threads": 1, "reps": 5},
+    }
+    code, out, err = run(["explore", str(_write(tmp_path, raw)), "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["counts"]["complete"] == 2 and results["quality_direction"] == "maximize"
+    rows = {(r["candidate"], r["variant"]): r for r in results["variants"]}
+    assert set(rows) == {("vit_det_test", "plain"), ("vit_det_test", "int8"), ("resnet_det_test", "plain")}
+    for r in rows.values():
+        assert r["status"] == "ok", r.get("reason")
+        assert r["figures"]["metric"] == "map"
+        assert r["figures"]["quality"] == pytest.approx(r["figures"]["metrics"]["map"])
+        assert 0 <= r["figures"]["quality"] <= 1 and "map_50" in r["figures"]["metrics"]
+    assert max(r["figures"]["quality"] for r in rows.values()) > 0  # something was learned in 40 steps
+    assert results["recommended"] is not None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tansuo.errors import DataError, RecipeError
+from tansuo.models import create_model
 from tansuo.recipe import validate_recipe
 from tansuo.tasks.base import predict_options
 from tansuo.tasks.fcos import assign, decode, fcos_loss
@@ -96,3 +97,30 @@ def test_a_detector_overfits_a_handful_of_images(tmp_path: Path, model: str):
     metrics = trainer.task.evaluate(trainer.model, "train", 8, torch.device("cpu"))
     assert metrics["map_50"] > 0.9, metrics
     assert metrics["map"] > 0.5, metrics
+
+
+def test_fresh_canvases_are_new_every_step_with_their_boxes(tmp_path: Path):
+    from tests.helpers import write_digits_csv
+
+    csv = write_digits_csv(tmp_path / "digits.csv", 40, digits=3)
+    data = {"source": "mnist-canvas", "path": str(csv), "canvases": [8, 2], "canvas_size": 48}
+    data.update(image_size=32, digit_scale=[0.6, 0.9], digits_per_image=[1, 2], augment=False)
+    raw = detect_recipe(csv, tmp_path / "run", model="resnet_det_test")
+    raw["data"] = {**data, "fresh_canvases": True}
+    task = task_from(raw)
+    assert task.steps_per_epoch(4) == 2
+    batches = [b for _, b in zip(range(3), task.train_batches(4, 0), strict=False)]
+    assert not torch.equal(batches[0]["x"], batches[1]["x"])
+    again = next(task.train_batches(4, 1))
+    for key in ("x", "boxes", "labels"):
+        assert torch.equal(again[key], batches[1][key])
+    for b in batches:
+        real = b["labels"] >= 0
+        assert real.any(dim=1).all() and set(b["labels"][real].tolist()) <= {0, 1, 2}
+        boxes = b["boxes"][real]
+        assert (boxes >= 0).all() and (boxes <= 32).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    model = create_model("resnet_det_test", **task.model_overrides())
+    assert torch.isfinite(task.loss(model, batches[0]))
+    raw["data"] = {"source": "yolo", "path": str(csv), "fresh_canvases": True}
+    with pytest.raises(RecipeError, match="fresh_canvases needs source mnist-canvas"):
+        validate_recipe(raw)

@@ -11,6 +11,7 @@ from sklearn.metrics import f1_score, jaccard_score
 
 from tansuo.data import IGNORE_INDEX
 from tansuo.errors import TansuoError
+from tansuo.models import create_model
 from tansuo.tasks.metrics import pixel_confusion, segmentation_metrics
 from tests.helpers import run, segment_recipe, task_from, write_digits_csv, write_recipe
 
@@ -135,3 +136,67 @@ def test_a_model_overfits_a_handful_of_canvases(tmp_path, model) -> None:
     task._splits["val"] = task._splits["train"]
     metrics = task.evaluate(model, "val", 8, torch.device("cpu"))
     assert metrics["miou"] > 0.9, metrics
+
+
+def _macro_dice_by_hand(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Dice per sample and class present in its scored pixels, averaged over those classes, then over
+    the batch: kornia's ``average="macro"``, written out."""
+    probs = scores.softmax(1)
+    losses = []
+    for p, t in zip(probs, target, strict=True):
+        scored = t != IGNORE_INDEX
+        per_class = []
+        for c in t[scored].unique().tolist():
+            pc, yc = p[c][scored], (t[scored] == c).float()
+            per_class.append(1 - 2 * (pc * yc).sum() / (pc.sum() + yc.sum()))
+        losses.append(torch.stack(per_class).mean())
+    return torch.stack(losses).mean()
+
+
+def test_dice_weight_adds_the_macro_dice_loss_to_the_cross_entropy(tmp_path) -> None:
+    csv = write_digits_csv(tmp_path / "digits.csv", 40, digits=3)
+    raw = segment_recipe(csv, tmp_path / "run", model="unet_test")
+    raw["data"]["canvases"] = [8, 2, 2]
+    plain = task_from(raw)
+    raw["data"]["dice_weight"] = 0.7
+    dice = task_from(raw)
+    torch.manual_seed(0)
+    model = create_model("unet_test", **plain.model_overrides())
+    batch = next(plain.train_batches(4, 0))
+    batch["y"][0, :3, :5] = IGNORE_INDEX  # ignored pixels leave both the cross-entropy and the Dice
+    with torch.no_grad():
+        scores = model(batch["x"])
+        expected = torch.nn.functional.cross_entropy(scores, batch["y"], ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(plain.loss(model, batch), expected)
+        hand = _macro_dice_by_hand(scores, batch["y"])
+        assert 0 < hand < 1
+        torch.testing.assert_close(dice.loss(model, batch), expected + 0.7 * hand, atol=1e-5, rtol=1e-5)
+    loss = dice.loss(model, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fresh_canvases_are_new_every_step_and_a_function_of_the_step(tmp_path) -> None:
+    csv = write_digits_csv(tmp_path / "digits.csv", 40, digits=3)
+    raw = segment_recipe(csv, tmp_path / "run")
+    raw["data"]["canvases"] = [8, 2, 2]
+    made_once = task_from(raw)
+    raw["data"]["fresh_canvases"] = True
+    fresh = task_from(raw)
+    assert fresh.steps_per_epoch(4) == made_once.steps_per_epoch(4) == 2  # canvases[0] sets the epoch
+    once = [b["x"] for _, b in zip(range(4), made_once.train_batches(4, 0), strict=False)]
+
+    def canvases(xs: list[torch.Tensor]) -> set[tuple[float, ...]]:
+        return {tuple(x.flatten().tolist()) for x in torch.cat(xs)}
+
+    assert canvases(once[:2]) == canvases(once[2:])  # made once: the second epoch shows the same 8
+    new = [b for _, b in zip(range(4), fresh.train_batches(4, 0), strict=False)]
+    seen = canvases([b["x"] for b in new])
+    assert len(seen) == 16  # 4 steps x 4 canvases, all different
+    assert not seen & canvases(once)
+    again = next(fresh.train_batches(4, 2))  # resuming at step 2 gives step 2's canvases
+    assert torch.equal(again["x"], new[2]["x"]) and torch.equal(again["y"], new[2]["y"])
+    assert set(new[0]["y"].unique().tolist()) <= {0, 1, 2, 3} and (new[0]["y"] > 0).any()
+    raw["data"].update(source="semantic-png", train_images="a", train_labels="b", names=["x"])
+    with pytest.raises(TansuoError, match="fresh_canvases needs source mnist-canvas"):
+        task_from(raw)

@@ -1,5 +1,6 @@
 """`tansuo compress` on segment bundles: the ViT segmenter pruned (heads, FFN neurons) and made int8, quality
-measured as mIoU; a U-Net, which has no Linear layer to make int8, says so."""
+measured as mIoU; a U-Net, which has no Linear layer, is int8 on ONNX Runtime (its convolutions), and the
+torch backend and pruning say why they cannot."""
 
 from __future__ import annotations
 
@@ -50,12 +51,22 @@ def test_prune_and_int8_a_segmenter(tmp_path: Path, monkeypatch, capsys) -> None
     assert miou == pytest.approx(quantized["quality"])
 
 
-def test_a_unet_has_nothing_to_make_int8(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_unet_is_int8_on_onnx_runtime_and_the_torch_backend_says_why_not(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     bundle = _bundle(tmp_path, "unet_test")
     args = ["compress", str(bundle), "--quantize", "int8", "--out", str(tmp_path / "c")]
-    code, text, err = run(args, monkeypatch, capsys)
-    assert code == 2 and "Linear" in err, (code, text, err)
+    code, text, err = run([*args, "--quantize-backend", "torch"], monkeypatch, capsys)
+    assert code == 2 and "Linear" in err and "onnxruntime" in err, (code, text, err)
     code, text, err = run(
         [*args[:2], "--prune", "heads=0.5", "--out", str(tmp_path / "p")], monkeypatch, capsys
     )
     assert code == 2 and "unet" in err, (code, text, err)
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    code, text, err = run(args, monkeypatch, capsys)  # backend auto: the one that can
+    assert code == 0, err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    int8 = report["variants"][-1]
+    assert json.loads((Path(int8["path"]) / "config.json").read_text())["runtime"] == "onnxruntime"
+    assert int8["quality"] == pytest.approx(report["variants"][0]["quality"], abs=0.1)

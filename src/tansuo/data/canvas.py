@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tansuo.data.dense import DenseDataset, DenseSample, boxes_from_masks
+from tansuo.data.splits import split_indices
 from tansuo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ def load_digit_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def digit_pools(path: str | Path, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The digits of an MNIST CSV (:func:`load_digit_arrays`) split 80/10/10 by ``seed``: the train,
+    validation and test pools, so canvases of different splits never share a digit."""
+    images, labels = load_digit_arrays(path)
+    return [(images[i], labels[i]) for i in split_indices(len(labels), (0.8, 0.1, 0.1), seed)]
+
+
 def _resize(digit: np.ndarray, side: int) -> np.ndarray:
     from PIL import Image
 
@@ -61,6 +69,7 @@ def mnist_canvas(
     scale: tuple[float, float] = (0.75, 1.5),
     threshold: int = 128,
     max_tries: int = 30,
+    log: bool = True,
 ) -> DenseDataset:
     """Make ``n`` canvases from ``digits`` (a pure function of the arguments).
 
@@ -73,6 +82,7 @@ def mnist_canvas(
         scale: Range of a digit's scale relative to its own side (uniform).
         threshold: Pixel value above which a digit pixel belongs to its mask.
         max_tries: Positions tried per digit before it is left out.
+        log: Log what was made (off for the canvases drawn afresh for each training batch).
 
     Returns:
         The canvases with names ``"0"`` .. ``"9"``: RGB images (grey), boxes, labels, masks and class maps.
@@ -128,7 +138,7 @@ def mnist_canvas(
                 semantic=semantic,
             )
         )
-    logger.info(
+    (logger.info if log else logger.debug)(
         "mnist-canvas: %d canvases of %dx%d, %d digits",
         n,
         size,

@@ -1,4 +1,5 @@
-"""Pictures of dense predictions: a class mask drawn over its image, and class masks as PNG files.
+"""Pictures of dense predictions: a class mask drawn over its image, boxes drawn on it, and class masks as
+PNG files.
 
 Colours follow Pascal VOC's palette (the bits of the class id spread over R, G and B), so neighbouring ids
 get distinct colours and the same id always the same one; background (0) is left undrawn.
@@ -7,6 +8,7 @@ get distinct colours and the same id always the same one; background (0) is left
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -58,3 +60,24 @@ def overlay_mask(image: np.ndarray, mask: np.ndarray, names: list[str], alpha: f
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]], class_names: list[str]) -> bytes:
+    """A PNG of ``image`` (uint8 (H, W, 3)) with each detection's box and ``label score`` drawn on it, one
+    colour per class (Pascal VOC's palette, as segmentation's overlays)."""
+    from PIL import Image, ImageDraw
+
+    colours = palette(len(class_names) + 1)[1:]
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    pen = ImageDraw.Draw(picture)
+    width = max(1, round(max(image.shape[:2]) / 200))
+    for d in detections:
+        colour = tuple(int(c) for c in colours[class_names.index(d["label"])])
+        x1, y1, x2, y2 = d["box"]
+        pen.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
+        text = f"{d['label']} {d['score']:.2f}"
+        left, top, right, bottom = pen.textbbox((x1, y1), text)
+        lift = bottom - top + 2
+        pen.rectangle([x1, y1 - lift, x1 + right - left + 2, y1], fill=colour)
+        pen.text((x1 + 1, y1 - lift), text, fill=(0, 0, 0))
+    return png_bytes(np.asarray(picture))

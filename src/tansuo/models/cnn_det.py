@@ -58,6 +58,14 @@ class ResNetDetConfig:
         return [self.stem_stride * 2 ** (first + i) for i in range(self.num_levels)]
 
 
+def top_down(laterals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FPN's top-down pathway: each level, coarse to fine, plus the coarser one upsampled (nearest)."""
+    out = list(laterals)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = out[i] + F.interpolate(out[i + 1], size=out[i].shape[-2:], mode="nearest")
+    return out
+
+
 class ResNetDet(nn.Module):
     """ResNet + FPN + FCOS head; build it with :func:`resnet_det` or a preset.
 
@@ -121,11 +129,7 @@ class ResNetDet(nn.Module):
         laterals = [
             lat(f) for lat, f in zip(self.lateral, stage_outputs[-self.config.num_levels :], strict=True)
         ]
-        for i in range(len(laterals) - 2, -1, -1):  # top-down: coarse to fine
-            laterals[i] = laterals[i] + F.interpolate(
-                laterals[i + 1], size=laterals[i].shape[-2:], mode="nearest"
-            )
-        return [out(lat) for out, lat in zip(self.output, laterals, strict=True)]
+        return [out(lat) for out, lat in zip(self.output, top_down(laterals), strict=True)]
 
     def forward_head(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Pyramid levels to ``(B, A, 4 + 1 + K)``: ``xyxy`` box, centre-ness logit, class logits."""

@@ -58,16 +58,10 @@ class FCOSHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log(99.0))  # prior 0.01: focal loss starts stable
-        points, point_strides = [], []
-        for s in self.strides:
-            n = math.ceil(image_size / s)
-            c = torch.arange(n, dtype=torch.float32) * s + s // 2
-            y, x = torch.meshgrid(c, c, indexing="ij")
-            points.append(torch.stack([x.flatten(), y.flatten()], 1))
-            point_strides.append(torch.full((n * n,), float(s)))
+        points, point_strides = head_points(image_size, self.strides)
         # not weights: rebuilt from the config, so left out of the state dict
-        self.register_buffer("points", torch.cat(points), persistent=False)  # (A, 2) x, y in pixels
-        self.register_buffer("point_strides", torch.cat(point_strides), persistent=False)  # (A,)
+        self.register_buffer("points", points, persistent=False)  # (A, 2) x, y in pixels
+        self.register_buffer("point_strides", point_strides, persistent=False)  # (A,)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Feature maps ``(B, C, H_l, W_l)`` per level to ``(B, A, 4 + 1 + K)``: ``xyxy`` box, centre-ness
@@ -83,6 +77,20 @@ class FCOSHead(nn.Module):
         p = self.points.to(out.dtype)
         boxes = torch.cat([p - out[..., 0:2], p + out[..., 2:4]], -1)  # (B, A, 4) xyxy
         return torch.cat([boxes, out[..., 4:]], -1)
+
+
+def head_points(image_size: int, strides: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's points, level by level, finest first, each level row by row: their ``(A, 2)`` ``x, y``
+    pixel centres and ``(A,)`` strides. A function of the config alone, so a task can find them for a
+    model it only calls (an ONNX Runtime session) from ``model.config``'s ``image_size`` and ``strides``."""
+    points, point_strides = [], []
+    for s in strides:
+        n = math.ceil(image_size / s)
+        c = torch.arange(n, dtype=torch.float32) * s + s // 2
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        points.append(torch.stack([x.flatten(), y.flatten()], 1))
+        point_strides.append(torch.full((n * n,), float(s)))
+    return torch.cat(points), torch.cat(point_strides)
 
 
 def num_points(image_size: int, strides: list[int]) -> int:

@@ -27,6 +27,7 @@ from torch import nn
 from tansuo.data.dense import DenseDataset, check_sample, keep_classes, read_image
 from tansuo.data.dense_ops import Placement, augment_batch, image_to_input, resize_sample
 from tansuo.errors import DataError
+from tansuo.models.det_head import head_points
 from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, register_task
 from tansuo.tasks.detection_metrics import ImageBoxes, detection_metrics
 from tansuo.tasks.fcos import class_logits, decode, fcos_loss
@@ -69,9 +70,17 @@ class DetectDataConfig(BaseModel):
     scale: tuple[float, float] = Field((0.75, 1.25), description="random zoom range")
     translate: float = Field(0.1, ge=0, lt=1, description="largest random shift, a fraction of the side")
     center_radius: float = Field(1.5, gt=0, description="FCOS centre sampling radius, in strides")
+    fresh_canvases: bool = Field(
+        False,
+        description="mnist-canvas: new training canvases for every batch, drawn from the training digits "
+        "(a pure function of seed and step), instead of the canvases[0] made once; canvases[0] then only "
+        "sets the epoch's length",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> DetectDataConfig:
+        if self.fresh_canvases and self.source != "mnist-canvas":
+            raise ValueError("fresh_canvases needs source mnist-canvas (other sources are files)")
         folders = ("train_images", "train_labels", "val_images", "val_labels")
         if self.source == "coco" or (self.source == "yolo" and self.path is None):
             needed = folders + (("names",) if self.source == "yolo" else ())
@@ -123,19 +132,33 @@ def _yolo(config_path: str) -> dict[str, DenseDataset]:
     return out
 
 
+def canvases(
+    data: DetectDataConfig, digits: tuple[np.ndarray, np.ndarray], n: int, seed: int, log: bool = True
+) -> DenseDataset:
+    """``n`` mnist-canvas canvases of ``digits`` as the config sets them."""
+    from tansuo.data.canvas import mnist_canvas
+
+    return mnist_canvas(
+        digits,
+        n,
+        size=data.canvas_size,
+        seed=seed,
+        digits_per_image=data.digits_per_image,
+        scale=data.digit_scale,
+        log=log,
+    )
+
+
 def load_splits(data: DetectDataConfig, seed: int) -> dict[str, DenseDataset]:
     """The train and val data sets a data config names (all classes, before ``classes``)."""
     if data.source == "mnist-canvas":
-        from tansuo.data.canvas import load_digit_arrays, mnist_canvas
-        from tansuo.data.splits import split_indices
+        from tansuo.data.canvas import digit_pools
 
         assert data.path is not None
-        images, labels = load_digit_arrays(data.path)
-        train_idx, val_idx, _ = split_indices(len(labels), (0.8, 0.1, 0.1), seed)
-        kw = dict(size=data.canvas_size, digits_per_image=data.digits_per_image, scale=data.digit_scale)
+        train, val, _ = digit_pools(data.path, seed)
         return {
-            "train": mnist_canvas((images[train_idx], labels[train_idx]), data.canvases[0], seed=seed, **kw),
-            "val": mnist_canvas((images[val_idx], labels[val_idx]), data.canvases[1], seed=seed + 1, **kw),
+            "train": canvases(data, train, data.canvases[0], seed),
+            "val": canvases(data, val, data.canvases[1], seed + 1),
         }
     if data.source == "yolo" and data.path is not None:
         return _yolo(data.path)
@@ -205,6 +228,8 @@ class DetectTask(TaskBase):
         self.class_names = class_names
         self.image_size = data.image_size
         self._splits: dict[str, _Split] = {}
+        self._point_cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._train_digits: tuple[np.ndarray, np.ndarray] | None = None  # fresh_canvases' pool
 
     @classmethod
     def from_recipe(cls, data: BaseModel, seed: int, work_dir: Path) -> DetectTask:
@@ -251,21 +276,35 @@ class DetectTask(TaskBase):
     def steps_per_epoch(self, batch_size: int) -> int | None:
         return max(1, len(self._split("train")) // batch_size)
 
+    def _fresh_batch(self, batch_size: int, n: int) -> _Split:
+        """Micro-batch ``n`` of new canvases (``data.fresh_canvases``), letterboxed as a split is."""
+        if self._train_digits is None:
+            from tansuo.data.canvas import digit_pools
+
+            assert self.data.path is not None
+            self._train_digits = digit_pools(self.data.path, self.seed)[0]
+        made = canvases(self.data, self._train_digits, batch_size, batch_seed(self.seed, n, salt=13), False)
+        return _Split(made, self.image_size)
+
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
         train = self._split("train")
         per_epoch = self.steps_per_epoch(batch_size)
         assert per_epoch is not None
         epoch, perm = -1, torch.arange(0)
         for n in count(start):
-            e, k = divmod(n, per_epoch)
-            if e != epoch:
-                epoch = e
-                g = torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
-                perm = torch.randperm(len(train), generator=g)
-            idx = perm[k * batch_size : (k + 1) * batch_size].tolist()
-            x = train.images[idx].float()
-            boxes = [train.boxes[i] for i in idx]
-            labels = [train.labels[i] for i in idx]
+            if self.data.fresh_canvases:
+                source = self._fresh_batch(batch_size, n)
+                idx = list(range(len(source)))
+            else:
+                e, k = divmod(n, per_epoch)
+                if e != epoch:
+                    epoch = e
+                    g = torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
+                    perm = torch.randperm(len(train), generator=g)
+                source, idx = train, perm[k * batch_size : (k + 1) * batch_size].tolist()
+            x = source.images[idx].float()
+            boxes = [source.boxes[i] for i in idx]
+            labels = [source.labels[i] for i in idx]
             if self.data.augment:
                 x, _, moved, _ = augment_batch(
                     x,
@@ -282,23 +321,27 @@ class DetectTask(TaskBase):
             padded, padded_labels = pad_boxes(boxes, labels)
             yield {"x": self.normalize(x), "boxes": padded, "labels": padded_labels}
 
-    def _head(self, model: nn.Module) -> nn.Module:
-        return getattr(model, "_orig_mod", model).head
+    def _points(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's head points and their strides, from its config (``image_size``, ``strides``): a
+        compiled model, a pruned or int8 one and an ONNX Runtime session all have it."""
+        config = getattr(model, "_orig_mod", model).config
+        key = (config.image_size, tuple(config.strides), str(device))
+        if key not in self._point_cache:
+            points, strides = head_points(config.image_size, list(config.strides))
+            self._point_cache[key] = (points.to(device), strides.to(device))
+        return self._point_cache[key]
 
     def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Every point's class logits and its FCOS-assigned class (-100 for background points); the loss is
         not their cross-entropy but FCOS's focal, GIoU and centre-ness terms."""
-        head = self._head(model)
-        return class_logits(
-            model(batch["x"]), head.points, head.point_strides, batch["boxes"], batch["labels"]
-        )
+        out = model(batch["x"])
+        points, strides = self._points(model, out.device)
+        return class_logits(out, points, strides, batch["boxes"], batch["labels"])
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        head = self._head(model)
         out = model(batch["x"])
-        loss, _ = fcos_loss(
-            out, head.points, head.point_strides, batch["boxes"], batch["labels"], self.data.center_radius
-        )
+        points, strides = self._points(model, out.device)
+        loss, _ = fcos_loss(out, points, strides, batch["boxes"], batch["labels"], self.data.center_radius)
         return loss
 
     def count(self, batch: Batch) -> int:
@@ -332,6 +375,7 @@ class DetectTask(TaskBase):
         ``draw``, also the picture with its boxes (``draw`` for one input, ``<stem>_<input stem>.png`` for
         several)."""
         from tansuo.atomic import atomic_write
+        from tansuo.data.dense_draw import draw_boxes
 
         images = [read_image(Path(p).expanduser()) for p in inputs]
         rows = self.predict_images(
@@ -398,26 +442,3 @@ class DetectTask(TaskBase):
         ]
         drawn = [f"  [drawn: {row['drawn']}]"] if "drawn" in row else []
         return "\n".join([head, *lines, *drawn])
-
-
-def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]], class_names: list[str]) -> bytes:
-    """A PNG of ``image`` (uint8 (H, W, 3)) with each detection's box and ``label score`` drawn on it, one
-    colour per class (Pascal VOC's palette, as segmentation's overlays)."""
-    from PIL import Image, ImageDraw
-
-    from tansuo.data.dense_draw import palette, png_bytes
-
-    colours = palette(len(class_names) + 1)[1:]
-    picture = Image.fromarray(np.ascontiguousarray(image))
-    pen = ImageDraw.Draw(picture)
-    width = max(1, round(max(image.shape[:2]) / 200))
-    for d in detections:
-        colour = tuple(int(c) for c in colours[class_names.index(d["label"])])
-        x1, y1, x2, y2 = d["box"]
-        pen.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
-        text = f"{d['label']} {d['score']:.2f}"
-        left, top, right, bottom = pen.textbbox((x1, y1), text)
-        lift = bottom - top + 2
-        pen.rectangle([x1, y1 - lift, x1 + right - left + 2, y1], fill=colour)
-        pen.text((x1 + 1, y1 - lift), text, fill=(0, 0, 0))
-    return png_bytes(np.asarray(picture))

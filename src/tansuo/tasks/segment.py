@@ -27,8 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tansuo.atomic import atomic_write
-from tansuo.data import split_indices
-from tansuo.data.canvas import load_digit_arrays, mnist_canvas
+from tansuo.data.canvas import digit_pools, mnist_canvas
 from tansuo.data.dense import IGNORE_INDEX, DenseDataset, keep_classes, read_image, semantic_from_instances
 from tansuo.data.dense_draw import overlay_mask
 from tansuo.data.dense_formats import read_coco_instances, read_names, read_semantic_pngs, read_yolo
@@ -85,9 +84,25 @@ class SegmentDataConfig(BaseModel):
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip in training")
     zoom: tuple[float, float] = Field((1.0, 1.0), description="random zoom range in training (1, 1: none)")
     translate: float = Field(0.0, ge=0, lt=1, description="largest random shift, a fraction of the side")
+    fresh_canvases: bool = Field(
+        False,
+        description="mnist-canvas: new training canvases for every batch, drawn from the training digits "
+        "(a pure function of seed and step), instead of the canvases[0] made once; canvases[0] then only "
+        "sets the epoch's length",
+    )
+    dice_weight: float = Field(
+        0.0, ge=0, description="weight of the Dice loss (kornia) added to the pixel cross-entropy (0: none)"
+    )
+    dice_average: Literal["macro", "micro"] = Field(
+        "macro",
+        description="Dice per class present, averaged (macro: small classes count as much as background), "
+        "or over all pixels at once (micro)",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> SegmentDataConfig:
+        if self.fresh_canvases and self.source != "mnist-canvas":
+            raise ValueError("fresh_canvases needs source mnist-canvas (other sources are files)")
         if self.source != "mnist-canvas" and (self.train_images is None or self.train_labels is None):
             raise ValueError(f"source {self.source} needs train_images and train_labels")
         if self.source in ("semantic-png", "yolo-seg") and self.names is None:
@@ -136,24 +151,31 @@ def _read_split(data: SegmentDataConfig, images: str, labels: str) -> DenseDatas
     return dataset
 
 
+def canvases(
+    data: SegmentDataConfig, digits: tuple[np.ndarray, np.ndarray], n: int, seed: int, log: bool = True
+) -> DenseDataset:
+    """``n`` mnist-canvas canvases of ``digits`` as the config sets them (side ``image_size``)."""
+    return mnist_canvas(
+        digits,
+        n,
+        size=data.image_size,
+        seed=seed,
+        digits_per_image=data.digits_per_image,
+        scale=data.digit_scale,
+        log=log,
+    )
+
+
 def load_splits(data: SegmentDataConfig, seed: int) -> dict[str, DenseDataset]:
     """The train / val / test data sets a config names (before resizing)."""
     if data.source == "mnist-canvas":
         if data.path is None:
             raise DataError("data.path is not set; mnist-canvas needs the MNIST CSV (--data-dir or --data)")
-        images, labels = load_digit_arrays(data.path)
-        pools = split_indices(len(labels), (0.8, 0.1, 0.1), seed)
-        out = {}
-        for k, (split, pool, n) in enumerate(zip(SPLITS, pools, data.canvases, strict=True)):
-            out[split] = mnist_canvas(
-                (images[pool], labels[pool]),
-                n,
-                size=data.image_size,
-                seed=batch_seed(seed, k, salt=11),
-                digits_per_image=data.digits_per_image,
-                scale=data.digit_scale,
-            )
-        return out
+        pools = digit_pools(data.path, seed)
+        return {
+            split: canvases(data, pool, n, batch_seed(seed, k, salt=11))
+            for k, (split, pool, n) in enumerate(zip(SPLITS, pools, data.canvases, strict=True))
+        }
     train = _read_split(data, data.train_images, data.train_labels)
     if data.val_images is not None:
         val = _read_split(data, data.val_images, data.val_labels)
@@ -221,6 +243,7 @@ class SegmentTask(TaskBase):
         self.mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(info["std"]).view(1, 3, 1, 1)
         self._splits = splits
+        self._train_digits: tuple[np.ndarray, np.ndarray] | None = None  # fresh_canvases' pool
 
     @property
     def class_names(self) -> list[str]:
@@ -274,18 +297,30 @@ class SegmentTask(TaskBase):
     def steps_per_epoch(self, batch_size: int) -> int | None:
         return max(1, len(self._split("train")[0]) // batch_size)
 
+    def _fresh_batch(self, batch_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``n`` of new canvases (``data.fresh_canvases``): uint8 images and class maps."""
+        if self._train_digits is None:
+            assert self.data.path is not None
+            self._train_digits = digit_pools(self.data.path, self.seed)[0]
+        made = canvases(self.data, self._train_digits, batch_size, batch_seed(self.seed, n, salt=13), False)
+        return _tensors(made, self.data.image_size, self.data.resize)
+
     def train_batches(self, batch_size: int, start: int) -> Iterator[Batch]:
         images, maps = self._split("train")
         per_epoch = self.steps_per_epoch(batch_size)
         epoch, perm = -1, None
         for n in count(start):
-            e, k = divmod(n, per_epoch)
-            if e != epoch:
-                epoch = e
-                g = torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
-                perm = torch.randperm(len(images), generator=g)
-            idx = perm[k * batch_size : (k + 1) * batch_size]
-            x, y = images[idx].float(), maps[idx].long()
+            if self.data.fresh_canvases:
+                fresh_images, fresh_maps = self._fresh_batch(batch_size, n)
+                x, y = fresh_images.float(), fresh_maps.long()
+            else:
+                e, k = divmod(n, per_epoch)
+                if e != epoch:
+                    epoch = e
+                    g = torch.Generator().manual_seed(batch_seed(self.seed, e, salt=1))
+                    perm = torch.randperm(len(images), generator=g)
+                idx = perm[k * batch_size : (k + 1) * batch_size]
+                x, y = images[idx].float(), maps[idx].long()
             if self.data.augments:
                 x, y, _, _ = augment_batch(
                     x,
@@ -306,9 +341,16 @@ class SegmentTask(TaskBase):
         return flat[keep], target[keep]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Pixel-wise cross-entropy over the scored pixels (ignored ones left out)."""
+        """Pixel-wise cross-entropy over the scored pixels (ignored ones left out), plus ``data.dice_weight``
+        times kornia's Dice loss (``data.dice_average``: per class present, averaged, by default)."""
         scores = model(batch["x"]).float()  # (B, K, H, W)
-        return F.cross_entropy(scores, batch["y"], ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(scores, batch["y"], ignore_index=IGNORE_INDEX)
+        if self.data.dice_weight > 0:
+            from kornia.losses import dice_loss
+
+            dice = dice_loss(scores, batch["y"], average=self.data.dice_average, ignore_index=IGNORE_INDEX)
+            loss = loss + self.data.dice_weight * dice
+        return loss
 
     def count(self, batch: Batch) -> int:
         return len(batch["y"])

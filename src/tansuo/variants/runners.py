@@ -108,6 +108,8 @@ def _backends(model: nn.Module, step: QuantizeStep) -> list[str]:
         backends.remove("torch")
     if not backends:
         quantized_engine()  # raises with what would work
+    if len(backends) > 1 and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        backends.remove("torch")  # all convolutions (a U-Net, a CNN detector): ONNX Runtime's ConvInteger
     return backends
 
 
@@ -183,6 +185,7 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         if "torch" in backends:
             quantized_engine()
+            require_linear(model)
             smooths = _smooth_candidates(step)
             absmax = None
             if any(a is not None for a in smooths):
@@ -198,7 +201,7 @@ def run_quantize(bundle: Bundle, step: QuantizeStep, out: Path) -> Path:
                         input_absmax=absmax,
                     )
                     if not names:
-                        raise CompressionError("this model has no Linear layers to quantize")
+                        raise CompressionError("no Linear layer is left to quantize after skip")
                     smoothing = "" if alpha is None else f" smooth {alpha:g}"
                     best = keep(m, f"torch {8 - rr}-bit{smoothing}", best)
             candidates["torch"] = best[1]
@@ -242,11 +245,23 @@ def check_quantize(bundle: Bundle, model: nn.Module, step: QuantizeStep) -> nn.M
         targets(model, weight_only_config(step), _skip_filter(step))
     elif step.backend == "torch":
         quantized_engine()
+        require_linear(model)
     elif step.backend == "onnxruntime":
         check_onnx_int8(model)
     elif not onnx_int8_available(model):
         quantized_engine()
+        require_linear(model)
     return model
+
+
+def require_linear(model: nn.Module) -> None:
+    """Raise when the model has no Linear layer for the torch backend's int8 (all convolutions)."""
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        family = getattr(model, "family", type(model).__name__)
+        raise CompressionError(
+            f"this {family!r} model has no Linear layers for the torch backend's int8; "
+            "--quantize-backend onnxruntime (a step's backend: onnxruntime) makes its convolutions int8"
+        )
 
 
 # ------------------------------------------------------------------------------------------ distill
