@@ -64,6 +64,8 @@ from _common import (
 )
 from torch import nn
 
+from tansuo.measure.flops import matmul_peak
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -140,32 +142,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of ``n x n`` matmuls (fp32 on a CPU, bf16 on CUDA) over ``repeats`` timed rounds."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    flops = 2 * n**3
-    torch.mm(a, b, out=out)  # warm-up: kernel selection, thread pool start
-    sync(device)
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    sync(device)
-    one = max(time.perf_counter() - start, 1e-9)
-    inner = max(1, min(200, int(0.25 / one)))  # about a quarter of a second per round
-    best = 0.0
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b, out=out)
-        sync(device)
-        best = max(best, inner * flops / (time.perf_counter() - start))
-    return best
 
 
 def flops_per_token(model: nn.Module, cfg: BenchConfig) -> int:
