@@ -9,6 +9,10 @@ that :mod:`tansuo.models.vit` also offers. Two decoders:
 - ``shuffle``: each patch token gives the K scores of every pixel of its patch (a linear layer to
   ``K * patch_size**2`` then a pixel shuffle, as SETR's naive head with the upsampling learned). Thin objects
   smaller than a patch (handwritten strokes) need this.
+- ``skip``: each patch token gives ``decoder_channels`` features for every pixel of its patch (linear layer,
+  pixel shuffle), joined with the conv stem's full-resolution features (a U-Net-style skip, as TransUNet
+  and DPT's fusion do), then a 3x3 conv-GELU and a 1x1 classifier. The tokens say *what* is there, the stem
+  says *where* its edges are: without it, every patch must learn the outline of every object in it.
 
 Shapes: B batch, N patch tokens, C embedding width, K classes, H x W image, P patch side.
 """
@@ -37,7 +41,8 @@ class SegmenterConfig:
     mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * embed_dim
     dropout: float = 0.0
     stem_channels: int = 0  # 0: plain patch embedding; > 0: 3x3 conv-GELU stem of this width first
-    decoder: str = "shuffle"  # "linear": Segmenter's (bilinear upsampling); "shuffle": scores per pixel
+    decoder: str = "shuffle"  # "linear": Segmenter's (bilinear); "shuffle": scores per pixel; "skip": + stem
+    decoder_channels: int = 16  # the skip decoder's width per pixel
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -47,8 +52,14 @@ class SegmenterConfig:
         )
         check_positive(self, ["num_classes"], minimum=2)
         check_positive(self, ["stem_channels"], minimum=0)
+        check_positive(self, ["decoder_channels"])
         check_dropout(self)
-        check_choice(self, "decoder", ("linear", "shuffle"))
+        check_choice(self, "decoder", ("linear", "shuffle", "skip"))
+        if self.decoder == "skip" and not self.stem_channels:
+            raise ValueError(
+                "decoder 'skip' joins the conv stem's features; set stem_channels above 0 "
+                "(e.g. model.overrides.stem_channels=32) or choose decoder 'shuffle'"
+            )
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -81,10 +92,16 @@ class Segmenter(nn.Module):
         self.pos_emb = LearnedPositions(self.grid**2, C)
         self.dropout = nn.Dropout(config.dropout)
         self.encoder = vit_encoder(C, config.num_layers, config.num_heads, config.mlp_ratio, config.dropout)
+        if config.decoder == "skip":
+            D, P = config.decoder_channels, config.patch_size
+            self.upsample = nn.Linear(C, D * P * P)  # each token's features for every pixel of its patch
+            self.fuse = nn.Sequential(nn.Conv2d(D + config.stem_channels, D, 3, padding=1), nn.GELU())
         self.head = self._new_head(config.num_classes)
         self.apply(init_linear)
 
-    def _new_head(self, num_classes: int) -> nn.Linear:
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if self.config.decoder == "skip":
+            return nn.Conv2d(self.config.decoder_channels, num_classes, 1)  # the classifier, per pixel
         per_token = num_classes * (self.config.patch_size**2 if self.config.decoder == "shuffle" else 1)
         return nn.Linear(self.config.embed_dim, per_token)
 
@@ -107,13 +124,22 @@ class Segmenter(nn.Module):
         self.head.apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, in_channels, image_size, image_size)`` to normalised patch tokens ``(B, N, C)``."""
-        x = patch_tokens(self.patch_embed, x, self.config.image_size, "segmenter")  # (B, N, C)
-        x = x + self.pos_emb(x.shape[1])
-        return self.encoder(self.dropout(x))
+        """Images ``(B, in_channels, image_size, image_size)`` to what the classifier reads: normalised patch
+        tokens ``(B, N, C)``, or with the ``skip`` decoder its fused pixel features ``(B, D, H, W)``."""
+        stem = self.patch_embed[:-1](x)  # the conv stem's features (B, stem_channels, H, W); no stem: x
+        tokens = patch_tokens(self.patch_embed[-1], stem, self.config.image_size, "segmenter")  # (B, N, C)
+        tokens = self.encoder(self.dropout(tokens + self.pos_emb(tokens.shape[1])))
+        if self.config.decoder != "skip":
+            return tokens
+        B, g = tokens.shape[0], self.grid
+        up = self.upsample(tokens).transpose(1, 2).reshape(B, -1, g, g)  # (B, D * P * P, H / P, W / P)
+        up = F.pixel_shuffle(up, self.config.patch_size)  # (B, D, H, W)
+        return self.fuse(torch.cat([up, stem], dim=1))  # (B, D, H, W)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Patch tokens ``(B, N, C)`` to class scores ``(B, K, H, W)``."""
+        """:meth:`forward_features`' output to class scores ``(B, K, H, W)``."""
+        if self.config.decoder == "skip":
+            return self.head(features)  # a 1x1 convolution: (B, K, H, W)
         B, g, K = features.shape[0], self.grid, self.config.num_classes
         scores = self.head(features)  # (B, N, K) or (B, N, K * P * P)
         scores = scores.transpose(1, 2).reshape(B, -1, g, g)  # (B, K or K * P * P, H / P, W / P)
@@ -140,6 +166,7 @@ def segmenter(
     dropout: float = 0.0,
     stem_channels: int = 0,
     decoder: str = "shuffle",
+    decoder_channels: int = 16,
 ) -> Segmenter:
     """Builds a Segmenter from every hyperparameter (see :class:`SegmenterConfig` for what each means)."""
     config = SegmenterConfig(
@@ -154,6 +181,7 @@ def segmenter(
         dropout=dropout,
         stem_channels=stem_channels,
         decoder=decoder,
+        decoder_channels=decoder_channels,
     )
     return Segmenter(config)
 
