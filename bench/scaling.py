@@ -151,7 +151,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         "               Chinchilla's come from 70M-16B-parameter models on web text with a 32K-token "
         f"vocabulary; these from {sizes[0]:,}-{sizes[-1]:,}-parameter character models on 1M characters read "
-        "up to 1.5 times, with one learning rate for every size: another loss surface, so other exponents "
+        "up to 1.5 times, each size at its own learning rate: another loss surface, so other exponents "
         "are expected; the ratio alpha/beta (how a budget splits between N and D) says more than either."
     )
     mfu = r["mfu"]["value"]
