@@ -2,7 +2,7 @@
 
 Encoder as in Strudel et al. 2021, "Segmenter: Transformer for Semantic Segmentation" (a plain ViT over
 patches with learned positions, no class token), with the optional 3x3 convolution stem of Xiao et al. 2021
-that :mod:`tansuo.models.vit` also offers. Two decoders:
+that :mod:`tansuo.models.vit` also offers. Three decoders:
 
 - ``linear``: Segmenter's linear decoder: each patch token gives K class scores, upsampled bilinearly to the
   image (a 16x16 patch is scored as one; coarse on small images).
@@ -131,22 +131,22 @@ class Segmenter(nn.Module):
         tokens = self.encoder(self.dropout(tokens + self.pos_emb(tokens.shape[1])))
         if self.config.decoder != "skip":
             return tokens
-        B, g = tokens.shape[0], self.grid
-        up = self.upsample(tokens).transpose(1, 2).reshape(B, -1, g, g)  # (B, D * P * P, H / P, W / P)
-        up = F.pixel_shuffle(up, self.config.patch_size)  # (B, D, H, W)
+        up = F.pixel_shuffle(self._grid(self.upsample(tokens)), self.config.patch_size)  # (B, D, H, W)
         return self.fuse(torch.cat([up, stem], dim=1))  # (B, D, H, W)
+
+    def _grid(self, per_token: torch.Tensor) -> torch.Tensor:
+        """Per-token values ``(B, N, F)`` laid out on the patch grid ``(B, F, H / P, W / P)``."""
+        return per_token.transpose(1, 2).reshape(per_token.shape[0], -1, self.grid, self.grid)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_features`' output to class scores ``(B, K, H, W)``."""
         if self.config.decoder == "skip":
             return self.head(features)  # a 1x1 convolution: (B, K, H, W)
-        B, g, K = features.shape[0], self.grid, self.config.num_classes
-        scores = self.head(features)  # (B, N, K) or (B, N, K * P * P)
-        scores = scores.transpose(1, 2).reshape(B, -1, g, g)  # (B, K or K * P * P, H / P, W / P)
+        scores = self._grid(self.head(features))  # (B, K or K * P * P, H / P, W / P)
         if self.config.decoder == "shuffle":
             return F.pixel_shuffle(scores, self.config.patch_size)  # (B, K, H, W)
         size = self.config.image_size
-        return F.interpolate(scores.reshape(B, K, g, g), size=(size, size), mode="bilinear")  # (B, K, H, W)
+        return F.interpolate(scores, size=(size, size), mode="bilinear")  # (B, K, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_channels, H, W)`` to per-pixel class scores ``(B, K, H, W)``."""
