@@ -1,5 +1,5 @@
 """The Segmenter's decoders: the skip decoder reads the conv stem at full resolution, the shuffle decoder
-only per patch; the skip decoder's config errors, classifier reset and ONNX export."""
+only per patch; the skip decoder's config errors, classifier reset and ONNX export; the strided stem."""
 
 from pathlib import Path
 
@@ -44,6 +44,17 @@ def test_the_skip_decoder_needs_a_stem_and_a_positive_width() -> None:
         create_model("segmenter_test", decoder="fpn")
 
 
+def test_the_strided_stem_feeds_the_shuffle_decoder_and_not_the_skip_one() -> None:
+    torch.manual_seed(0)
+    model = create_model("segmenter_test", stem="strided").eval()  # 4x4 patches: two stride-2 layers
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.patch_embed) == 2
+    assert model(model.example_input()).shape == (2, 11, 16, 16)
+    with pytest.raises(ValueError, match="16x16 images, got 8x8"):
+        model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="stem 'single'"):
+        create_model("segmenter_test", stem="strided", decoder="skip")
+
+
 def test_reset_classifier_keeps_the_skip_decoder() -> None:
     torch.manual_seed(0)
     model = create_model("segmenter_test", decoder="skip")
@@ -54,13 +65,14 @@ def test_reset_classifier_keeps_the_skip_decoder() -> None:
     assert torch.equal(model.fuse[0].weight, fuse)  # only the classifier is new
 
 
-def test_a_skip_segmenter_exports_to_onnx(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", [{"decoder": "skip"}, {"stem": "strided"}])
+def test_a_segmenter_exports_to_onnx(variant: dict, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from tansuo.export.onnx import OnnxModel, export_onnx
 
     torch.manual_seed(0)
-    model = create_model("segmenter_test", num_classes=3, decoder="skip").eval()
+    model = create_model("segmenter_test", num_classes=3, **variant).eval()
     model.model_name = "segmenter_test"
     report = export_onnx(model, tmp_path / "m.onnx")
     assert report["max_abs_diff"] <= 1e-4

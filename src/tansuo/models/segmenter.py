@@ -1,8 +1,8 @@
 """A Vision Transformer for semantic segmentation: per-pixel class scores from a ViT encoder.
 
 Encoder as in Strudel et al. 2021, "Segmenter: Transformer for Semantic Segmentation" (a plain ViT over
-patches with learned positions, no class token), with the optional 3x3 convolution stem of Xiao et al. 2021
-that :mod:`tansuo.models.vit` also offers. Three decoders:
+patches with learned positions, no class token), with the optional convolution stems of Xiao et al. 2021
+that :mod:`tansuo.models.vit` also offers (one 3x3 conv, or a stack of stride-2 ones). Three decoders:
 
 - ``linear``: Segmenter's linear decoder: each patch token gives K class scores, upsampled bilinearly to the
   image (a 16x16 patch is scored as one; coarse on small images).
@@ -26,7 +26,7 @@ from torch import nn
 
 from tansuo.blocks import LearnedPositions
 from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
-from tansuo.models.vit import init_linear, patch_embedding, patch_tokens, vit_encoder
+from tansuo.models.vit import check_image_size, check_stem, init_linear, patch_embedding, vit_encoder
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,8 @@ class SegmenterConfig:
     patch_size: int = 4  # tokens = (image_size / patch_size)^2
     mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * embed_dim
     dropout: float = 0.0
-    stem_channels: int = 0  # 0: plain patch embedding; > 0: 3x3 conv-GELU stem of this width first
+    stem_channels: int = 0  # 0: plain patch embedding; > 0: a conv stem of this width first
+    stem: str = "single"  # "single": one 3x3 conv-GELU; "strided": Xiao's stride-2 stack (patch_embedding)
     decoder: str = "shuffle"  # "linear": Segmenter's (bilinear); "shuffle": scores per pixel; "skip": + stem
     decoder_channels: int = 16  # the skip decoder's width per pixel
 
@@ -55,15 +56,17 @@ class SegmenterConfig:
         check_positive(self, ["decoder_channels"])
         check_dropout(self)
         check_choice(self, "decoder", ("linear", "shuffle", "skip"))
-        if self.decoder == "skip" and not self.stem_channels:
+        if self.decoder == "skip" and (not self.stem_channels or self.stem != "single"):
             raise ValueError(
-                "decoder 'skip' joins the conv stem's features; set stem_channels above 0 "
-                "(e.g. model.overrides.stem_channels=32) or choose decoder 'shuffle'"
+                "decoder 'skip' joins the full-resolution features of a single conv stem; set "
+                "stem_channels above 0 (e.g. model.overrides.stem_channels=32) with stem 'single', or "
+                "choose decoder 'shuffle'"
             )
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        check_stem(self)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size}); "
@@ -87,7 +90,9 @@ class Segmenter(nn.Module):
         super().__init__()
         self.config = config
         C = config.embed_dim
-        self.patch_embed = patch_embedding(config.in_channels, C, config.patch_size, config.stem_channels)
+        self.patch_embed = patch_embedding(
+            config.in_channels, C, config.patch_size, config.stem_channels, config.stem
+        )
         self.grid = config.image_size // config.patch_size
         self.pos_emb = LearnedPositions(self.grid**2, C)
         self.dropout = nn.Dropout(config.dropout)
@@ -126,8 +131,9 @@ class Segmenter(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_channels, image_size, image_size)`` to what the classifier reads: normalised patch
         tokens ``(B, N, C)``, or with the ``skip`` decoder its fused pixel features ``(B, D, H, W)``."""
-        stem = self.patch_embed[:-1](x)  # the conv stem's features (B, stem_channels, H, W); no stem: x
-        tokens = patch_tokens(self.patch_embed[-1], stem, self.config.image_size, "segmenter")  # (B, N, C)
+        check_image_size(x, self.config.image_size, "segmenter")
+        stem = self.patch_embed[:-1](x)  # the conv stem's features (B, stem_channels, H, W) for 'skip'
+        tokens = self.patch_embed[-1](stem).flatten(2).transpose(1, 2)  # (B, N, C)
         tokens = self.encoder(self.dropout(tokens + self.pos_emb(tokens.shape[1])))
         if self.config.decoder != "skip":
             return tokens
@@ -165,6 +171,7 @@ def segmenter(
     mlp_ratio: int = 4,
     dropout: float = 0.0,
     stem_channels: int = 0,
+    stem: str = "single",
     decoder: str = "shuffle",
     decoder_channels: int = 16,
 ) -> Segmenter:
@@ -180,6 +187,7 @@ def segmenter(
         mlp_ratio=mlp_ratio,
         dropout=dropout,
         stem_channels=stem_channels,
+        stem=stem,
         decoder=decoder,
         decoder_channels=decoder_channels,
     )

@@ -3,8 +3,9 @@
 Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words": the image is cut into patches (a strided
 convolution), a learned class token is prepended, learned positions are added, a pre-norm Transformer
 encoder runs, and a linear head reads the class token (or the mean of all tokens). Following Xiao et al.
-2021, "Early Convolutions Help Transformers See Better", an optional 3x3 convolution stem (conv-GELU, no
-BatchNorm) runs before patchifying, which helps on small images and data sets. Layout after timm's
+2021, "Early Convolutions Help Transformers See Better", an optional convolution stem runs before
+patchifying (one 3x3 conv-GELU, or their stack of stride-2 3x3 convolutions), which helps on small images
+and data sets. Layout after timm's
 ``vision_transformer.py``.
 
 Shapes: B batch, N tokens (patches, + 1 with a class token), C embedding width.
@@ -37,7 +38,8 @@ class ViTConfig:
     patch_size: int = 2  # tokens = (image_size / patch_size)^2; small patches suit small images
     mlp_ratio: int = 2  # feed-forward hidden width = mlp_ratio * embed_dim (ViT-Base uses 4)
     dropout: float = 0.0
-    stem_channels: int = 0  # 0: plain patch embedding; > 0: 3x3 conv-GELU stem of this width first
+    stem_channels: int = 0  # 0: plain patch embedding; > 0: a conv stem of this width first
+    stem: str = "single"  # "single": one 3x3 conv-GELU; "strided": Xiao's stride-2 stack (patch_embedding)
     pooling: str = "cls"  # "cls": the class token feeds the head; "mean": the mean of the patch tokens does
 
     def __post_init__(self) -> None:
@@ -49,6 +51,7 @@ class ViTConfig:
         check_positive(self, ["num_classes", "stem_channels"], minimum=0)
         check_dropout(self)
         check_choice(self, "pooling", ("cls", "mean"))
+        check_stem(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -70,16 +73,43 @@ def init_linear(module: nn.Module) -> None:
 
 
 def patch_embedding(
-    in_channels: int, embed_dim: int, patch_size: int, stem_channels: int = 0
+    in_channels: int, embed_dim: int, patch_size: int, stem_channels: int = 0, stem: str = "single"
 ) -> nn.Sequential:
-    """Pictures ``(B, in_channels, H, W)`` to patch features ``(B, embed_dim, H / P, W / P)``: a strided
-    convolution, after a 3x3 conv-GELU stem of ``stem_channels`` when that is above 0 (Xiao et al. 2021)."""
-    stem: list[nn.Module] = []
-    if stem_channels:
-        stem = [nn.Conv2d(in_channels, stem_channels, 3, padding=1), nn.GELU()]
-    return nn.Sequential(
-        *stem, nn.Conv2d(stem_channels or in_channels, embed_dim, patch_size, stride=patch_size)
-    )
+    """Pictures ``(B, in_channels, H, W)`` to patch features ``(B, embed_dim, H / P, W / P)``.
+
+    ``stem_channels`` 0: one strided convolution (ViT's patchify). Above 0, Xiao et al. 2021's early
+    convolutions first: ``stem="single"`` is one 3x3 conv-GELU of ``stem_channels`` at full resolution, then
+    the strided patchify; ``stem="strided"`` is their ViT_C stem, log2(P) 3x3 stride-2 conv-BatchNorm-ReLU
+    layers (``stem_channels``, doubling each layer) and a 1x1 convolution to ``embed_dim``. The last module
+    is always the one that gives ``embed_dim`` channels."""
+    if not stem_channels:
+        return nn.Sequential(nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size))
+    if stem == "single":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, stem_channels, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(stem_channels, embed_dim, patch_size, stride=patch_size),
+        )
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for i in range(patch_size.bit_length() - 1):  # log2(P) halvings
+        out = stem_channels * 2**i
+        conv = nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, embed_dim, 1))
+
+
+def check_stem(config: object) -> None:
+    """``ValueError`` for a ``stem`` other than single or strided, or a strided stem whose patch size is not
+    a power of 2 (each of its layers halves the resolution)."""
+    check_choice(config, "stem", ("single", "strided"))
+    P = config.patch_size  # type: ignore[attr-defined]
+    if config.stem == "strided" and (P < 2 or P & (P - 1)):  # type: ignore[attr-defined]
+        raise ValueError(
+            f"stem 'strided' halves the resolution log2(patch_size) times; patch_size {P} is not a "
+            "power of 2 above 1: choose 2, 4, 8 or 16, or stem 'single'"
+        )
 
 
 def vit_encoder(
@@ -101,14 +131,19 @@ def vit_encoder(
     return TransformerStack(layers, nn.LayerNorm(C))
 
 
-def patch_tokens(patch_embed: nn.Module, x: torch.Tensor, image_size: int, what: str) -> torch.Tensor:
-    """Pictures ``(B, in_channels, image_size, image_size)`` to patch tokens ``(B, N, C)``; ``ValueError``
-    naming ``what`` takes them for any other size (positions are per patch)."""
+def check_image_size(x: torch.Tensor, image_size: int, what: str) -> None:
+    """``ValueError`` naming ``what`` for pictures not ``image_size`` square (positions are per patch)."""
     if x.shape[-2:] != (image_size, image_size):
         raise ValueError(
             f"this {what} takes {image_size}x{image_size} images, got {x.shape[-2]}x{x.shape[-1]}; "
             "resize them"
         )
+
+
+def patch_tokens(patch_embed: nn.Module, x: torch.Tensor, image_size: int, what: str) -> torch.Tensor:
+    """Pictures ``(B, in_channels, image_size, image_size)`` to patch tokens ``(B, N, C)``; ``ValueError``
+    naming ``what`` takes them for any other size (positions are per patch)."""
+    check_image_size(x, image_size, what)
     return patch_embed(x).flatten(2).transpose(1, 2)  # (B, C, H / P, W / P) -> (B, N, C)
 
 
@@ -128,7 +163,9 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         C = config.embed_dim
-        self.patch_embed = patch_embedding(config.in_channels, C, config.patch_size, config.stem_channels)
+        self.patch_embed = patch_embedding(
+            config.in_channels, C, config.patch_size, config.stem_channels, config.stem
+        )
         num_tokens = (config.image_size // config.patch_size) ** 2
         self.cls_token = None
         if config.pooling == "cls":
@@ -192,6 +229,7 @@ def vit(
     mlp_ratio: int = 2,
     dropout: float = 0.0,
     stem_channels: int = 0,
+    stem: str = "single",
     pooling: str = "cls",
 ) -> ViT:
     """Builds a ViT from every hyperparameter (see :class:`ViTConfig` for what each means)."""
@@ -206,6 +244,7 @@ def vit(
         mlp_ratio=mlp_ratio,
         dropout=dropout,
         stem_channels=stem_channels,
+        stem=stem,
         pooling=pooling,
     )
     return ViT(config)
