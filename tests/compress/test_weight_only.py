@@ -131,10 +131,12 @@ def test_kernels_equal_pytorch_dequantization(monkeypatch: pytest.MonkeyPatch, a
     if cpu_kernels.kernels() is None:
         pytest.skip("the weight-only kernels cannot be compiled here")
     torch.manual_seed(1)
-    linear = nn.Linear(192, 70)  # 70 outputs: the kernels' last pass has two rows, not four
+    # 70 outputs: the int8 kernel's last pass has two rows, not four; 320 inputs: 10 blocks of 32, eight
+    # summed together by the int4 kernel (groups of 32), two after them alone
+    linear = nn.Linear(320, 70)
     for bits, group in ((8, None), (4, 32), (4, 64)):
         q = WeightOnlyLinear.from_float(linear, bits, group, activations)
-        x = torch.randn(2, 1, 192)  # (B, T, C): decoding two sequences
+        x = torch.randn(2, 1, 320)  # (B, T, C): decoding two sequences
         with torch.no_grad():
             fast, w_fast = q(x), q.dequantized_weight()
             monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
