@@ -393,7 +393,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (len(stops) and bool(done.all())):
                 break
             if cache is not None and cache[0].length < size:
-                decode = _compiled_step() if self.compiled_decoding else GPT._last_logits
+                decode = _compiled_step(idx.device.type) if self.compiled_decoding else GPT._last_logits
                 logits = decode(self, next_token, cache)
             else:  # no cache, or a full one: the last L tokens from the start
                 for layer_cache in cache or []:
@@ -403,9 +403,12 @@ class GPT(nn.Module):
 
 
 @functools.cache
-def _compiled_step() -> Callable:
-    # compiled once per process; a graph per model (its parameters are guarded), the cache length dynamic
-    return torch.compile(GPT._last_logits, dynamic=True)
+def _compiled_step(device_type: str) -> Callable:
+    # compiled once per process; a graph per model (its parameters are guarded), the cache length dynamic.
+    # On CPU the graph's wrapper is C++ (cpp_wrapper): a SmolLM2-135M step calls about 90 fused kernels and
+    # 151 weight-only matrix-vector products, and Python's wrapper around them cost about 1 ms of 12 a token
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(GPT._last_logits, dynamic=True, options=options)
 
 
 def gpt(
