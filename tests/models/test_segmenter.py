@@ -55,6 +55,37 @@ def test_the_strided_stem_feeds_the_shuffle_decoder_and_not_the_skip_one() -> No
         create_model("segmenter_test", stem="strided", decoder="skip")
 
 
+def test_the_cascade_decoder_joins_each_stem_level_and_reaches_full_resolution() -> None:
+    """TransUNet's cascade on the strided stem: with 8x8 patches the token grid is doubled twice, joined with
+    the stem's features at 1/4 then 1/2 of the image, and a transposed convolution gives full resolution;
+    the stem's levels carry pixels to the output that the tokens do not."""
+    torch.manual_seed(0)
+    model = create_model(
+        "segmenter_test", image_size=32, patch_size=8, stem="strided", decoder="cascade"
+    ).eval()
+    assert [(up.up.in_channels, up.up.out_channels) for up in model.cascade] == [(16, 8), (8, 4)]
+    assert model(model.example_input()).shape == (2, 11, 32, 32)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (1, 16, 32, 32)
+        model.pos_emb.weight.zero_()
+        model.encoder = torch.nn.Identity()  # the tokens as the stem made them; then silence them
+        model.patch_embed[-1].weight.zero_()
+        model.patch_embed[-1].bias.zero_()
+        y = x.clone()
+        y[0, :, 5, 9] += 5.0
+        changed = (model(x) - model(y)).abs().amax(dim=(0, 1)) > 1e-6
+    assert changed[5, 9] and changed.sum() < 32 * 32  # a pixel still reaches the output near it, not all
+
+
+def test_the_cascade_decoder_needs_the_strided_stem() -> None:
+    with pytest.raises(ValueError, match="stem 'strided'"):
+        create_model("segmenter_test", decoder="cascade")  # the single stem
+    with pytest.raises(ValueError, match="stem_channels above 0"):
+        create_model("segmenter_test", decoder="cascade", stem="strided", stem_channels=0)
+
+
 def test_reset_classifier_keeps_the_skip_decoder() -> None:
     torch.manual_seed(0)
     model = create_model("segmenter_test", decoder="skip")
@@ -65,7 +96,9 @@ def test_reset_classifier_keeps_the_skip_decoder() -> None:
     assert torch.equal(model.fuse[0].weight, fuse)  # only the classifier is new
 
 
-@pytest.mark.parametrize("variant", [{"decoder": "skip"}, {"stem": "strided"}])
+@pytest.mark.parametrize(
+    "variant", [{"decoder": "skip"}, {"stem": "strided"}, {"stem": "strided", "decoder": "cascade"}]
+)
 def test_a_segmenter_exports_to_onnx(variant: dict, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -114,7 +114,13 @@ def test_train_predict_and_draw_through_the_command_line(monkeypatch, capsys, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "model,decoder", [("unet_test", None), ("segmenter_test", None), ("segmenter_test", "skip")]
+    "model,decoder",
+    [
+        ("unet_test", None),
+        ("segmenter_test", None),
+        ("segmenter_test", "skip"),
+        ("segmenter_test", "cascade"),
+    ],
 )
 def test_a_model_overfits_a_handful_of_canvases(tmp_path, model, decoder) -> None:
     from tansuo.models import create_model
@@ -127,6 +133,8 @@ def test_a_model_overfits_a_handful_of_canvases(tmp_path, model, decoder) -> Non
     overrides = {"width": 8} if model == "unet_test" else {"embed_dim": 32, "num_heads": 4}
     if decoder:
         overrides["decoder"] = decoder
+    if decoder == "cascade":
+        overrides["stem"] = "strided"  # its CNN encoder
     model = create_model(model, **overrides, **task.model_overrides())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2 if "unet" in raw["model"]["name"] else 3e-3)
     batches = task.train_batches(8, 0)

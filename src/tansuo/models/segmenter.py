@@ -13,6 +13,12 @@ that :mod:`tansuo.models.vit` also offers (one 3x3 conv, or a stack of stride-2 
   pixel shuffle), joined with the conv stem's full-resolution features (a U-Net-style skip, as TransUNet
   and DPT's fusion do), then a 3x3 conv-GELU and a 1x1 classifier. The tokens say *what* is there, the stem
   says *where* its edges are: without it, every patch must learn the outline of every object in it.
+- ``cascade``: TransUNet's cascaded upsampler (Chen et al. 2021, "TransUNet: Transformers Make Strong Encoders
+  for Medical Image Segmentation"), with the ``strided`` stem as its CNN encoder: the token grid is doubled
+  in resolution step by step, each step joined with the stem's features of that resolution (U-Net's
+  up-convolution and skip, :class:`tansuo.models.unet.Up`), up to half the image; a last transposed
+  convolution reaches full resolution, then a 1x1 classifier. A hybrid: convolutions find strokes and edges,
+  the Transformer relates the patches.
 
 Shapes: B batch, N patch tokens, C embedding width, K classes, H x W image, P patch side.
 """
@@ -26,6 +32,7 @@ from torch import nn
 
 from tansuo.blocks import LearnedPositions
 from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
+from tansuo.models.unet import Up
 from tansuo.models.vit import check_image_size, check_stem, init_linear, patch_embedding, vit_encoder
 
 
@@ -42,8 +49,8 @@ class SegmenterConfig:
     dropout: float = 0.0
     stem_channels: int = 0  # 0: plain patch embedding; > 0: a conv stem of this width first
     stem: str = "single"  # "single": one 3x3 conv-GELU; "strided": Xiao's stride-2 stack (patch_embedding)
-    decoder: str = "shuffle"  # "linear": Segmenter's (bilinear); "shuffle": scores per pixel; "skip": + stem
-    decoder_channels: int = 16  # the skip decoder's width per pixel
+    decoder: str = "shuffle"  # "linear", "shuffle", "skip" or "cascade" (TransUNet): see the module docstring
+    decoder_channels: int = 16  # the skip and cascade decoders' width at full resolution
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -55,7 +62,12 @@ class SegmenterConfig:
         check_positive(self, ["stem_channels"], minimum=0)
         check_positive(self, ["decoder_channels"])
         check_dropout(self)
-        check_choice(self, "decoder", ("linear", "shuffle", "skip"))
+        check_choice(self, "decoder", ("linear", "shuffle", "skip", "cascade"))
+        if self.decoder == "cascade" and (not self.stem_channels or self.stem != "strided"):
+            raise ValueError(
+                "decoder 'cascade' joins the strided stem's features at each resolution; set "
+                "stem_channels above 0 (e.g. model.overrides.stem_channels=32) and stem 'strided'"
+            )
         if self.decoder == "skip" and (not self.stem_channels or self.stem != "single"):
             raise ValueError(
                 "decoder 'skip' joins the full-resolution features of a single conv stem; set "
@@ -101,11 +113,23 @@ class Segmenter(nn.Module):
             D, P = config.decoder_channels, config.patch_size
             self.upsample = nn.Linear(C, D * P * P)  # each token's features for every pixel of its patch
             self.fuse = nn.Sequential(nn.Conv2d(D + config.stem_channels, D, 3, padding=1), nn.GELU())
+        if config.decoder == "cascade":
+            # the stem's levels joined: stem_channels * 2^i at 1 / 2^(i + 1) of the image, all but the last
+            widths = [config.stem_channels * 2**i for i in range(config.patch_size.bit_length() - 2)]
+            ins = [C, *reversed(widths[1:])][: len(widths)]  # the token grid, then each step's output
+            self.cascade = nn.ModuleList(Up(i, o) for i, o in zip(ins, reversed(widths), strict=True))
+            D, last = config.decoder_channels, widths[0] if widths else C
+            self.final = nn.Sequential(
+                nn.ConvTranspose2d(last, D, 2, stride=2),
+                nn.Conv2d(D, D, 3, padding=1, bias=False),
+                nn.BatchNorm2d(D),
+                nn.ReLU(),
+            )
         self.head = self._new_head(config.num_classes)
         self.apply(init_linear)
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        if self.config.decoder == "skip":
+        if self.config.decoder in ("skip", "cascade"):
             return nn.Conv2d(self.config.decoder_channels, num_classes, 1)  # the classifier, per pixel
         per_token = num_classes * (self.config.patch_size**2 if self.config.decoder == "shuffle" else 1)
         return nn.Linear(self.config.embed_dim, per_token)
@@ -130,15 +154,26 @@ class Segmenter(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_channels, image_size, image_size)`` to what the classifier reads: normalised patch
-        tokens ``(B, N, C)``, or with the ``skip`` decoder its fused pixel features ``(B, D, H, W)``."""
+        tokens ``(B, N, C)``, or with the ``skip`` and ``cascade`` decoders pixel features
+        ``(B, D, H, W)``."""
         check_image_size(x, self.config.image_size, "segmenter")
-        stem = self.patch_embed[:-1](x)  # the conv stem's features (B, stem_channels, H, W) for 'skip'
+        levels = []  # the strided stem's features at 1/2, 1/4, ... of the image, for the cascade
+        stem = x
+        for module in self.patch_embed[:-1]:  # the conv stem; none: x as it is
+            stem = module(stem)
+            if isinstance(module, nn.ReLU):
+                levels.append(stem)
         tokens = self.patch_embed[-1](stem).flatten(2).transpose(1, 2)  # (B, N, C)
         tokens = self.encoder(self.dropout(tokens + self.pos_emb(tokens.shape[1])))
-        if self.config.decoder != "skip":
-            return tokens
-        up = F.pixel_shuffle(self._grid(self.upsample(tokens)), self.config.patch_size)  # (B, D, H, W)
-        return self.fuse(torch.cat([up, stem], dim=1))  # (B, D, H, W)
+        if self.config.decoder == "skip":
+            up = F.pixel_shuffle(self._grid(self.upsample(tokens)), self.config.patch_size)  # (B, D, H, W)
+            return self.fuse(torch.cat([up, stem], dim=1))  # (B, D, H, W)
+        if self.config.decoder == "cascade":
+            x = self._grid(tokens)  # (B, C, H / P, W / P)
+            for up, skip in zip(self.cascade, reversed(levels[:-1]), strict=True):
+                x = up(x, skip)  # twice the resolution, joined with the stem's features there
+            return self.final(x)  # (B, D, H, W)
+        return tokens
 
     def _grid(self, per_token: torch.Tensor) -> torch.Tensor:
         """Per-token values ``(B, N, F)`` laid out on the patch grid ``(B, F, H / P, W / P)``."""
@@ -146,7 +181,7 @@ class Segmenter(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_features`' output to class scores ``(B, K, H, W)``."""
-        if self.config.decoder == "skip":
+        if self.config.decoder in ("skip", "cascade"):
             return self.head(features)  # a 1x1 convolution: (B, K, H, W)
         scores = self._grid(self.head(features))  # (B, K or K * P * P, H / P, W / P)
         if self.config.decoder == "shuffle":
