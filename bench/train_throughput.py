@@ -64,7 +64,6 @@ from _common import (
 )
 from torch import nn
 
-from tansuo.device import compile_for
 from tansuo.measure.flops import matmul_peak
 
 
@@ -210,7 +209,7 @@ class Peer:
         self.name, self.cfg, self.device = peer, cfg, device
         self.model = build_model(peer, cfg, device)
         self.model.train()
-        self.forward = compile_for(self.model, device.type) if peer == "compiled" else self.model
+        self.forward = torch.compile(self.model) if peer == "compiled" else self.model
         self.hf = peer == "transformers"
         self.optimizer = build_optimizer(self.model, 1e-3, 0.1, (0.9, 0.99), device)
         g = torch.Generator().manual_seed(0)

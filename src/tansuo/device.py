@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -79,14 +77,6 @@ def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.A
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def compile_for(fn: Callable, device_type: str, **kwargs: Any) -> Callable:
-    """``torch.compile(fn, **kwargs)`` as tansuo compiles for ``device_type``: on CPU the graph's wrapper is
-    C++ (Inductor's ``cpp_wrapper``), which saves the Python call per fused kernel that small models at small
-    batches pay at every step."""
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
-    return torch.compile(fn, options=options, **kwargs)
 
 
 def seed_everything(seed: int) -> None:

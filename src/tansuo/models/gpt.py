@@ -32,7 +32,6 @@ from tansuo.blocks import (
     TransformerStack,
     build_norm,
 )
-from tansuo.device import compile_for
 from tansuo.models._registry import check_choice, check_dropout, check_positive, check_types, register_model
 from tansuo.models.sampling import sample_logits
 
@@ -408,7 +407,8 @@ def _compiled_step(device_type: str) -> Callable:
     # compiled once per process; a graph per model (its parameters are guarded), the cache length dynamic.
     # On CPU the graph's wrapper is C++ (cpp_wrapper): a SmolLM2-135M step calls about 90 fused kernels and
     # 151 weight-only matrix-vector products, and Python's wrapper around them cost about 1 ms of 12 a token
-    return compile_for(GPT._last_logits, device_type, dynamic=True)
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(GPT._last_logits, dynamic=True, options=options)
 
 
 def gpt(

@@ -37,7 +37,7 @@ from torch import nn
 
 from tansuo.blocks import activation_checkpointing_
 from tansuo.bundle import save_bundle, update_bundle_metrics
-from tansuo.device import autocast_dtype, autocast_to, compile_for, resolve_device
+from tansuo.device import autocast_dtype, autocast_to, resolve_device
 from tansuo.errors import RecipeError, TansuoError, TrainingDiverged
 from tansuo.recipe import TrainConfig
 from tansuo.tasks.base import Batch, Task
@@ -129,7 +129,7 @@ class Trainer:
                 f"train.activation_checkpointing: {type(model).__name__} has no transformer layer stack to "
                 "checkpoint; set it to false for this model"
             )
-        self.step_model = compile_for(model, self.device.type) if cfg.compile else model
+        self.step_model = torch.compile(model) if cfg.compile else model
         self.extra = None if extra is None else extra.to(self.device)
         self.trained = model if extra is None else nn.ModuleList([model, self.extra])
         # the loss of a micro-batch, through DDP or FSDP on several processes (before the optimizer: FSDP
