@@ -2,7 +2,7 @@
 
 Encoder as in Strudel et al. 2021, "Segmenter: Transformer for Semantic Segmentation" (a plain ViT over
 patches with learned positions, no class token), with the optional convolution stems of Xiao et al. 2021
-that :mod:`tansuo.models.vit` also offers (one 3x3 conv, or a stack of stride-2 ones). Three decoders:
+that :mod:`tansuo.models.vit` also offers (one 3x3 conv, or a stack of stride-2 ones). Four decoders:
 
 - ``linear``: Segmenter's linear decoder: each patch token gives K class scores, upsampled bilinearly to the
   image (a 16x16 patch is scored as one; coarse on small images).
