@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of mnist_5k.csv.gz (default: %(default)s)",
     )
     p.add_argument("--coco128", type=Path, default=None, help="also run the coco128 recipes on this folder")
+    p.add_argument(
+        "--no-canvas", action="store_true", help="skip the mnist-canvas models (with --coco128: coco128 only)"
+    )
     p.add_argument("--minutes", type=float, default=BUDGET_MIN, help="training budget per model (minutes)")
     p.add_argument("--only", default=None, help="run only the model whose label contains this (ViT, CNN)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-dense-vision"), help="run folders go here")
@@ -79,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error("--minutes must be positive")
+    if args.no_canvas and args.coco128 is None:
+        p.error("--no-canvas leaves nothing to run without --coco128 DIR")
     return args
 
 
@@ -170,7 +175,7 @@ def _side_by_side(
 ) -> list[dict[str, Any]]:
     """Each model of a task trained and measured: on mnist-canvas, and with ``--coco128`` on coco128."""
     rows = []
-    runs = [("mnist-canvas", canvas_models, args.data_dir)]
+    runs = [] if args.no_canvas else [("mnist-canvas", canvas_models, args.data_dir)]
     if args.coco128 is not None:
         runs.append(("coco128", coco_models, args.coco128))
     for data, models, data_dir in runs:

@@ -124,3 +124,24 @@ def test_fresh_canvases_are_new_every_step_with_their_boxes(tmp_path: Path):
     raw["data"] = {"source": "yolo", "path": str(csv), "fresh_canvases": True}
     with pytest.raises(RecipeError, match="fresh_canvases needs source mnist-canvas"):
         validate_recipe(raw)
+
+
+def test_mnist_canvas_test_split_holds_unseen_digits_and_is_held_back(tmp_path: Path):
+    from tests.helpers import write_digits_csv
+
+    csv = write_digits_csv(tmp_path / "digits.csv", 60, digits=3)
+    data = {"source": "mnist-canvas", "path": str(csv), "canvas_size": 48, "image_size": 32}
+    raw = detect_recipe(csv, tmp_path / "run", model="resnet_det_test")
+    raw["data"] = {**data, "canvases": [6, 3]}
+    two = task_from(raw)
+    assert two.heldout_split == "val"
+    with pytest.raises(DataError, match="no test split"):
+        two._split("test")
+    raw["data"] = {**data, "canvases": [6, 3, 4]}
+    three = task_from(raw)
+    assert three.heldout_split == "test" and type(three).heldout_split == "val"
+    test, val = three._split("test"), three._split("val")
+    assert len(test) == 4 and len(val) == 3
+    assert not torch.equal(test.images[:3], val.images)  # other digits, other canvases
+    model = create_model("resnet_det_test", **three.model_overrides())
+    assert "map" in three.evaluate(model, "test", 4, torch.device("cpu"))

@@ -32,7 +32,7 @@ from tansuo.tasks.base import ONNX, Batch, TaskBase, batch_seed, register_task
 from tansuo.tasks.detection_metrics import ImageBoxes, detection_metrics
 from tansuo.tasks.fcos import class_logits, decode, fcos_loss
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: mnist-canvas with three canvases counts only
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255  # ImageNet's, in 0..255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
@@ -61,7 +61,11 @@ class DetectDataConfig(BaseModel):
     names: str | None = Field(None, description="yolo folders: a YAML with names: (or one name a line)")
     classes: list[str] | None = Field(None, description="keep only these classes (others are dropped)")
     image_size: int = Field(128, gt=0, description="side of the square model input (images letterboxed)")
-    canvases: tuple[int, int] = Field((2000, 200), description="mnist-canvas: train and val canvases")
+    canvases: tuple[int, int] | tuple[int, int, int] = Field(
+        (2000, 200),
+        description="mnist-canvas: train and val canvases, and test canvases when a third count is given "
+        "(then the held-back figure is the test split's)",
+    )
     canvas_size: int = Field(128, gt=0, description="mnist-canvas: canvas side in pixels")
     digits_per_image: tuple[int, int] = Field((1, 4), description="mnist-canvas: digits per canvas")
     digit_scale: tuple[float, float] = Field((0.75, 1.5), description="mnist-canvas: digit scale range")
@@ -121,7 +125,7 @@ def _yolo(config_path: str) -> dict[str, DenseDataset]:
     root = path.parent / str(config.get("path") or ".")
     names = read_names(path)
     out = {}
-    for split in SPLITS:
+    for split in ("train", "val"):
         if split not in config:
             raise DataError(f"{path} has no {split!r} entry (a folder of {split} images)")
         images = root / str(config[split])
@@ -150,16 +154,20 @@ def canvases(
 
 
 def load_splits(data: DetectDataConfig, seed: int) -> dict[str, DenseDataset]:
-    """The train and val data sets a data config names (all classes, before ``classes``)."""
+    """The train and val data sets a data config names (all classes, before ``classes``), and test for
+    mnist-canvas given three canvas counts."""
     if data.source == "mnist-canvas":
         from tansuo.data.canvas import digit_pools
 
         assert data.path is not None
-        train, val, _ = digit_pools(data.path, seed)
-        return {
+        train, val, test = digit_pools(data.path, seed)
+        made = {
             "train": canvases(data, train, data.canvases[0], seed),
             "val": canvases(data, val, data.canvases[1], seed + 1),
         }
+        if len(data.canvases) == 3:
+            made["test"] = canvases(data, test, data.canvases[2], seed + 2)
+        return made
     if data.source == "yolo" and data.path is not None:
         return _yolo(data.path)
     if data.source == "yolo":
@@ -225,6 +233,8 @@ class DetectTask(TaskBase):
 
     def __init__(self, data: DetectDataConfig, seed: int, class_names: list[str]) -> None:
         self.data, self.seed = data, seed
+        if data.source == "mnist-canvas" and len(data.canvases) == 3:
+            self.heldout_split = "test"  # type: ignore[misc]
         self.class_names = class_names
         self.image_size = data.image_size
         self._splits: dict[str, _Split] = {}
@@ -253,6 +263,11 @@ class DetectTask(TaskBase):
     def _split(self, split: str) -> _Split:
         if split not in SPLITS:
             raise DataError(f"the detect task has splits {SPLITS}, not {split!r}")
+        if split == "test" and self.heldout_split != "test":
+            raise DataError(
+                "this detect data has no test split (train and val only); a mnist-canvas recipe gets one "
+                "with three counts in data.canvases"
+            )
         if split not in self._splits:
             datasets = load_splits(self.data, self.seed)
             dataset = keep_classes(datasets[split], self.data.classes)
