@@ -8,6 +8,7 @@ from tansuo.models import (  # noqa: F401
     bert4rec,
     cnn,
     cnn_det,
+    effnet,
     effnet_det,
     gpt,
     rec_baselines,
