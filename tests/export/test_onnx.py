@@ -77,6 +77,18 @@ def test_segmenters_export_their_per_pixel_scores(name: str, tmp_path: Path) -> 
     torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", model)(x), ref, atol=1e-4, rtol=0)
 
 
+def test_the_efficientnet_classifier_exports_with_its_resize_and_grey_input(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("effnet_lite0_test", image_size=12, feature_norm=True).eval()
+    model.model_name = "effnet_lite0_test"
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report["max_abs_diff"] <= 1e-4
+    x = torch.randn(5, 1, 12, 12)  # grey 12x12, resampled to 32x32 inside the graph
+    with torch.no_grad():
+        ref = model(x)  # (5, 3)
+    torch.testing.assert_close(OnnxModel(tmp_path / "m.onnx", model)(x), ref, atol=1e-4, rtol=0)
+
+
 def test_unsupported_family_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TansuoError, match="'gpt' family does not export to ONNX"):
         export_onnx(create_model("gpt_test"), tmp_path / "m.onnx")
