@@ -78,3 +78,14 @@ def test_the_strided_stem_needs_a_power_of_two_patch(patch_size):
         )
     with pytest.raises(ValueError, match="stem"):
         ViTConfig(embed_dim=8, num_layers=1, num_heads=2, stem="deep")
+
+
+def test_the_vit_detector_takes_the_strided_stem_to_its_backbone():
+    plain = create_model("vit_det_test")
+    strided = create_model("vit_det_test", stem="strided")  # 8x8 patches: three stride-2 layers of 4, 8, 16
+    convs = [m for m in strided.backbone.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(4, 2), (8, 2), (16, 2), (16, 1)]
+    x = torch.randn(2, 3, 32, 32)
+    assert strided(x).shape == plain(x).shape
+    with pytest.raises(ValueError, match="stem"):
+        create_model("vit_det_test", stem="deep")

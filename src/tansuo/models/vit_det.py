@@ -34,6 +34,7 @@ class ViTDetConfig:
     mlp_ratio: int = 2
     dropout: float = 0.0
     stem_channels: int = 32  # 3x3 conv stem before patchifying (0: none); helps on small data
+    stem: str = "single"  # "single": one 3x3 conv; "strided": Xiao et al.'s stride-2 stack (vit.py)
     fpn_channels: int = 64  # channels of every pyramid level and of the head
     num_levels: int = 3  # pyramid levels at strides finest_stride, 2 * finest_stride, ...
     finest_stride: int = 4  # below patch_size: upsampled by transposed convolutions (ViTDet's 1/4 level)
@@ -101,6 +102,7 @@ class ViTDet(nn.Module):
                 mlp_ratio=config.mlp_ratio,
                 dropout=config.dropout,
                 stem_channels=config.stem_channels,
+                stem=config.stem,
                 pooling="mean",
             )
         )
@@ -161,6 +163,7 @@ def vit_det(
     mlp_ratio: int = 2,
     dropout: float = 0.0,
     stem_channels: int = 32,
+    stem: str = "single",
     fpn_channels: int = 64,
     num_levels: int = 3,
     finest_stride: int = 4,
@@ -178,6 +181,7 @@ def vit_det(
         mlp_ratio=mlp_ratio,
         dropout=dropout,
         stem_channels=stem_channels,
+        stem=stem,
         fpn_channels=fpn_channels,
         num_levels=num_levels,
         finest_stride=finest_stride,
