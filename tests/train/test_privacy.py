@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tansuo.errors import RecipeError, TansuoError
 from tansuo.models import create_model
 from tansuo.train.checkpoint import load_checkpoint
-from tansuo.train.privacy import per_example_gradients
+from tansuo.train.privacy import hooked_gradients, hooks_apply, per_example_gradients
 from tests.helpers import Interrupted, classify_recipe, image_recipe, make_trainer
 
 
@@ -80,6 +80,57 @@ def test_only_trainable_parameters_get_per_example_gradients():
     batch = {"x": torch.randn(3, 1, 8, 8), "y": torch.tensor([0, 1, 2])}
     grads, _ = per_example_gradients(model, _image_loss, batch)
     assert set(grads) == {"head.weight", "head.bias"}
+
+
+def _lora(model, dropout=0.0):
+    from tansuo.adapters.lora import LoRAConfig, freeze_base_, lora_
+
+    lora_(model, LoRAConfig(r=2, alpha=4.0, dropout=dropout))
+    freeze_base_(model, ["head"])
+    for layer in model.modules():  # B starts at zero: give it values, so that A's gradient is not zero
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+    return model
+
+
+def _hooked_cases():  # without dropout: the two ways must see the same network, in training mode
+    cases = {c[0]: c for c in _cases()}
+    vit_probe = create_model("vit_test", num_classes=4, image_size=8, in_channels=1, dropout=0.0)
+    for n, p in vit_probe.named_parameters():
+        p.requires_grad_(n.startswith("head."))  # a frozen backbone under a trained head
+    return [
+        ("resnet_test", create_model("resnet_test", **cases["resnet_test"][1]), *cases["resnet_test"][2:]),
+        (
+            "bert_test+lora",
+            _lora(create_model("bert_test", **cases["bert_test"][1], dropout=0.0)),
+            *cases["bert_test"][2:],
+        ),
+        ("vit_test head", vit_probe, *cases["vit_test"][2:]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "loss_fn", "batch"), _hooked_cases(), ids=["resnet", "lora", "probe"]
+)
+def test_opacus_hooks_give_the_same_per_example_gradients_as_vmap(name, model, loss_fn, batch):
+    model.train()  # the hooks record in training mode
+    assert hooks_apply(model)
+    expected, losses = per_example_gradients(model, loss_fn, batch)
+    grads, summed = hooked_gradients(model, loss_fn, batch)
+    assert set(grads) == set(expected)
+    for k, g in grads.items():
+        assert g.abs().sum() > 0 or k.startswith("mlm_head."), f"{name}: {k} got no gradient"
+        torch.testing.assert_close(g, expected[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    torch.testing.assert_close(summed, losses.sum())
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())  # removed
+
+
+def test_hooks_are_not_used_where_they_cannot_give_every_gradient():
+    assert not hooks_apply(
+        create_model("vit_test", num_classes=4, image_size=8, in_channels=1)
+    )  # class token
+    assert not hooks_apply(create_model("bert_test", vocab_size=50, num_classes=3))  # LearnedPositions
+    assert not hooks_apply(_lora(create_model("bert_test", vocab_size=50, num_classes=3), dropout=0.1))
 
 
 def _private(npz: Path, out: Path, **train: object) -> dict:
@@ -173,6 +224,49 @@ def test_private_classify_trains(sentiment_tsv, tmp_path):
     raw = classify_recipe(sentiment_tsv, tmp_path / "run", max_steps=4, privacy=privacy, eval_every=4)
     result = make_trainer(raw).fit()
     assert 0 < result["privacy"]["epsilon"] <= 1.0
+
+
+def test_private_lora_classify_trains_on_opacus_hooks(sentiment_tsv, tmp_path):
+    privacy = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp"}
+    lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
+    raw = classify_recipe(
+        sentiment_tsv, tmp_path / "run", max_steps=3, privacy=privacy, eval_every=3, lora=lora
+    )
+    trainer = make_trainer(raw)
+    assert trainer.private.hooks
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.fit()
+    assert 0 < result["privacy"]["epsilon"] <= 1.0
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n or n.startswith("head.") for n in changed), changed
+
+
+@pytest.mark.parametrize(("lora", "text_chunk"), [(True, 3), (True, 64), (False, 3)])
+def test_every_example_is_clipped_once_whatever_the_chunks(
+    sentiment_tsv, tmp_path, monkeypatch, lora, text_chunk
+):
+    import tansuo.train.privacy as privacy
+
+    monkeypatch.setattr(privacy, "TEXT_CHUNK", text_chunk)  # texts sorted by length, chunks of 3 or all
+    adapters = {"lora": {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}} if lora else {}
+    privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", "max_grad_norm": 0.05}
+    raw = classify_recipe(sentiment_tsv, tmp_path / "run", max_steps=2, privacy=privacy_cfg, **adapters)
+    trainer = make_trainer(raw)
+    dp, model = trainer.private, trainer.model.train()
+    assert dp.hooks == lora
+    dp.accumulate(0, torch.device("cpu"))
+    dp.optimizer.clip_and_accumulate()
+    # the reference: the whole batch at once on torch.func, each example clipped to the norm by hand
+    batch = trainer.task.examples("train", dp.sample(0), 0)
+    assert batch["attention_mask"].sum(1).unique().numel() > 2  # texts of several lengths
+    grads, _ = per_example_gradients(model, trainer.task.loss, batch)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+    factor = (0.05 / (norms + 1e-6)).clamp(max=1.0)
+    assert (factor < 1).any()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = torch.einsum("b,b...->...", factor, grads[name])
+            torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_refuses_batchnorm_models(image_npz, tmp_path):

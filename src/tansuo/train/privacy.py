@@ -16,14 +16,19 @@ How it fits the project's loop:
   which is the sampling the accountant's amplification assumes, and the batch's size varies (expected
   ``batch_size``) as in Opacus' ``DPDataLoader``. What the analysis also assumes is that the adversary does
   not know the sampling randomness: keep the recipe's seed private for a release (its default is public).
-- **Per-example gradients with torch.func, not Opacus' hooks.** ``vmap`` of ``grad`` of the task's own loss
-  on a batch of one differentiates the whole forward per example, whatever its layers. Opacus'
-  ``GradSampleModule`` computes them layer by layer from hooks, which cannot give the project's blocks
-  theirs: ``LearnedPositions`` returns its table without a batch dimension (added to every example by
-  broadcasting) and ViT's class token is a bare parameter of the model. RMSNorm, LayerNorm, embeddings,
-  attention and LoRA adapters all work under ``vmap`` (only trainable parameters get gradients); attention
-  runs on SDPA's math kernel there (the CPU flash kernel has no batching rule). Examples are taken in chunks
-  of at most ``2**27`` per-example gradient values (512 MB), each chunk clipped into Opacus' running sum.
+- **Per-example gradients: Opacus' hooks where they apply, torch.func where they do not.** When every
+  module that holds a trainable parameter has an Opacus grad sampler (Linear, LayerNorm, RMSNorm,
+  Embedding, GroupNorm, convolutions, and the project's :class:`~tansuo.adapters.lora.LoRALinear`,
+  registered here), Opacus' hooks (``GradSampleHooks``) compute them from one ordinary batched forward and
+  backward: the frozen part of a model (a LoRA-tuned encoder, a frozen backbone under a linear probe) costs
+  what it costs without privacy. Otherwise ``vmap`` of ``grad`` of the task's own loss on a batch of one
+  differentiates the whole forward per example, whatever its layers: the hooks cannot give some of the
+  project's blocks theirs (``LearnedPositions`` returns its table without a batch dimension, added to every
+  example by broadcasting; ViT's class token is a bare parameter of the model). Attention runs on SDPA's
+  math kernel under ``vmap`` (the CPU flash kernel has no batching rule). Both ways give the same gradients
+  (tested); the hooks rely on the :data:`~tansuo.tasks.base.EXAMPLES` contract that a task's loss is the
+  mean of its examples' losses. Examples are taken in chunks of at most ``2**27`` per-example gradient
+  values (512 MB), each chunk clipped into Opacus' running sum.
 - **Clipping, noise, accounting: Opacus.** ``DPOptimizer`` clips and noises the per-example gradients put in
   ``p.grad_sample``; its step hook steps the accountant. The noise comes from torch's global generator,
   which the checkpoint keeps, so a resumed run is the run it would have been; the accountant's history
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 
 #: per-example gradient values held at once (chunks of examples keep under it)
 GRADIENT_BUDGET = 2**27
+#: texts per chunk at most: a Poisson batch of texts is sorted by length and each chunk padded to its own
+#: longest, so a few long texts do not make every text cost as much as they do
+TEXT_CHUNK = 64
 
 
 class _Bound:
@@ -96,6 +105,75 @@ def per_example_gradients(
     run = torch.func.vmap(torch.func.grad(one, has_aux=True), in_dims=(None, 0), randomness="different")
     with sdpa_kernel(SDPBackend.MATH):
         return run(params, batch)
+
+
+def _lora_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus grad sampler for :class:`~tansuo.adapters.lora.LoRALinear` (adapter without dropout): with
+    input ``x`` and output gradient ``g`` of each example, ``y = x W^T + s x A^T B^T`` gives
+    ``dA = s (g B)^T x`` and ``dB = s g^T (x A^T)``, summed over the example's positions."""
+    x = activations[0].to(backprops.dtype)
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.lora_A.requires_grad:
+        gb = torch.einsum("n...o,or->n...r", backprops, layer.lora_B)
+        out[layer.lora_A] = torch.einsum("n...r,n...i->nri", gb, x) * layer.scale
+    if layer.lora_B.requires_grad:
+        xa = torch.einsum("n...i,ri->n...r", x, layer.lora_A)
+        out[layer.lora_B] = torch.einsum("n...o,n...r->nor", backprops, xa) * layer.scale
+    return out
+
+
+def hooks_apply(model: nn.Module) -> bool:
+    """Whether Opacus' hooks can give every trainable parameter of ``model`` its per-example gradient: each
+    module holding one directly has a grad sampler (LoRA adapters only without dropout, whose mask the
+    sampler cannot replay)."""
+    from opacus.grad_sample import GradSampleModule, register_grad_sampler
+
+    from tansuo.adapters.lora import LoRALinear
+
+    if LoRALinear not in GradSampleModule.GRAD_SAMPLERS:
+        register_grad_sampler(LoRALinear)(_lora_grad_sample)
+    for m in model.modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        if type(m) not in GradSampleModule.GRAD_SAMPLERS:
+            return False
+        if isinstance(m, LoRALinear) and not isinstance(m.dropout, nn.Identity):
+            return False
+    return True
+
+
+def hooked_gradients(
+    model: nn.Module,
+    loss_fn: Any,
+    batch: Batch,
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What :func:`per_example_gradients` gives, from one batched forward (under ``autocast()``) and
+    backward with Opacus' hooks (only where :func:`hooks_apply`): ``({name: (B, *shape)}, the batch's summed
+    loss)``. ``loss_fn`` must be the mean of the examples' losses (the hooks scale by the batch size).
+    ``p.grad`` is written too (the DPOptimizer replaces it)."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        with autocast():
+            loss = loss_fn(model, batch)
+        with warnings.catch_warnings():  # a first trained layer's input needs no gradient: as it should be
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss.backward()
+    finally:
+        hooks.remove_hooks()
+    n = len(next(iter(batch.values())))
+    grads = {  # a parameter the loss does not reach (an unused head) gets zeros, as under vmap
+        name: torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+        if p.grad_sample is None
+        else p.grad_sample
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return grads, loss.detach() * n
 
 
 def check_private(task: Task, model: nn.Module, world_size: int) -> None:
@@ -189,6 +267,11 @@ class DPSGD:
         self.accountant = create_accountant(settings.accountant)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.chunk = max(1, GRADIENT_BUDGET // max(1, trainable))
+        self.hooks = hooks_apply(model)
+        log.info(
+            "DP-SGD: per-example gradients %s",
+            "from Opacus' hooks (one batched backward)" if self.hooks else "with torch.func.vmap",
+        )
         self._spent: tuple[int, float] | None = None  # (steps, epsilon) last computed
         log.info(
             "DP-SGD: noise multiplier %.4f for epsilon %g at delta %g over %d steps at sampling rate %.5f "
@@ -243,15 +326,26 @@ class DPSGD:
         units = self.task.count(batch)
         names = {id(p): n for n, p in self.model.named_parameters()}
         total = 0.0
-        chunks = indices.split(self.chunk)
-        start = 0
-        for i, part in enumerate(chunks):
-            rows = slice(start, start + len(part))
-            start += len(part)
-            piece = {k: v[rows].to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast():
-                grads, losses = per_example_gradients(self.model, self.task.loss, piece)
-            total += float(losses.float().sum())
+        if "attention_mask" in batch:  # padded texts: by length, in chunks each padded to its own longest
+            order = batch["attention_mask"].sum(1).argsort(stable=True)
+            chunks = indices[order].split(min(self.chunk, TEXT_CHUNK))
+            pieces = (self.task.examples("train", part, step) for part in chunks)  # type: ignore[attr-defined]
+        else:
+            chunks = indices.split(self.chunk)
+            bounds = torch.tensor([len(c) for c in chunks]).cumsum(0).tolist()
+            pieces = (
+                {k: v[end - len(c) : end] for k, v in batch.items()}
+                for c, end in zip(chunks, bounds, strict=True)
+            )
+        for i, piece in enumerate(pieces):
+            piece = {k: v.to(device, non_blocking=True) for k, v in piece.items()}
+            if self.hooks:
+                grads, summed = hooked_gradients(self.model, self.task.loss, piece, autocast)
+            else:
+                with autocast():
+                    grads, losses = per_example_gradients(self.model, self.task.loss, piece)
+                summed = losses.float().sum()
+            total += float(summed)
             for p in params:
                 p.grad_sample = grads[names[id(p)]]
             if i < len(chunks) - 1:
