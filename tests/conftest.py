@@ -66,3 +66,16 @@ def sentiment_tsv(tmp_path: Path) -> Path:
     path = tmp_path / "sentiment.tsv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def public_tokenizer(tmp_path: Path) -> Path:
+    """A WordPiece tokenizer.json learned from the word lists alone, not from any training file's sentences:
+    what a private run must be given (a tokenizer trained on the private texts is refused)."""
+    from tansuo.data import encoder_tokenizer, save_tokenizer
+
+    words = [*FILLER, *POSITIVE, *NEGATIVE]
+    tok = encoder_tokenizer("wordpiece", lambda: iter([" ".join(words)] * 3), vocab_size=200)
+    path = tmp_path / "public-tokenizer.json"
+    save_tokenizer(tok, path)
+    return path

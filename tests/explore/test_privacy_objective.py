@@ -19,6 +19,7 @@ def _raw(npz: Path, study: Path) -> dict:
     raw = explore_raw(npz, study)
     private = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp"}
     raw["train"].update(max_steps=6, grad_clip=0.0)
+    raw["data"].update(mean=[3.0], std=[4.0])  # public statistics, as a private run needs
     raw["explore"].update(
         candidates=[
             {"model": "vit_test", "label": "vit"},

@@ -137,7 +137,15 @@ def _private(npz: Path, out: Path, **train: object) -> dict:
     # a large noise multiplier: Opacus' RDP calibration and epsilon take a fraction of a second (seconds when
     # the noise is small)
     privacy = {"target_epsilon": 1.0, "delta": 1e-3, "max_grad_norm": 1.0, "accountant": "rdp"}
-    return image_recipe(npz, out, privacy=privacy, grad_clip=0.0, **{"threads": 1, **train})
+    raw = image_recipe(npz, out, privacy=privacy, grad_clip=0.0, **{"threads": 1, **train})
+    raw["data"].update(mean=[3.0], std=[4.0])  # public statistics: the training split's are refused
+    return raw
+
+
+def _private_classify(tsv: Path, tokenizer: Path, out: Path, **train: object) -> dict:
+    raw = classify_recipe(tsv, out, **train)
+    raw["data"]["tokenizer"] = str(tokenizer)  # learned from public text: one trained on tsv is refused
+    return raw
 
 
 def test_accountant_matches_opacus_for_the_same_noise_rate_and_steps(image_npz, tmp_path):
@@ -219,18 +227,26 @@ def test_private_run_resumes_bit_for_bit_with_the_accountant(image_npz, tmp_path
         assert torch.equal(a, b), k
 
 
-def test_private_classify_trains(sentiment_tsv, tmp_path):
+def test_private_classify_trains(sentiment_tsv, public_tokenizer, tmp_path):
     privacy = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp"}
-    raw = classify_recipe(sentiment_tsv, tmp_path / "run", max_steps=4, privacy=privacy, eval_every=4)
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=4, privacy=privacy, eval_every=4
+    )
     result = make_trainer(raw).fit()
     assert 0 < result["privacy"]["epsilon"] <= 1.0
 
 
-def test_private_lora_classify_trains_on_opacus_hooks(sentiment_tsv, tmp_path):
+def test_private_lora_classify_trains_on_opacus_hooks(sentiment_tsv, public_tokenizer, tmp_path):
     privacy = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp"}
     lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
-    raw = classify_recipe(
-        sentiment_tsv, tmp_path / "run", max_steps=3, privacy=privacy, eval_every=3, lora=lora
+    raw = _private_classify(
+        sentiment_tsv,
+        public_tokenizer,
+        tmp_path / "run",
+        max_steps=3,
+        privacy=privacy,
+        eval_every=3,
+        lora=lora,
     )
     trainer = make_trainer(raw)
     assert trainer.private.hooks
@@ -243,14 +259,16 @@ def test_private_lora_classify_trains_on_opacus_hooks(sentiment_tsv, tmp_path):
 
 @pytest.mark.parametrize(("lora", "text_chunk"), [(True, 3), (True, 64), (False, 3)])
 def test_every_example_is_clipped_once_whatever_the_chunks(
-    sentiment_tsv, tmp_path, monkeypatch, lora, text_chunk
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, lora, text_chunk
 ):
     import tansuo.train.privacy as privacy
 
     monkeypatch.setattr(privacy, "TEXT_CHUNK", text_chunk)  # texts sorted by length, chunks of 3 or all
     adapters = {"lora": {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}} if lora else {}
     privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", "max_grad_norm": 0.05}
-    raw = classify_recipe(sentiment_tsv, tmp_path / "run", max_steps=2, privacy=privacy_cfg, **adapters)
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, **adapters
+    )
     trainer = make_trainer(raw)
     dp, model = trainer.private, trainer.model.train()
     assert dp.hooks == lora
@@ -267,6 +285,29 @@ def test_every_example_is_clipped_once_whatever_the_chunks(
         if p.requires_grad:
             want = torch.einsum("b,b...->...", factor, grads[name])
             torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_refuses_statistics_of_the_private_data_computed_outside_dp_sgd(image_npz, sentiment_tsv, tmp_path):
+    raw = _private(image_npz, tmp_path / "image")
+    del raw["data"]["mean"], raw["data"]["std"]
+    with pytest.raises(
+        RecipeError, match=r"training images' per-channel mean and std; set data.mean and data"
+    ):
+        make_trainer(raw)
+    privacy = {"target_epsilon": 1.0, "delta": 1e-3}
+    with pytest.raises(RecipeError, match="wordpiece tokenizer is trained on the training texts"):
+        make_trainer(classify_recipe(sentiment_tsv, tmp_path / "text", privacy=privacy))
+
+
+def test_given_statistics_normalise_the_images(image_npz, tmp_path):
+    raw = image_recipe(image_npz, tmp_path / "run")
+    raw["data"].update(mean=[3.0], std=[4.0])
+    task = make_trainer(raw).task
+    assert task.training_statistics is None
+    torch.testing.assert_close(task.normalize(torch.full((1, 1, 2, 2), 7.0)), torch.ones(1, 1, 2, 2))
+    raw["data"].update(mean=[3.0, 1.0])
+    with pytest.raises(TansuoError, match="data.mean has 2 values; the images have 1 channels"):
+        make_trainer(raw)
 
 
 def test_refuses_batchnorm_models(image_npz, tmp_path):

@@ -234,6 +234,10 @@ class TaskBase:
     quality_scale: ClassVar[float] = 1.0
     #: what preparing the data did, for the run's log (metrics.jsonl's "data" event); e.g. PII scrubbed
     data_report: dict[str, Any] = {}  # noqa: RUF012  (replaced per instance, never mutated)
+    #: what preparing the data computed from the training examples outside training (input statistics, a
+    #: tokenizer trained on them), so outside DP-SGD's guarantee, and how to avoid it; None: nothing.
+    #: ``train.privacy`` refuses a task that says something here.
+    training_statistics: str | None = None
     seed: int
     data: BaseModel
 

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tansuo.data import (
+    TRAINED_ENCODER_TOKENIZERS,
     LabelledRow,
     encoder_tokenizer,
     iter_labelled_rows,
@@ -168,6 +169,12 @@ class ClassifyTask(TaskBase):
         )
         task = cls(data, seed, tokenizer, labels)
         task.data_report = report
+        if data.tokenizer in TRAINED_ENCODER_TOKENIZERS:
+            task.training_statistics = (
+                f"its {data.tokenizer} tokenizer is trained on the training texts (a rare word there can "
+                "become a token); give data.tokenizer a tokenizer learned from public text (a pretrained "
+                "model's folder, a tokenizer.json or vocab.txt)"
+            )
         task._encode_all(rows)
         return task
 

@@ -2,7 +2,8 @@
 
 Sources: scikit-learn's bundled 8x8 digits, an NPZ file, or CSV rows (label then pixels, as MNIST CSVs).
 The data is split once with a seeded permutation (default 80/10/10 train/val/test). Images stay in their
-source units in memory and are normalised per channel with the training split's mean and std on the fly,
+source units in memory and are normalised per channel on the fly with the training split's mean and std
+(or the given ``data.mean`` / ``data.std``: a private run needs public ones),
 after augmentation (random shifts of up to ``max_shift`` pixels, then optionally RandAugment or
 TrivialAugment), so shifted-in borders are true background. MixUp / CutMix (``mixup``, ``cutmix``) turn the
 training targets into (B, K) probabilities; ``label_smoothing`` smooths the training loss.
@@ -63,6 +64,23 @@ class ImageDataConfig(BaseModel):
         0.0, ge=0, lt=1, description="training loss against (1 - e) * target + e / classes; 0 turns it off"
     )
     top_k: int = Field(5, gt=0, description="also report top-k accuracy when there are more than k classes")
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="per-channel mean in source units (one value or one per channel) that inputs are "
+        "normalised with; unset: the training split's. A private run (train.privacy) needs public values: "
+        "the training split's are a statistic DP-SGD does not cover (MNIST in 0-255: 33.32)",
+    )
+    std: list[float] | None = Field(
+        None, min_length=1, description="per-channel standard deviation, as mean (MNIST in 0-255: 78.57)"
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"every standard deviation must be positive, got {v}")
+        return v
 
     @field_validator("splits")
     @classmethod
@@ -70,6 +88,12 @@ class ImageDataConfig(BaseModel):
         if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"the three fractions must be positive and sum to 1 (they sum to {sum(v):.4f})")
         return v
+
+    @model_validator(mode="after")
+    def _statistics(self) -> ImageDataConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give data.mean and data.std together (or neither: the training split's)")
+        return self
 
     @model_validator(mode="after")
     def _mixing(self) -> ImageDataConfig:
@@ -122,6 +146,11 @@ class ImageTask(TaskBase):
         self.std = torch.tensor(info["std"]).view(1, -1, 1, 1)
         self._arrays = arrays
         self._split_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if data.mean is None:
+            self.training_statistics = (
+                "inputs are normalised with the training images' per-channel mean and std; set data.mean "
+                "and data.std to public values (MNIST in 0-255 pixels: data.mean=[33.32] data.std=[78.57])"
+            )
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -129,9 +158,19 @@ class ImageTask(TaskBase):
         assert isinstance(data, ImageDataConfig)
         arrays = load_arrays(data)
         train_idx = split_indices(len(arrays.labels), data.splits, seed)[0]
-        train = arrays.images[train_idx]
-        mean = train.mean(axis=(0, 2, 3))
-        std = train.std(axis=(0, 2, 3)) + 1e-6
+        channels = arrays.image_shape[0]
+        if data.mean is not None and data.std is not None:  # given (public) statistics
+            for name, given in (("mean", data.mean), ("std", data.std)):
+                if len(given) not in (1, channels):
+                    raise DataError(
+                        f"data.{name} has {len(given)} values; the images have {channels} channels"
+                    )
+            mean = np.broadcast_to(np.asarray(data.mean, dtype=np.float64), (channels,))
+            std = np.broadcast_to(np.asarray(data.std, dtype=np.float64), (channels,))
+        else:
+            train = arrays.images[train_idx]
+            mean = train.mean(axis=(0, 2, 3))
+            std = train.std(axis=(0, 2, 3)) + 1e-6
         if data.augment != "none" and arrays.image_shape[0] not in (1, 3):
             raise DataError(
                 f"data.augment {data.augment} needs grey or RGB images; these have {arrays.image_shape[0]} "
@@ -175,7 +214,7 @@ class ImageTask(TaskBase):
         return self._split_cache[split]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Source units -> zero mean, unit variance per channel (training split statistics)."""
+        """Source units -> zero mean, unit variance per channel (training split or given statistics)."""
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     # ------------------------------------------------------------ Task protocol

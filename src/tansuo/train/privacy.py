@@ -36,7 +36,10 @@ How it fits the project's loop:
 
 Refused, each with a :class:`~tansuo.errors.RecipeError` saying why: tasks that cannot address single
 examples (no :data:`~tansuo.tasks.base.EXAMPLES` ability: lm, mlm, translate and recommend cut or pack their
-data into windows, so an example is not a record); models with layers that mix the examples of a batch
+data into windows, so an example is not a record); tasks that compute something from the training examples
+outside training (``task.training_statistics``: image inputs normalised with the training split's mean and
+std instead of public ``data.mean`` / ``data.std``, a tokenizer trained on the training texts), which the
+accountant's epsilon would not cover; models with layers that mix the examples of a batch
 (BatchNorm: the ResNet unless built with ``norm: group``; Opacus' ``ModuleValidator`` judges); several
 processes; and in the recipe (``recipe.py``) grad_accum, fp16, compile and activation checkpointing. EMA is
 allowed (an average of private weights is post-processing, as private as they are).
@@ -187,6 +190,12 @@ def check_private(task: Task, model: nn.Module, world_size: int) -> None:
             f"train.privacy: the {task.name!r} task cannot address single examples (its data are cut or "
             "packed into windows), so DP-SGD has nothing to sample and clip per example; it works with the "
             "image and classify tasks"
+        )
+    leak = getattr(task, "training_statistics", None)
+    if leak:
+        raise RecipeError(
+            f"train.privacy: the {task.name!r} task computes something from the training examples outside "
+            f"DP-SGD, which its epsilon would not cover: {leak}"
         )
     if world_size > 1:
         raise RecipeError(
