@@ -46,6 +46,7 @@ from tansuo.train.distributed import Parallel, rank_device
 from tansuo.train.ema import ema_model
 from tansuo.train.optim import build_optimizer, lr_at
 from tansuo.train.privacy import DPSGD
+from tansuo.train.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ class Trainer:
             report = getattr(self.task, "data_report", None)  # what preparing the data did (PII scrubbed)
             if report and not resume:
                 self._write({"event": "data", "step": self.step, **report})
-            self._bar = bar = _Progress(self.plan.total_steps, self.task.unit, enabled=self.progress)
+            self._bar = bar = ProgressBar(self.plan.total_steps, self.task.unit, enabled=self.progress)
             with bar:
                 bar.update(self.step, {})
                 self._loop(bar)
@@ -334,7 +335,7 @@ class Trainer:
             )
         return result
 
-    def _loop(self, bar: _Progress) -> None:
+    def _loop(self, bar: ProgressBar) -> None:
         cfg, plan, task = self.cfg, self.plan, self.task
         # DP-SGD draws its own Poisson batches (privacy.py)
         batches = (
@@ -491,47 +492,3 @@ class Trainer:
             return
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
-
-
-class _Progress:
-    """A Rich progress bar with step, loss, throughput and ETA; a no-op when disabled."""
-
-    def __init__(self, total: int, unit: str, enabled: bool) -> None:
-        self.enabled, self.unit, self.total = enabled, unit, total
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[speed]}"),
-                TextColumn("{task.fields[best]}"),
-                TimeRemainingColumn(),
-            )
-            self.id = self.bar.add_task("train", total=total, loss="-", speed="", best="")
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-    def best(self, text: str) -> None:
-        if self.enabled:
-            self.bar.update(self.id, best=text)
-
-    def update(self, step: int, stats: dict[str, float] | None) -> None:
-        if not self.enabled:
-            return
-        fields = {}
-        if stats:
-            fields = {
-                "loss": f"{stats['loss']:.4f}",
-                "speed": f"{stats[f'{self.unit}_per_s']:,.0f} {self.unit}/s",
-            }
-        self.bar.update(self.id, completed=step, **fields)
