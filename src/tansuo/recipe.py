@@ -110,8 +110,14 @@ class TrainConfig(Strict):
     layer_decay: float = Field(
         1.0, gt=0, le=1, description="layer-wise lr decay: layer i of L learns at lr * layer_decay^(L+1-i)"
     )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw (betas beta1, beta2; decoupled weight decay) or sgd (momentum; weight decay as "
+        "an L2 term): DP-SGD on small networks from scratch is usually run with SGD and momentum",
+    )
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 turns clipping off")
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0 = once per epoch or at end")
     log_every: int = Field(10, gt=0)
@@ -135,7 +141,7 @@ class TrainConfig(Strict):
     )
     optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = Field(
         "auto",
-        description="AdamW's implementation: fused kernel, foreach (multi-tensor) or a per-parameter "
+        description="the optimizer's implementation: fused kernel, foreach (multi-tensor) or a per-parameter "
         "for-loop; auto: fused on CPU and CUDA, else torch's default",
     )
     activation_checkpointing: bool = Field(

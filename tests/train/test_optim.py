@@ -93,3 +93,40 @@ def test_layer_decay_scales_lr_by_depth() -> None:
     assert all((g["weight_decay"] == 0.1) == (g["params"][0].dim() >= 2) for g in groups)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert all(g["lr_scale"] == 1.0 for g in param_groups(model, 0.1))
+
+
+def test_sgd_with_momentum_steps_as_torch_and_resumes_bit_for_bit(image_npz: Path, tmp_path: Path) -> None:
+    from tansuo.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, 0.1, 0.0, (0.9, 0.999), torch.device("cpu"), kind="sgd", momentum=0.8)
+    theirs = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.8)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, o in ((model, ours), (reference, theirs)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(model.weight, torch.nn.Linear(4, 3).weight)
+
+    def raw(out: Path) -> dict:
+        train = {"max_steps": 8, "eval_every": 4, "checkpoint_every": 3, "optimizer": "sgd", "lr": 0.05}
+        return image_recipe(image_npz, out, **train)
+
+    full = make_trainer(raw(tmp_path / "a"))
+    assert isinstance(full.optimizer, torch.optim.SGD)
+    full.fit()
+    interrupted = make_trainer(raw(tmp_path / "b"))
+    interrupt_after(interrupted, 5)  # inside step 6: the checkpoint of step 3 (with momentum) is the last
+    with pytest.raises(Interrupted):
+        interrupted.fit()
+    resumed = make_trainer(raw(tmp_path / "b"))
+    resumed.fit(resume=True)
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -8,6 +8,7 @@ from tansuo.models import (  # noqa: F401
     bert4rec,
     cnn,
     cnn_det,
+    dpcnn,
     effnet,
     effnet_det,
     gpt,

@@ -138,6 +138,8 @@ def _sweep(
         device,
         layer_decay=cfg.layer_decay,
         impl=cfg.optimizer_impl,
+        kind=cfg.optimizer,
+        momentum=cfg.momentum,
     )
     dtype = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -148,6 +148,8 @@ class Trainer:
             self.device,
             layer_decay=cfg.layer_decay,
             impl=cfg.optimizer_impl,
+            kind=cfg.optimizer,
+            momentum=cfg.momentum,
         )
         self.plan = make_plan(cfg, task, self.parallel.world)
         self.private: DPSGD | None = None
