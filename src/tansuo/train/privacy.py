@@ -341,11 +341,8 @@ class DPSGD:
             pieces = (self.task.examples("train", part, step) for part in chunks)  # type: ignore[attr-defined]
         else:
             chunks = indices.split(self.chunk)
-            bounds = torch.tensor([len(c) for c in chunks]).cumsum(0).tolist()
-            pieces = (
-                {k: v[end - len(c) : end] for k, v in batch.items()}
-                for c, end in zip(chunks, bounds, strict=True)
-            )
+            parts = {k: v.split(self.chunk) for k, v in batch.items()}
+            pieces = ({k: part[i] for k, part in parts.items()} for i in range(len(chunks)))
         for i, piece in enumerate(pieces):
             piece = {k: v.to(device, non_blocking=True) for k, v in piece.items()}
             if self.hooks:
