@@ -86,6 +86,29 @@ class PrivacySettings(Strict):
         description="prv: privacy random variables (Gopi et al. 2021, tight); rdp: Renyi DP (Mironov 2017, "
         "a looser upper bound, faster)",
     )
+    clipping: Literal["flat", "per_layer"] = Field(
+        "flat",
+        description="flat: each example's whole gradient to max_grad_norm; per_layer: each trained tensor's "
+        "part to max_grad_norm / sqrt(tensors) (Opacus' per-layer clipping)",
+    )
+    group_norms: dict[str, float] = Field(
+        default_factory=dict,
+        description="clip groups of parameters apart, {name prefix: norm}: each example's gradient of a "
+        "group to the group's norm, the rest to max_grad_norm, and each group's noise in proportion to its "
+        "norm (noise_multiplier * sqrt(groups) * norm); e.g. {head: 3.0} so that a fresh head, whose "
+        "gradients dwarf a pretrained body's, does not take the whole clipping budget",
+    )
+
+    @model_validator(mode="after")
+    def _groups(self) -> PrivacySettings:
+        bad = {k: v for k, v in self.group_norms.items() if not v > 0}
+        if bad:
+            raise ValueError(f"train.privacy.group_norms: every norm must be above 0, got {bad}")
+        if self.group_norms and self.clipping != "flat":
+            raise ValueError(
+                "train.privacy.group_norms clips groups apart; it does not combine with clipping: per_layer"
+            )
+        return self
 
 
 class TrainConfig(Strict):

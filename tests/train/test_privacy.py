@@ -287,6 +287,108 @@ def test_every_example_is_clipped_once_whatever_the_chunks(
             torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_per_layer_clipping_clips_each_tensor_to_its_share(
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch
+):
+    import tansuo.train.privacy as privacy
+
+    monkeypatch.setattr(privacy, "TEXT_CHUNK", 3)
+    privacy_cfg = {
+        "target_epsilon": 1.0,
+        "delta": 1e-3,
+        "accountant": "rdp",
+        "max_grad_norm": 0.05,
+        "clipping": "per_layer",
+    }
+    lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, lora=lora
+    )
+    trainer = make_trainer(raw)
+    dp, model = trainer.private, trainer.model.train()
+    dp.accumulate(0, torch.device("cpu"))
+    dp.optimizer.clip_and_accumulate()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    share = 0.05 / len(trained) ** 0.5
+    assert dp.optimizer.max_grad_norm == pytest.approx(0.05)  # the noise is sized for the whole norm
+    batch = trainer.task.examples("train", dp.sample(0), 0)
+    grads, _ = per_example_gradients(model, trainer.task.loss, batch)
+    clipped = 0
+    for name, p in trained.items():
+        factor = (share / (grads[name].flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
+        clipped += int((factor < 1).sum())
+        want = torch.einsum("b,b...->...", factor, grads[name])
+        torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
+    assert clipped > 0
+
+
+def test_group_clipping_clips_each_group_apart_and_noises_it_in_proportion(
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch
+):
+    import tansuo.train.privacy as privacy
+
+    monkeypatch.setattr(privacy, "TEXT_CHUNK", 3)
+    privacy_cfg = {
+        "target_epsilon": 1.0,
+        "delta": 1e-3,
+        "accountant": "rdp",
+        "max_grad_norm": 0.01,
+        "group_norms": {"head": 0.5},
+    }
+    lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, lora=lora
+    )
+    trainer = make_trainer(raw)
+    dp, model = trainer.private, trainer.model.train()
+    dp.accumulate(0, torch.device("cpu"))
+    dp.optimizer.clip_and_accumulate()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = {"head": [n for n in trained if n.startswith("head.")]}
+    groups["rest"] = [n for n in trained if n not in groups["head"]]
+    assert groups["head"] and groups["rest"]
+    batch = trainer.task.examples("train", dp.sample(0), 0)
+    grads, _ = per_example_gradients(model, trainer.task.loss, batch)
+    for group, norm in (("head", 0.5), ("rest", 0.01)):
+        norms = torch.stack([grads[n].flatten(1).norm(dim=1) for n in groups[group]]).norm(dim=0)
+        factor = (norm / (norms + 1e-6)).clamp(max=1.0)
+        assert (factor < 1).any(), group
+        for n in groups[group]:
+            want = torch.einsum("b,b...->...", factor, grads[n])
+            torch.testing.assert_close(trained[n].summed_grad, want, atol=1e-6, rtol=1e-4, msg=n)
+    # the noise: sigma * sqrt(2 groups) * the group's norm, on a zero sum
+    torch.manual_seed(0)
+    for p in trained.values():
+        p.summed_grad = torch.zeros_like(p.summed_grad)
+    dp.optimizer.add_noise()
+    for group, norm in (("head", 0.5), ("rest", 0.01)):
+        noise = torch.cat([trained[n].grad.flatten() for n in groups[group]])
+        want = dp.noise_multiplier * 2**0.5 * norm
+        assert noise.numel() > 50
+        assert abs(noise.std().item() / want - 1) < 0.3, (group, noise.numel())
+
+
+def test_group_norms_must_name_trained_parameters(sentiment_tsv, public_tokenizer, tmp_path):
+    privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "group_norms": {"classifier": 1.0}}
+    raw = _private_classify(
+        sentiment_tsv,
+        public_tokenizer,
+        tmp_path / "run",
+        max_steps=1,
+        privacy=privacy_cfg,
+        lora={"r": 2, "modules_to_save": ["head"]},
+    )
+    with pytest.raises(RecipeError, match="no trained parameter's name starts with classifier"):
+        make_trainer(raw)
+    privacy_cfg.update(group_norms={"head": 1.0}, clipping="per_layer")
+    with pytest.raises(RecipeError, match="does not combine"):
+        make_trainer(
+            _private_classify(
+                sentiment_tsv, public_tokenizer, tmp_path / "b", max_steps=1, privacy=privacy_cfg
+            )
+        )
+
+
 def test_refuses_statistics_of_the_private_data_computed_outside_dp_sgd(image_npz, sentiment_tsv, tmp_path):
     raw = _private(image_npz, tmp_path / "image")
     del raw["data"]["mean"], raw["data"]["std"]

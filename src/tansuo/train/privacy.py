@@ -284,30 +284,62 @@ class DPSGD:
         self._spent: tuple[int, float] | None = None  # (steps, epsilon) last computed
         log.info(
             "DP-SGD: noise multiplier %.4f for epsilon %g at delta %g over %d steps at sampling rate %.5f "
-            "(%s accountant), per-example clipping to %g",
+            "(%s accountant), per-example clipping (%s) to %g",
             self.noise_multiplier,
             settings.target_epsilon,
             settings.delta,
             total_steps,
             self.sample_rate,
             settings.accountant,
+            settings.clipping,
             settings.max_grad_norm,
         )
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Opacus' ``DPOptimizer`` around ``optimizer``: it clips and noises ``p.grad_sample`` before each
         step, and steps the accountant."""
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
-        self.optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.settings.max_grad_norm,
-            expected_batch_size=self.batch_size,
-            loss_reduction="mean",
+        kwargs = dict(
+            noise_multiplier=self.noise_multiplier, expected_batch_size=self.batch_size, loss_reduction="mean"
         )
+        if self.settings.group_norms:
+            from tansuo.train.dp_groups import GroupClippingOptimizer
+
+            groups, norms = self._groups(optimizer)
+            self.optimizer = GroupClippingOptimizer(optimizer, groups=groups, norms=norms, **kwargs)
+        elif self.settings.clipping == "per_layer":  # the same total norm, split evenly over the tensors
+            k = sum(1 for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+            norms = [self.settings.max_grad_norm / math.sqrt(k)] * k
+            self.optimizer = DPPerLayerOptimizer(optimizer, max_grad_norm=norms, **kwargs)
+        else:
+            self.optimizer = DPOptimizer(optimizer, max_grad_norm=self.settings.max_grad_norm, **kwargs)
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(self.sample_rate))
         return self.optimizer
+
+    def _groups(self, optimizer: torch.optim.Optimizer) -> tuple[list[int], list[float]]:
+        """Each trained parameter's group index (in the optimizer's order) and each group's norm: one group
+        per ``group_norms`` prefix, then the rest at ``max_grad_norm`` (if any parameter is left)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        prefixes = list(self.settings.group_norms)
+
+        def group(name: str) -> int:
+            hits = [i for i, k in enumerate(prefixes) if name == k or name.startswith(k + ".")]
+            return hits[0] if hits else len(prefixes)
+
+        index = [group(names[id(p)]) for p in params]
+        empty = [k for i, k in enumerate(prefixes) if i not in index]
+        if empty:
+            trained = sorted({names[id(p)].split(".")[0] for p in params})
+            raise RecipeError(
+                f"train.privacy.group_norms: no trained parameter's name starts with {', '.join(empty)}; "
+                f"the trained parameters are under {', '.join(trained)}"
+            )
+        norms = [self.settings.group_norms[k] for k in prefixes]
+        if len(prefixes) in index:
+            norms.append(self.settings.max_grad_norm)
+        return index, norms
 
     def sample(self, step: int) -> torch.Tensor:
         """Indices of the training examples in step ``step``'s batch: each one with probability ``q``."""
