@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from tansuo.errors import RecipeError
 
@@ -91,7 +91,7 @@ class PrivacySettings(Strict):
         description="flat: each example's whole gradient to max_grad_norm; per_layer: each trained tensor's "
         "part to max_grad_norm / sqrt(tensors) (Opacus' per-layer clipping)",
     )
-    group_norms: dict[str, float] = Field(
+    group_norms: dict[str, PositiveFloat] = Field(
         default_factory=dict,
         description="clip groups of parameters apart, {name prefix: norm}: each example's gradient of a "
         "group to the group's norm, the rest to max_grad_norm, and each group's noise in proportion to its "
@@ -101,9 +101,6 @@ class PrivacySettings(Strict):
 
     @model_validator(mode="after")
     def _groups(self) -> PrivacySettings:
-        bad = {k: v for k, v in self.group_norms.items() if not v > 0}
-        if bad:
-            raise ValueError(f"train.privacy.group_norms: every norm must be above 0, got {bad}")
         if self.group_norms and self.clipping != "flat":
             raise ValueError(
                 "train.privacy.group_norms clips groups apart; it does not combine with clipping: per_layer"
@@ -132,6 +129,11 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.1, ge=0, description="applied to matrices only, not biases or norms")
     layer_decay: float = Field(
         1.0, gt=0, le=1, description="layer-wise lr decay: layer i of L learns at lr * layer_decay^(L+1-i)"
+    )
+    lr_scales: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="{name prefix: factor}: the parameters under a prefix learn at lr * factor (e.g. "
+        "{head: 20} for a fresh head on a pretrained body under DP-SGD)",
     )
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",

@@ -95,6 +95,38 @@ def test_layer_decay_scales_lr_by_depth() -> None:
     assert all(g["lr_scale"] == 1.0 for g in param_groups(model, 0.1))
 
 
+def test_lr_scales_multiply_the_rate_of_the_parameters_under_a_prefix(
+    image_npz: Path, tmp_path: Path
+) -> None:
+    from tansuo.errors import RecipeError
+    from tansuo.models import create_model
+
+    model = create_model("bert_test", num_layers=2)
+    plain = param_groups(model, 0.1)
+    assert [len(g["params"]) for g in plain] == [
+        sum(p.dim() >= 2 for p in model.parameters()),
+        sum(p.dim() < 2 for p in model.parameters()),
+    ]  # decayed first: the order checkpoints index the optimizer state by
+    groups = param_groups(model, 0.1, layer_decay=0.5, lr_scales={"head": 20.0})
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(model.head.weight)] == 20.0 and scale[id(model.head.bias)] == 20.0
+    assert scale[id(model.stack.layers[1].mlp.in_proj.bias)] == 0.5  # the rest keeps its layer decay
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(RecipeError, match="no trained parameter's name starts with classifier"):
+        param_groups(model, 0.1, lr_scales={"classifier": 2.0})
+    # in a run: the head's group steps at lr * factor
+    raw = image_recipe(image_npz, tmp_path / "run", max_steps=2, lr=1e-3, lr_scales={"head": 10.0})
+    trainer = make_trainer(raw)
+    trainer.fit()
+    rates = {g["lr"] for g in trainer.optimizer.param_groups}
+    head = next(
+        g["lr"]
+        for g in trainer.optimizer.param_groups
+        if any(p is trainer.model.head.weight for p in g["params"])
+    )
+    assert head == pytest.approx(10 * min(rates)) and len(rates) == 2
+
+
 def test_sgd_with_momentum_steps_as_torch_and_resumes_bit_for_bit(image_npz: Path, tmp_path: Path) -> None:
     from tansuo.train.optim import build_optimizer
 

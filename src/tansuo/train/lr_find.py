@@ -140,6 +140,7 @@ def _sweep(
         impl=cfg.optimizer_impl,
         kind=cfg.optimizer,
         momentum=cfg.momentum,
+        lr_scales=cfg.lr_scales,
     )
     dtype = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

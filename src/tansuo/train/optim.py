@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from tansuo.errors import RecipeError
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -28,34 +30,52 @@ def layer_depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
     """AdamW groups: matrices (decayed) and everything else (not decayed); with ``layer_decay`` < 1 each of
     them is split by depth, with ``lr_scale = layer_decay ** (top - depth)`` (ELECTRA's layer-wise decay:
-    the embeddings learn slowest, the head at the full rate). The trainer multiplies lr by ``lr_scale``."""
+    the embeddings learn slowest, the head at the full rate). ``lr_scales`` ``{name prefix: factor}``
+    multiplies the scale of the parameters under each prefix (the first that matches; a fresh head that
+    may learn faster than a pretrained body). The trainer multiplies lr by ``lr_scale``.
+
+    Raises:
+        RecipeError: a prefix of ``lr_scales`` names no trained parameter.
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if layer_decay == 1.0:
-        decay = [p for _, p in named if p.dim() >= 2]
-        no_decay = [p for _, p in named if p.dim() < 2]
-        return [
-            {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        ]
+    lr_scales = lr_scales or {}
+    unused = [k for k in lr_scales if not any(_under(n, k) for n, _ in named)]
+    if unused:
+        tops = sorted({n.split(".")[0] for n, _ in named})
+        raise RecipeError(
+            f"train.lr_scales: no trained parameter's name starts with {', '.join(unused)}; the trained "
+            f"parameters are under {', '.join(tops)}"
+        )
     depths = [int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))]
     num_layers = max(depths) + 1 if depths else 0
     top = num_layers + 1
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, bool, float], dict] = {}
     for name, p in named:
-        depth, decayed = layer_depth(name, num_layers), p.dim() >= 2
+        depth = layer_depth(name, num_layers) if layer_decay != 1.0 else top
+        scale = next((f for k, f in lr_scales.items() if _under(name, k)), 1.0)
+        decayed = p.dim() >= 2
         group = groups.setdefault(
-            (depth, decayed),
+            (depth, decayed, scale),
             {
                 "params": [],
                 "weight_decay": weight_decay if decayed else 0.0,
-                "lr_scale": layer_decay ** (top - depth),
+                "lr_scale": layer_decay ** (top - depth) * scale,
             },
         )
         group["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    # the order of earlier versions (resumed checkpoints index the optimizer state by it): decayed first
+    # without layer decay, by depth (not decayed first) with it
+    order = (lambda k: (not k[1], k[2])) if layer_decay == 1.0 else (lambda k: k)
+    return [groups[k] for k in sorted(groups, key=order)]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def build_optimizer(
@@ -68,6 +88,7 @@ def build_optimizer(
     impl: str = "auto",
     kind: str = "adamw",
     momentum: float = 0.9,
+    lr_scales: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (``kind="adamw"``) or SGD with ``momentum`` (``kind="sgd"``) over `param_groups`.
 
@@ -87,7 +108,7 @@ def build_optimizer(
     }
     if impl not in flags:
         raise ValueError(f"unknown optimizer implementation {impl!r}; use auto, fused, foreach or for-loop")
-    groups = param_groups(model, weight_decay, layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay, lr_scales)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, **flags[impl])
     if kind != "adamw":

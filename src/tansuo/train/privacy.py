@@ -291,7 +291,7 @@ class DPSGD:
             total_steps,
             self.sample_rate,
             settings.accountant,
-            settings.clipping,
+            f"groups {settings.group_norms}, the rest" if settings.group_norms else settings.clipping,
             settings.max_grad_norm,
         )
 

@@ -150,6 +150,7 @@ class Trainer:
             impl=cfg.optimizer_impl,
             kind=cfg.optimizer,
             momentum=cfg.momentum,
+            lr_scales=cfg.lr_scales,
         )
         self.plan = make_plan(cfg, task, self.parallel.world)
         self.private: DPSGD | None = None
