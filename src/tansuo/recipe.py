@@ -190,6 +190,11 @@ class TrainConfig(Strict):
         1800, gt=0, description="seconds a process waits for the others (rank 0 evaluating) before failing"
     )
     lora: LoRASettings | None = Field(None, description="train LoRA adapters on a frozen model; None: off")
+    trainable: list[str] | None = Field(
+        None,
+        description="train only the parameters whose names match one of these shell patterns, the rest "
+        'frozen (["*.bias", "head.*"]: BitFit, the biases and the head); None: all',
+    )
     privacy: PrivacySettings | None = Field(
         None, description="differentially private training (DP-SGD) to a target epsilon; None: off"
     )

@@ -127,6 +127,23 @@ def test_lr_scales_multiply_the_rate_of_the_parameters_under_a_prefix(
     assert head == pytest.approx(10 * min(rates)) and len(rates) == 2
 
 
+def test_trainable_patterns_freeze_the_rest(image_npz: Path, tmp_path: Path) -> None:
+    from tansuo.errors import RecipeError
+
+    trainer = make_trainer(
+        image_recipe(image_npz, tmp_path / "run", max_steps=2, trainable=["*.bias", "head.*"])
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert "head.weight" in changed and any(n.endswith(".bias") and "head" not in n for n in changed)
+    assert all(n.endswith(".bias") or n.startswith("head.") for n in changed), changed
+    with pytest.raises(RecipeError, match=r"train.trainable: \*.gain matches no parameter"):
+        make_trainer(image_recipe(image_npz, tmp_path / "b", trainable=["*.bias", "*.gain"]))
+    with pytest.raises(RecipeError, match="does not combine with train.lora"):
+        make_trainer(image_recipe(image_npz, tmp_path / "c", trainable=["*.bias"], lora={"r": 2}))
+
+
 def test_sgd_with_momentum_steps_as_torch_and_resumes_bit_for_bit(image_npz: Path, tmp_path: Path) -> None:
     from tansuo.train.optim import build_optimizer
 

@@ -257,6 +257,28 @@ def test_private_lora_classify_trains_on_opacus_hooks(sentiment_tsv, public_toke
     assert changed and all("lora_" in n or n.startswith("head.") for n in changed), changed
 
 
+def test_private_bitfit_classify_trains_only_biases_and_head_on_opacus_hooks(
+    sentiment_tsv, public_tokenizer, tmp_path
+):
+    privacy = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", "group_norms": {"head": 1.0}}
+    raw = _private_classify(
+        sentiment_tsv,
+        public_tokenizer,
+        tmp_path / "run",
+        max_steps=3,
+        privacy=privacy,
+        eval_every=3,
+        trainable=["stack.*.bias", "head.*"],
+    )
+    trainer = make_trainer(raw)
+    assert trainer.private.hooks  # Linear and LayerNorm give their biases' per-example gradients
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("stack.") for n in changed) and "head.weight" in changed
+    assert all(n.endswith(".bias") or n.startswith("head.") for n in changed), changed
+
+
 @pytest.mark.parametrize(("lora", "text_chunk"), [(True, 3), (True, 64), (False, 3)])
 def test_every_example_is_clipped_once_whatever_the_chunks(
     sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, lora, text_chunk

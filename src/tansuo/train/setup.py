@@ -7,6 +7,7 @@ from :func:`tansuo.recipe.load_recipe` (a file, ``--set`` overrides, ``--data-di
 :func:`tansuo.recipe.validate_recipe` (a mapping).
 """
 
+import fnmatch
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,30 @@ def build_run(rec: Recipe, data_cfg: Any, data_root: Path, task: Task | None = N
     init = load_initial_weights(model, rec.model.init_from) if rec.model.init_from else None
     if rec.train.lora is not None:
         _add_lora(model, rec)
+    if rec.train.trainable is not None:
+        _freeze_but(model, rec.train.trainable, lora=rec.train.lora is not None)
     return RunSetup(task, model, init)
+
+
+def _freeze_but(model: nn.Module, patterns: list[str], lora: bool) -> None:
+    """``train.trainable``: only the parameters matching a pattern train (BitFit: ``*.bias``, ``head.*``)."""
+    if lora:
+        raise RecipeError(
+            "invalid recipe:\n  train.trainable does not combine with train.lora (which freezes all but its "
+            "adapters and modules_to_save); give one of them"
+        )
+    names = [n for n, _ in model.named_parameters()]
+    unused = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+    if unused:
+        raise RecipeError(
+            f"invalid recipe:\n  train.trainable: {', '.join(unused)} matches no parameter of "
+            f"the model (its parameters are named like {', '.join(names[:3])} ...)"
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("train.trainable: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
 
 
 def _add_lora(model: nn.Module, rec: Recipe) -> None:
