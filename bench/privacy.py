@@ -13,9 +13,9 @@ SST-2 (``--sst2-dir``): ``minilm``, ``recipes/sst2-minilm-dp.yaml``
 (all-MiniLM-L6-v2 fine-tuned in full, as Li et al. 2021; ``make minilm`` first; about 10 examples a second
 on this CPU, so 5 to 6 hours a point: ``--set "train.lora={r: 8, alpha: 16, modules_to_save: [head]}"``
 trains adapters at about 110; the recipe's header lists what LoRA and BitFit reached). Each bundle is
-then audited as ``tansuo audit`` does (the loss attack; ``--reference-models 2`` adds the calibrated attack at the cost of
-two more trainings per point). ``--overfit`` adds the audit's positive control: a wider ViT trained without
-privacy on 500 images for 300 epochs, memorising them.
+then audited as ``tansuo audit`` does (the loss attack; ``--reference-models 2`` adds the calibrated attack
+at the cost of two more trainings per point). ``--overfit`` adds the audit's positive control: a wider ViT
+trained without privacy on 500 images for 300 epochs, memorising them.
 
 Printed (and written to ``<out>/bench.json``): per model and epsilon, the epsilon actually spent, test
 accuracy, the audit's AUC and TPR at 1% FPR, and training seconds. Targets (issue 19): MNIST-5k at epsilon 3
