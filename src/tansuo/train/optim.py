@@ -44,7 +44,7 @@ def param_groups(
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     lr_scales = lr_scales or {}
-    unused = [k for k in lr_scales if not any(_under(n, k) for n, _ in named)]
+    unused = [k for k in lr_scales if not any(under(n, k) for n, _ in named)]
     if unused:
         tops = sorted({n.split(".")[0] for n, _ in named})
         raise RecipeError(
@@ -57,7 +57,7 @@ def param_groups(
     groups: dict[tuple[int, bool, float], dict] = {}
     for name, p in named:
         depth = layer_depth(name, num_layers) if layer_decay != 1.0 else top
-        scale = next((f for k, f in lr_scales.items() if _under(name, k)), 1.0)
+        scale = next((f for k, f in lr_scales.items() if under(name, k)), 1.0)
         decayed = p.dim() >= 2
         group = groups.setdefault(
             (depth, decayed, scale),
@@ -74,7 +74,8 @@ def param_groups(
     return [groups[k] for k in sorted(groups, key=order)]
 
 
-def _under(name: str, prefix: str) -> bool:
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under the dotted ``prefix`` (``head`` holds ``head.weight``)."""
     return name == prefix or name.startswith(prefix + ".")
 
 

@@ -61,6 +61,7 @@ from torch import nn
 from tansuo.errors import RecipeError, TansuoError
 from tansuo.recipe import PrivacySettings
 from tansuo.tasks.base import EXAMPLES, Batch, Task, batch_seed
+from tansuo.train.optim import under
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class DPSGD:
         prefixes = list(self.settings.group_norms)
 
         def group(name: str) -> int:
-            hits = [i for i, k in enumerate(prefixes) if name == k or name.startswith(k + ".")]
+            hits = [i for i, k in enumerate(prefixes) if under(name, k)]
             return hits[0] if hits else len(prefixes)
 
         index = [group(names[id(p)]) for p in params]
