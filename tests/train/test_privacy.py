@@ -309,19 +309,13 @@ def test_every_example_is_clipped_once_whatever_the_chunks(
             torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_per_layer_clipping_clips_each_tensor_to_its_share(
-    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch
-):
+def _one_clipped_lora_step(sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, **privacy_cfg):
+    """A private LoRA classifier's first step accumulated and clipped (texts in chunks of 3), its trained
+    parameters, and the per-example gradients of the same batch from torch.func for reference."""
     import tansuo.train.privacy as privacy
 
     monkeypatch.setattr(privacy, "TEXT_CHUNK", 3)
-    privacy_cfg = {
-        "target_epsilon": 1.0,
-        "delta": 1e-3,
-        "accountant": "rdp",
-        "max_grad_norm": 0.05,
-        "clipping": "per_layer",
-    }
+    privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", **privacy_cfg}
     lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
     raw = _private_classify(
         sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, lora=lora
@@ -331,10 +325,19 @@ def test_per_layer_clipping_clips_each_tensor_to_its_share(
     dp.accumulate(0, torch.device("cpu"))
     dp.optimizer.clip_and_accumulate()
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    share = 0.05 / len(trained) ** 0.5
-    assert dp.optimizer.max_grad_norm == pytest.approx(0.05)  # the noise is sized for the whole norm
     batch = trainer.task.examples("train", dp.sample(0), 0)
     grads, _ = per_example_gradients(model, trainer.task.loss, batch)
+    return dp, trained, grads
+
+
+def test_per_layer_clipping_clips_each_tensor_to_its_share(
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch
+):
+    dp, trained, grads = _one_clipped_lora_step(
+        sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, max_grad_norm=0.05, clipping="per_layer"
+    )
+    share = 0.05 / len(trained) ** 0.5
+    assert dp.optimizer.max_grad_norm == pytest.approx(0.05)  # the noise is sized for the whole norm
     clipped = 0
     for name, p in trained.items():
         factor = (share / (grads[name].flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
@@ -347,30 +350,12 @@ def test_per_layer_clipping_clips_each_tensor_to_its_share(
 def test_group_clipping_clips_each_group_apart_and_noises_it_in_proportion(
     sentiment_tsv, public_tokenizer, tmp_path, monkeypatch
 ):
-    import tansuo.train.privacy as privacy
-
-    monkeypatch.setattr(privacy, "TEXT_CHUNK", 3)
-    privacy_cfg = {
-        "target_epsilon": 1.0,
-        "delta": 1e-3,
-        "accountant": "rdp",
-        "max_grad_norm": 0.01,
-        "group_norms": {"head": 0.5},
-    }
-    lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
-    raw = _private_classify(
-        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, lora=lora
+    dp, trained, grads = _one_clipped_lora_step(
+        sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, max_grad_norm=0.01, group_norms={"head": 0.5}
     )
-    trainer = make_trainer(raw)
-    dp, model = trainer.private, trainer.model.train()
-    dp.accumulate(0, torch.device("cpu"))
-    dp.optimizer.clip_and_accumulate()
-    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     groups = {"head": [n for n in trained if n.startswith("head.")]}
     groups["rest"] = [n for n in trained if n not in groups["head"]]
     assert groups["head"] and groups["rest"]
-    batch = trainer.task.examples("train", dp.sample(0), 0)
-    grads, _ = per_example_gradients(model, trainer.task.loss, batch)
     for group, norm in (("head", 0.5), ("rest", 0.01)):
         norms = torch.stack([grads[n].flatten(1).norm(dim=1) for n in groups[group]]).norm(dim=0)
         factor = (norm / (norms + 1e-6)).clamp(max=1.0)
