@@ -99,11 +99,25 @@ class PrivacySettings(Strict):
         "gradients dwarf a pretrained body's, does not take the whole clipping budget",
     )
 
+    grad_sample_mode: Literal["auto", "ghost"] = Field(
+        "auto",
+        description="auto: every example's gradient, from Opacus' hooks where they apply, else "
+        "torch.func.vmap; ghost: ghost clipping (Li et al. 2021, Opacus' fast gradient clipping): each "
+        "example's gradient norm from the layers' inputs and output gradients, then one backward of the "
+        "losses weighted by their clipping factors: the same clipped sums without per-example gradients in "
+        "memory (train/dp_ghost.py)",
+    )
+
     @model_validator(mode="after")
     def _groups(self) -> PrivacySettings:
         if self.group_norms and self.clipping != "flat":
             raise ValueError(
                 "train.privacy.group_norms clips groups apart; it does not combine with clipping: per_layer"
+            )
+        if self.grad_sample_mode == "ghost" and self.clipping != "flat":
+            raise ValueError(
+                "train.privacy.grad_sample_mode ghost clips with one backward per group; use clipping: flat "
+                "(with group_norms if the groups need norms of their own)"
             )
         return self
 

@@ -309,16 +309,25 @@ def test_every_example_is_clipped_once_whatever_the_chunks(
             torch.testing.assert_close(p.summed_grad, want, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def _one_clipped_lora_step(sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, **privacy_cfg):
-    """A private LoRA classifier's first step accumulated and clipped (texts in chunks of 3), its trained
+#: what a private classifier trains in the clipping tests: LoRA adapters and the head, or the whole body
+#: but its embedding tables (Opacus' hooks cover it; the learned positions are not a layer they know)
+TUNED = {
+    "lora": {"lora": {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}},
+    "body": {"trainable": ["stack.*", "emb_norm.*", "head.*"]},
+}
+
+
+def _one_clipped_lora_step(
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, tuned="lora", **privacy_cfg
+):
+    """A private classifier's first step accumulated and clipped (texts in chunks of 3), its trained
     parameters, and the per-example gradients of the same batch from torch.func for reference."""
     import tansuo.train.privacy as privacy
 
     monkeypatch.setattr(privacy, "TEXT_CHUNK", 3)
     privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", **privacy_cfg}
-    lora = {"r": 2, "alpha": 4.0, "modules_to_save": ["head"]}
     raw = _private_classify(
-        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, lora=lora
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=2, privacy=privacy_cfg, **TUNED[tuned]
     )
     trainer = make_trainer(raw)
     dp, model = trainer.private, trainer.model.train()
@@ -373,6 +382,48 @@ def test_group_clipping_clips_each_group_apart_and_noises_it_in_proportion(
         want = dp.noise_multiplier * 2**0.5 * norm
         assert noise.numel() > 50
         assert abs(noise.std().item() / want - 1) < 0.3, (group, noise.numel())
+
+
+@pytest.mark.parametrize("tuned", ["lora", "body"])
+@pytest.mark.parametrize("group_norms", [{}, {"head": 0.5}])
+def test_ghost_clipping_gives_the_clipped_sums_of_per_example_gradients(
+    sentiment_tsv, public_tokenizer, tmp_path, monkeypatch, tuned, group_norms
+):
+    dp, trained, grads = _one_clipped_lora_step(
+        sentiment_tsv,
+        public_tokenizer,
+        tmp_path,
+        monkeypatch,
+        tuned,
+        max_grad_norm=0.01,
+        group_norms=group_norms,
+        grad_sample_mode="ghost",
+    )
+    assert dp.ghost and len(dp.sample(0)) > 3  # several chunks of 3 texts, each summed into the optimizer's
+    groups = {"rest": list(trained)}
+    if group_norms:
+        groups = {"head": [n for n in trained if n.startswith("head.")]}
+        groups["rest"] = [n for n in trained if n not in groups["head"]]
+    for group, names in groups.items():
+        norm = group_norms.get(group, 0.01)
+        norms = torch.stack([grads[n].flatten(1).norm(dim=1) for n in names]).norm(dim=0)
+        factor = (norm / (norms + 1e-6)).clamp(max=1.0)
+        assert (factor < 1).any(), group
+        for n in names:
+            want = torch.einsum("b,b...->...", factor, grads[n])
+            torch.testing.assert_close(trained[n].summed_grad, want, atol=1e-6, rtol=1e-3, msg=n)
+
+
+def test_ghost_clipping_needs_opacus_hooks_and_flat_clipping(sentiment_tsv, public_tokenizer, tmp_path):
+    privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "grad_sample_mode": "ghost"}
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=1, privacy=privacy_cfg
+    )
+    with pytest.raises(RecipeError, match="ghost needs Opacus' hooks on every trained layer"):
+        make_trainer(raw)  # the learned positions are trained too
+    privacy_cfg["clipping"] = "per_layer"
+    with pytest.raises(RecipeError, match="use clipping: flat"):
+        make_trainer(raw)
 
 
 def test_group_norms_must_name_trained_parameters(sentiment_tsv, public_tokenizer, tmp_path):

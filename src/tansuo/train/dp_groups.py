@@ -67,7 +67,7 @@ class GroupClippingOptimizer(DPOptimizer):
         n = len(samples[0])
         squares = torch.zeros(len(self.norms), n, device=samples[0].device)
         for g, s in zip(self.groups, samples, strict=True):
-            squares[g] += s.reshape(n, -1).float().pow(2).sum(1)
+            squares[g] += s.flatten(1).float().pow(2).sum(1)  # (n,); an empty batch: (0,)
         norms = torch.tensor(self.norms, device=squares.device).unsqueeze(1)  # (G, 1)
         factors = (norms / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (G, n)
         for p, g, s in zip(self.params, self.groups, samples, strict=True):
