@@ -414,6 +414,21 @@ def test_ghost_clipping_gives_the_clipped_sums_of_per_example_gradients(
             torch.testing.assert_close(trained[n].summed_grad, want, atol=1e-6, rtol=1e-3, msg=n)
 
 
+@pytest.mark.parametrize("privacy_cfg", [{"group_norms": {"head": 0.5}}, {"grad_sample_mode": "ghost"}])
+def test_an_empty_poisson_batch_is_a_step_of_noise(sentiment_tsv, public_tokenizer, tmp_path, privacy_cfg):
+    privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "accountant": "rdp", **privacy_cfg}
+    raw = _private_classify(
+        sentiment_tsv, public_tokenizer, tmp_path / "run", max_steps=1, privacy=privacy_cfg, **TUNED["lora"]
+    )
+    trainer = make_trainer(raw)
+    dp, model = trainer.private, trainer.model
+    dp.sample = lambda step: torch.zeros(0, dtype=torch.long)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.fit()
+    assert dp.epsilon() > 0  # the accountant counted the step
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
 def test_ghost_clipping_needs_opacus_hooks_and_flat_clipping(sentiment_tsv, public_tokenizer, tmp_path):
     privacy_cfg = {"target_epsilon": 1.0, "delta": 1e-3, "grad_sample_mode": "ghost"}
     raw = _private_classify(
