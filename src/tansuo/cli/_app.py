@@ -23,6 +23,17 @@ CompileOption = Annotated[
     ),
 ]
 
+#: the options of the commands that take a recipe (train, lr-find)
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a recipe field: --set train.lr=3e-4 (repeatable)"),
+]
+DataOption = Annotated[str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")]
+DataDirOption = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="folder in which the recipe's relative data file names are looked up"),
+]
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

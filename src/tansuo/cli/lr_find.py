@@ -7,24 +7,14 @@ from typing import Annotated
 
 import typer
 
-from tansuo.cli._app import console, recipe_sets, setup_logging
+from tansuo.cli._app import DataDirOption, DataOption, SetOption, console, recipe_sets, setup_logging
 
 
 def lr_find(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/digits-vit.yaml")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="override a recipe field: --set train.batch_size=64 (repeatable)"),
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")
-    ] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--data-dir", help="folder in which the recipe's relative data file names are looked up"
-        ),
-    ] = None,
+    set_: SetOption = None,
+    data: DataOption = None,
+    data_dir: DataDirOption = None,
     device: Annotated[str | None, typer.Option("--device", help="auto (CUDA if present), cpu, cuda")] = None,
     min_lr: Annotated[float, typer.Option("--min-lr", help="first learning rate of the sweep")] = 1e-7,
     max_lr: Annotated[float, typer.Option("--max-lr", help="last learning rate of the sweep")] = 10.0,

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from tansuo.train.launch import LaunchConfig
 
 from tansuo.cli._app import (
+    DataDirOption,
+    DataOption,
+    SetOption,
     console,
     err_console,
     metrics_table,
@@ -24,19 +27,9 @@ from tansuo.cli._app import (
 
 def train(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML, e.g. recipes/digits-vit.yaml")],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="override a recipe field: --set train.lr=3e-4 (repeatable)"),
-    ] = None,
-    data: Annotated[
-        str | None, typer.Option("--data", help="data file; same as --set data.path=PATH")
-    ] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--data-dir", help="folder in which the recipe's relative data file names are looked up"
-        ),
-    ] = None,
+    set_: SetOption = None,
+    data: DataOption = None,
+    data_dir: DataDirOption = None,
     out: Annotated[
         str | None, typer.Option("--out", help="run folder; same as --set train.out_dir=DIR")
     ] = None,
