@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tansuo.errors import RecipeError, TansuoError
 from tansuo.models import create_model
@@ -439,6 +440,33 @@ def test_ghost_clipping_needs_opacus_hooks_and_flat_clipping(sentiment_tsv, publ
     privacy_cfg["clipping"] = "per_layer"
     with pytest.raises(RecipeError, match="use clipping: flat"):
         make_trainer(raw)
+
+
+class _Twice(nn.Module):
+    """One Linear layer applied twice (tied weights), or a model returning a pair."""
+
+    def __init__(self, pair: bool = False) -> None:
+        super().__init__()
+        self.lin, self.pair = nn.Linear(4, 4), pair
+
+    def forward(self, x: torch.Tensor):
+        return (self.lin(x), x) if self.pair else self.lin(self.lin(x))
+
+
+@pytest.mark.parametrize(("pair", "match"), [(False, "tying"), (True, "one tensor with a row per example")])
+def test_ghost_clipping_refuses_what_it_cannot_clip(pair, match):
+    from tansuo.train.dp_ghost import ghost_clipped_sums
+
+    model = _Twice(pair)
+
+    def loss_fn(m, b):
+        out = m(b["x"])
+        return (out[0] if pair else out).pow(2).mean()
+
+    groups = {"lin.weight": 0, "lin.bias": 0}
+    with pytest.raises(TansuoError, match=match):
+        ghost_clipped_sums(model, loss_fn, {"x": torch.randn(3, 4)}, groups, [1.0])
+    assert all(getattr(p, "_norm_sample", None) is None for p in model.parameters())  # hooks gone
 
 
 def test_group_norms_must_name_trained_parameters(sentiment_tsv, public_tokenizer, tmp_path):

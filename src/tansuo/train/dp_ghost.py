@@ -89,8 +89,13 @@ def ghost_clipped_sums(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         try:
-            with autocast():
-                loss = loss_fn(model, batch)
+            try:
+                with autocast():
+                    loss = loss_fn(model, batch)
+            except NotImplementedError as e:  # Opacus: a parameter used twice (tied weights)
+                raise TansuoError(
+                    f"train.privacy.grad_sample_mode ghost: {e}; use grad_sample_mode auto"
+                ) from e
             handle.remove()
             out = outputs[0] if len(outputs) == 1 else None
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
