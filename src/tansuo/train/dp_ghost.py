@@ -78,7 +78,6 @@ def ghost_clipped_sums(
     )
 
     params = {n: p for n, p in model.named_parameters() if n in groups}
-    n = len(next(iter(batch.values())))
     outputs: list[Any] = []
     handle = model.register_forward_hook(lambda _m, _a, out: outputs.append(out))
     with _quiet_opacus():
@@ -89,54 +88,13 @@ def ghost_clipped_sums(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         try:
-            try:
-                with autocast():
-                    loss = loss_fn(model, batch)
-            except NotImplementedError as e:  # Opacus: a parameter used twice (tied weights)
-                raise TansuoError(
-                    f"train.privacy.grad_sample_mode ghost: {e}; use grad_sample_mode auto"
-                ) from e
+            loss, out = _forward(model, loss_fn, batch, autocast, outputs)
             handle.remove()
-            out = outputs[0] if len(outputs) == 1 else None
-            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
-                got = f"{len(outputs)} calls" if len(outputs) != 1 else type(out).__name__
-                raise TansuoError(
-                    "train.privacy.grad_sample_mode ghost: the model must be called once and return one "
-                    f"tensor with a row per example ({n}), got {got}; use grad_sample_mode auto"
-                )
-            grad_out, *plain = torch.autograd.grad(
-                loss, [out, *params.values()], retain_graph=True, allow_unused=True
-            )
-            hooks.hooks_enabled = False  # the weighted passes below only sum
-            count = len(norms)
-            squares = torch.zeros(count, n, device=out.device)
-            for (name, p), grad in zip(params.items(), plain, strict=True):
-                norm = getattr(p, "_norm_sample", None)
-                if norm is not None:
-                    squares[groups[name]] += norm.detach().float().pow(2)
-                elif grad is not None and bool(grad.any()):  # a norm taken as 0 would break the guarantee
-                    raise TansuoError(
-                        "train.privacy.grad_sample_mode ghost: Opacus' hooks gave no per-example norm for "
-                        f"{name}, which the loss reaches; use grad_sample_mode auto"
-                    )
+            grad_out, squares = _norms(loss, out, params, groups, len(norms))
+            hooks.hooks_enabled = False  # the weighted passes only sum
             bounds = torch.tensor(norms, device=squares.device).unsqueeze(1)  # (G, 1)
             factors = (bounds / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # (G, n)
-            sums: dict[str, torch.Tensor] = {}
-            used = [g for g in range(count) if any(groups[k] == g for k in params)]
-            for k, g in enumerate(used):
-                names = [name for name in params if groups[name] == g]
-                scale = (n * factors[g]).to(grad_out.dtype).view(n, *([1] * (grad_out.dim() - 1)))
-                grads = torch.autograd.grad(
-                    out,
-                    [params[name] for name in names],
-                    grad_outputs=grad_out * scale,
-                    retain_graph=k < len(used) - 1,
-                    allow_unused=True,
-                )
-                for name, grad in zip(names, grads, strict=True):
-                    sums[name] = (
-                        torch.zeros_like(params[name]) if grad is None else grad.to(params[name].dtype)
-                    )
+            sums = _weighted_sums(out, grad_out, params, groups, factors)
         finally:
             handle.remove()
             hooks.remove_hooks()
@@ -144,4 +102,82 @@ def ghost_clipped_sums(
                 for attr in ("_norm_sample", "grad_sample"):
                     if hasattr(p, attr):
                         setattr(p, attr, None)
-    return sums, loss.detach() * n
+    return sums, loss.detach() * len(out)
+
+
+def _forward(
+    model: nn.Module,
+    loss_fn: Any,
+    batch: Batch,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    outputs: list[Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's mean loss and the model's output, checked to be one tensor with a row per example."""
+    n = len(next(iter(batch.values())))
+    try:
+        with autocast():
+            loss = loss_fn(model, batch)
+    except NotImplementedError as e:  # Opacus refuses a parameter used twice (tied weights)
+        if "tying" not in str(e):
+            raise
+        raise TansuoError(f"train.privacy.grad_sample_mode ghost: {e}; use grad_sample_mode auto") from e
+    out = outputs[0] if len(outputs) == 1 else None
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
+        got = f"{len(outputs)} calls" if len(outputs) != 1 else type(out).__name__
+        raise TansuoError(
+            "train.privacy.grad_sample_mode ghost: the model must be called once and return one "
+            f"tensor with a row per example ({n}), got {got}; use grad_sample_mode auto"
+        )
+    return loss, out
+
+
+def _norms(
+    loss: torch.Tensor,
+    out: torch.Tensor,
+    params: dict[str, nn.Parameter],
+    groups: dict[str, int],
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first backward: the loss's gradient at the output, and each group's squared per-example norms
+    ``(G, n)`` from the norms Opacus' hooks leave on each parameter (``_norm_sample``)."""
+    grad_out, *plain = torch.autograd.grad(
+        loss, [out, *params.values()], retain_graph=True, allow_unused=True
+    )
+    squares = torch.zeros(count, len(out), device=out.device)
+    for (name, p), grad in zip(params.items(), plain, strict=True):
+        norm = getattr(p, "_norm_sample", None)
+        if norm is not None:
+            squares[groups[name]] += norm.detach().float().pow(2)
+        elif grad is not None and bool(grad.any()):  # a norm taken as 0 would break the guarantee
+            raise TansuoError(
+                "train.privacy.grad_sample_mode ghost: Opacus' hooks gave no per-example norm for "
+                f"{name}, which the loss reaches; use grad_sample_mode auto"
+            )
+    return grad_out, squares
+
+
+def _weighted_sums(
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    params: dict[str, nn.Parameter],
+    groups: dict[str, int],
+    factors: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """One backward per group from the output, each example's row scaled by ``n * factor``: the group's
+    clipped sum (the output's gradient is the mean loss's, ``1 / n`` of each example's)."""
+    n = len(out)
+    used = sorted({groups[name] for name in params})
+    sums: dict[str, torch.Tensor] = {}
+    for k, g in enumerate(used):
+        names = [name for name in params if groups[name] == g]
+        scale = (n * factors[g]).to(grad_out.dtype).view(n, *([1] * (grad_out.dim() - 1)))
+        grads = torch.autograd.grad(
+            out,
+            [params[name] for name in names],
+            grad_outputs=grad_out * scale,
+            retain_graph=k < len(used) - 1,
+            allow_unused=True,
+        )
+        for name, grad in zip(names, grads, strict=True):
+            sums[name] = torch.zeros_like(params[name]) if grad is None else grad.to(params[name].dtype)
+    return sums
